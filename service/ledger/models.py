@@ -1,0 +1,428 @@
+"""The ledger schema: the mirrored orders, their history, the inbox and the sync bookkeeping.
+
+Every row carries ``account_id`` (the PandaPon user-id) so several accounts can share one
+database. Money is ``numeric`` in the order currency; every time is ``timestamptz``. Enumerated
+values are stored as text by value with a CHECK constraint (cheap to extend in a migration,
+unlike a Postgres ENUM type). The columns are documented for analysts in docs/reporting.md.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Enum,
+    ForeignKey,
+    Identity,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    Numeric,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Platform(enum.StrEnum):
+    TAOBAO = "taobao"
+    ALIBABA_1688 = "1688"
+
+
+class OrderStatus(enum.StrEnum):
+    """The normalized order status, the same for both platforms (design §3)."""
+
+    PENDING_PAYMENT = "pending_payment"
+    PAID = "paid"
+    SHIPPED = "shipped"
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"
+    UNKNOWN = "unknown"
+
+
+class RefundState(enum.StrEnum):
+    """The order's refund summary, derived from its refunds."""
+
+    NONE = "none"
+    REQUESTED = "requested"
+    REFUNDED = "refunded"
+    REJECTED = "rejected"
+
+
+class RefundStatus(enum.StrEnum):
+    """The normalized status of one after-sales record."""
+
+    REQUESTED = "requested"
+    REFUNDED = "refunded"
+    REJECTED = "rejected"
+    CANCELLED = "cancelled"
+    UNKNOWN = "unknown"
+
+
+class SyncSource(enum.StrEnum):
+    """What made pandasync look at an order."""
+
+    WEBHOOK = "webhook"
+    SWEEP = "sweep"
+    REFRESH = "refresh"
+    BACKFILL = "backfill"
+    MANUAL = "manual"
+    REPLAY = "replay"
+
+
+class MessageKind(enum.StrEnum):
+    PRICE = "price"
+    STATUS = "status"
+    REFUND = "refund"
+    OTHER = "other"
+
+
+class InboxState(enum.StrEnum):
+    """received: committed, not yet handed to the broker; queued: handed off;
+    processed: a reconcile that started after it finished; ignored: nothing to reconcile."""
+
+    RECEIVED = "received"
+    QUEUED = "queued"
+    PROCESSED = "processed"
+    IGNORED = "ignored"
+
+
+class FailureKind(enum.StrEnum):
+    PERMANENT = "permanent"
+    EXHAUSTED = "exhausted"
+
+
+def _enum(cls: type[enum.StrEnum], name: str) -> Enum:
+    return Enum(
+        cls,
+        name=name,
+        native_enum=False,
+        create_constraint=True,
+        length=32,
+        values_callable=lambda members: [m.value for m in members],
+        validate_strings=True,
+    )
+
+
+MONEY = Numeric(18, 2)
+TZ = DateTime(timezone=True)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
+        datetime: TZ,
+        Decimal: MONEY,
+        dict[str, Any]: JSONB,
+    }
+
+
+class Order(Base):
+    """Current state of one upstream order, as last read from the query APIs."""
+
+    __tablename__ = "orders"
+    __table_args__ = (
+        UniqueConstraint("account_id", "platform", "order_id"),
+        Index(
+            "ix_orders_not_final_synced",
+            "last_synced_at",
+            postgresql_where=text(
+                "status IN ('pending_payment', 'paid', 'shipped') OR refund_state = 'requested'"
+            ),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    account_id: Mapped[str] = mapped_column(String(64))
+    platform: Mapped[Platform] = mapped_column(_enum(Platform, "platform"))
+    order_id: Mapped[str] = mapped_column(String(64))
+    status: Mapped[OrderStatus] = mapped_column(_enum(OrderStatus, "order_status"))
+    raw_status: Mapped[str] = mapped_column(String(64))
+    refund_state: Mapped[RefundState] = mapped_column(
+        _enum(RefundState, "refund_state"), server_default=RefundState.NONE.value
+    )
+    currency: Mapped[str] = mapped_column(String(3), server_default="CNY")
+    total_amount: Mapped[Decimal | None]
+    product_amount: Mapped[Decimal | None]
+    shipping_fee: Mapped[Decimal | None]
+    discount_amount: Mapped[Decimal | None]
+    refunded_amount: Mapped[Decimal] = mapped_column(MONEY, server_default="0")
+    close_reason: Mapped[str | None] = mapped_column(Text)
+    upstream_created_at: Mapped[datetime | None]
+    upstream_modified_at: Mapped[datetime | None]
+    paid_at: Mapped[datetime | None]
+    shipped_at: Mapped[datetime | None]
+    delivered_at: Mapped[datetime | None]
+    completed_at: Mapped[datetime | None]
+    cancelled_at: Mapped[datetime | None]
+    raw: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
+    snapshot_at: Mapped[datetime] = mapped_column(
+        comment="When the snapshot now stored was fetched; older snapshots never overwrite it."
+    )
+    first_seen_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    last_synced_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+
+class OrderLine(Base):
+    """One line of an order (a Taobao sub-order, a 1688 product item)."""
+
+    __tablename__ = "order_lines"
+    __table_args__ = (UniqueConstraint("order_pk", "line_id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    account_id: Mapped[str] = mapped_column(String(64))
+    order_pk: Mapped[int] = mapped_column(ForeignKey("orders.id", ondelete="CASCADE"))
+    line_id: Mapped[str] = mapped_column(String(64))
+    product_id: Mapped[str | None] = mapped_column(String(64))
+    sku_id: Mapped[str | None] = mapped_column(String(64))
+    title: Mapped[str | None] = mapped_column(Text)
+    quantity: Mapped[int | None] = mapped_column(Integer)
+    unit_price: Mapped[Decimal | None]
+    amount: Mapped[Decimal | None]
+    raw_status: Mapped[str | None] = mapped_column(String(64))
+    raw: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
+
+
+class OrderStatusHistory(Base):
+    """Append-only: one row per observed change of an order's status."""
+
+    __tablename__ = "order_status_history"
+    __table_args__ = (Index(None, "order_pk", "observed_at"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    account_id: Mapped[str] = mapped_column(String(64))
+    order_pk: Mapped[int] = mapped_column(ForeignKey("orders.id", ondelete="CASCADE"))
+    from_status: Mapped[OrderStatus | None] = mapped_column(_enum(OrderStatus, "from_status"))
+    to_status: Mapped[OrderStatus] = mapped_column(_enum(OrderStatus, "to_status"))
+    from_raw_status: Mapped[str | None] = mapped_column(String(64))
+    to_raw_status: Mapped[str] = mapped_column(String(64))
+    upstream_modified_at: Mapped[datetime | None]
+    observed_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    source: Mapped[SyncSource] = mapped_column(_enum(SyncSource, "sync_source"))
+    inbox_id: Mapped[int | None] = mapped_column(
+        ForeignKey("webhook_inbox.id", ondelete="SET NULL"), index=True
+    )
+
+
+class OrderPriceChange(Base):
+    """Append-only: one row per observed change of an order's amounts."""
+
+    __tablename__ = "order_price_changes"
+    __table_args__ = (Index(None, "order_pk", "observed_at"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    account_id: Mapped[str] = mapped_column(String(64))
+    order_pk: Mapped[int] = mapped_column(ForeignKey("orders.id", ondelete="CASCADE"))
+    currency: Mapped[str] = mapped_column(String(3))
+    old_total_amount: Mapped[Decimal | None]
+    new_total_amount: Mapped[Decimal | None]
+    old_product_amount: Mapped[Decimal | None]
+    new_product_amount: Mapped[Decimal | None]
+    old_shipping_fee: Mapped[Decimal | None]
+    new_shipping_fee: Mapped[Decimal | None]
+    upstream_modified_at: Mapped[datetime | None]
+    observed_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    source: Mapped[SyncSource] = mapped_column(_enum(SyncSource, "sync_source"))
+    inbox_id: Mapped[int | None] = mapped_column(
+        ForeignKey("webhook_inbox.id", ondelete="SET NULL"), index=True
+    )
+
+
+class Shipment(Base):
+    """One parcel of an order, identified by its tracking number."""
+
+    __tablename__ = "shipments"
+    __table_args__ = (UniqueConstraint("order_pk", "tracking_number"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    account_id: Mapped[str] = mapped_column(String(64))
+    order_pk: Mapped[int] = mapped_column(ForeignKey("orders.id", ondelete="CASCADE"))
+    tracking_number: Mapped[str] = mapped_column(String(64))
+    line_id: Mapped[str | None] = mapped_column(String(64))
+    carrier: Mapped[str | None] = mapped_column(Text)
+    carrier_code: Mapped[str | None] = mapped_column(String(64))
+    raw_status: Mapped[str | None] = mapped_column(String(64))
+    first_event_at: Mapped[datetime | None]
+    last_event_at: Mapped[datetime | None]
+    delivered_at: Mapped[datetime | None]
+    raw: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
+    last_synced_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+
+class ShipmentEvent(Base):
+    """One logistics trace event; ``event_key`` is a digest of its time, status and text."""
+
+    __tablename__ = "shipment_events"
+    __table_args__ = (UniqueConstraint("shipment_id", "event_key"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    account_id: Mapped[str] = mapped_column(String(64))
+    shipment_id: Mapped[int] = mapped_column(ForeignKey("shipments.id", ondelete="CASCADE"))
+    event_key: Mapped[str] = mapped_column(String(64))
+    event_at: Mapped[datetime | None]
+    status: Mapped[str | None] = mapped_column(String(64))
+    description: Mapped[str | None] = mapped_column(Text)
+    location: Mapped[str | None] = mapped_column(Text)
+    raw: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
+    observed_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+
+class Refund(Base):
+    """One after-sales (refund) record."""
+
+    __tablename__ = "refunds"
+    __table_args__ = (UniqueConstraint("account_id", "platform", "refund_id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    account_id: Mapped[str] = mapped_column(String(64))
+    platform: Mapped[Platform] = mapped_column(_enum(Platform, "platform"))
+    refund_id: Mapped[str] = mapped_column(String(64))
+    order_pk: Mapped[int] = mapped_column(ForeignKey("orders.id", ondelete="CASCADE"), index=True)
+    line_id: Mapped[str | None] = mapped_column(String(64))
+    status: Mapped[RefundStatus] = mapped_column(_enum(RefundStatus, "refund_status"))
+    raw_status: Mapped[str] = mapped_column(String(64))
+    currency: Mapped[str] = mapped_column(String(3), server_default="CNY")
+    amount: Mapped[Decimal | None]
+    reason: Mapped[str | None] = mapped_column(Text)
+    requested_at: Mapped[datetime | None]
+    resolved_at: Mapped[datetime | None]
+    upstream_modified_at: Mapped[datetime | None]
+    raw: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
+    last_synced_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+
+class WebhookInbox(Base):
+    """Every accepted message, byte-exact, with its processing state."""
+
+    __tablename__ = "webhook_inbox"
+    __table_args__ = (
+        UniqueConstraint("dedupe_key"),
+        Index(
+            "ix_webhook_inbox_unqueued", "received_at", postgresql_where=text("state = 'received'")
+        ),
+        Index(
+            "ix_webhook_inbox_open_by_order",
+            "account_id",
+            "platform",
+            "order_id",
+            postgresql_where=text("state IN ('received', 'queued')"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    account_id: Mapped[str] = mapped_column(String(64))
+    dedupe_key: Mapped[str] = mapped_column(String(64))
+    received_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    message_type: Mapped[str] = mapped_column(String(128))
+    kind: Mapped[MessageKind] = mapped_column(_enum(MessageKind, "message_kind"))
+    platform: Mapped[Platform | None] = mapped_column(_enum(Platform, "platform"))
+    order_id: Mapped[str | None] = mapped_column(String(64))
+    refund_id: Mapped[str | None] = mapped_column(String(64))
+    pushed_at: Mapped[datetime | None] = mapped_column(comment="The envelope's push timestamp.")
+    raw_body: Mapped[bytes] = mapped_column(LargeBinary)
+    headers: Mapped[dict[str, Any]] = mapped_column(comment="Request headers minus the signature.")
+    request_id: Mapped[str | None] = mapped_column(String(64))
+    state: Mapped[InboxState] = mapped_column(
+        _enum(InboxState, "inbox_state"), server_default=InboxState.RECEIVED.value
+    )
+    queued_at: Mapped[datetime | None]
+    processed_at: Mapped[datetime | None]
+
+
+class SyncFailure(Base):
+    """An order that could not be synced; open while ``resolved_at`` is null."""
+
+    __tablename__ = "sync_failures"
+    __table_args__ = (
+        Index(
+            "uq_sync_failures_open_order",
+            "account_id",
+            "platform",
+            "order_id",
+            unique=True,
+            postgresql_where=text("resolved_at IS NULL"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    account_id: Mapped[str] = mapped_column(String(64))
+    platform: Mapped[Platform] = mapped_column(_enum(Platform, "platform"))
+    order_id: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[FailureKind] = mapped_column(_enum(FailureKind, "failure_kind"))
+    source: Mapped[SyncSource] = mapped_column(_enum(SyncSource, "sync_source"))
+    error: Mapped[str] = mapped_column(Text)
+    endpoint: Mapped[str | None] = mapped_column(String(64))
+    http_status: Mapped[int | None] = mapped_column(Integer)
+    upstream_code: Mapped[str | None] = mapped_column(String(32))
+    upstream_msg: Mapped[str | None] = mapped_column(Text)
+    upstream_request_id: Mapped[str | None] = mapped_column(String(128))
+    attempts: Mapped[int] = mapped_column(Integer, server_default="1")
+    first_failed_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    last_failed_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    replayed_at: Mapped[datetime | None]
+    replay_count: Mapped[int] = mapped_column(Integer, server_default="0")
+    resolved_at: Mapped[datetime | None]
+
+
+class SweepCursor(Base):
+    """Where the sweep of one account and platform has reached, and what it last found."""
+
+    __tablename__ = "sweep_cursors"
+
+    account_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    platform: Mapped[Platform] = mapped_column(_enum(Platform, "platform"), primary_key=True)
+    cursor_at: Mapped[datetime | None] = mapped_column(
+        comment="Upstream modification time up to which every page has been processed."
+    )
+    last_started_at: Mapped[datetime | None]
+    last_finished_at: Mapped[datetime | None]
+    last_examined: Mapped[int] = mapped_column(Integer, server_default="0")
+    last_drift: Mapped[int] = mapped_column(
+        Integer, server_default="0", comment="Orders the last sweep found out of date."
+    )
+
+
+class BackfillRun(Base):
+    """A resumable backfill: the page it reached and its counters."""
+
+    __tablename__ = "backfill_runs"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    account_id: Mapped[str] = mapped_column(String(64))
+    platform: Mapped[Platform] = mapped_column(_enum(Platform, "platform"))
+    since: Mapped[datetime]
+    until: Mapped[datetime]
+    next_page: Mapped[int] = mapped_column(Integer, server_default="1")
+    orders_seen: Mapped[int] = mapped_column(Integer, server_default="0")
+    orders_queued: Mapped[int] = mapped_column(Integer, server_default="0")
+    started_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    finished_at: Mapped[datetime | None]
+
+
+class JobRun(Base):
+    """Scheduler bookkeeping: a periodic job runs once per interval across all instances."""
+
+    __tablename__ = "job_runs"
+
+    job: Mapped[str] = mapped_column(String(64), primary_key=True)
+    last_started_at: Mapped[datetime | None]
+    last_finished_at: Mapped[datetime | None]
+    last_error: Mapped[str | None] = mapped_column(Text)

