@@ -363,6 +363,15 @@ def upgrade() -> None:
         postgresql_where=sa.text("state = 'received'"),
     )
     op.create_table(
+        "webhook_nonces",
+        sa.Column("nonce", sa.String(length=64), nullable=False),
+        sa.Column(
+            "seen_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False
+        ),
+        sa.PrimaryKeyConstraint("nonce", name=op.f("pk_webhook_nonces")),
+    )
+    op.create_index(op.f("ix_webhook_nonces_seen_at"), "webhook_nonces", ["seen_at"], unique=False)
+    op.create_table(
         "order_lines",
         sa.Column("id", sa.BigInteger(), sa.Identity(always=False), nullable=False),
         sa.Column("account_id", sa.String(length=64), nullable=False),
@@ -683,6 +692,8 @@ def downgrade() -> None:
     op.drop_index(op.f("ix_order_price_changes_inbox_id"), table_name="order_price_changes")
     op.drop_table("order_price_changes")
     op.drop_table("order_lines")
+    op.drop_index(op.f("ix_webhook_nonces_seen_at"), table_name="webhook_nonces")
+    op.drop_table("webhook_nonces")
     op.drop_index(
         "ix_webhook_inbox_unqueued",
         table_name="webhook_inbox",

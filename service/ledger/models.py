@@ -347,6 +347,19 @@ class WebhookInbox(Base):
     processed_at: Mapped[datetime | None]
 
 
+class WebhookNonce(Base):
+    """Signature nonces seen inside the tolerance window, shared by every web process.
+
+    The callback signature does not cover the body, so a nonce seen twice is a replay. Rows
+    older than the tolerance window are useless and may be deleted.
+    """
+
+    __tablename__ = "webhook_nonces"
+
+    nonce: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seen_at: Mapped[datetime] = mapped_column(server_default=func.now(), index=True)
+
+
 class SyncFailure(Base):
     """An order that could not be synced; open while ``resolved_at`` is null."""
 

@@ -1,0 +1,100 @@
+"""Platform-neutral snapshots of what PandaPon's query APIs return.
+
+``service.pandapon.mapping`` turns Taobao and 1688 payloads into these; ``service.ledger`` writes
+them. Amounts are ``Decimal`` in the order currency (yuan for CNY), times are aware datetimes,
+and every snapshot keeps the payload it came from in ``raw`` so no upstream field is lost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from service.ledger.models import OrderStatus, Platform, RefundStatus
+
+
+@dataclass(frozen=True, slots=True)
+class LineSnapshot:
+    line_id: str
+    product_id: str | None = None
+    sku_id: str | None = None
+    title: str | None = None
+    quantity: int | None = None
+    unit_price: Decimal | None = None
+    amount: Decimal | None = None
+    raw_status: str | None = None
+    # Taobao logistics are fetched per sub-order: the id to ask for, when it differs from line_id.
+    logistics_ref: str | None = None
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class OrderSnapshot:
+    platform: Platform
+    order_id: str
+    status: OrderStatus
+    raw_status: str
+    currency: str = "CNY"
+    total_amount: Decimal | None = None
+    product_amount: Decimal | None = None
+    shipping_fee: Decimal | None = None
+    discount_amount: Decimal | None = None
+    close_reason: str | None = None
+    created_at: datetime | None = None
+    modified_at: datetime | None = None
+    paid_at: datetime | None = None
+    shipped_at: datetime | None = None
+    completed_at: datetime | None = None
+    lines: tuple[LineSnapshot, ...] = ()
+    # Refund ids the order detail itself mentions (1688 items carry them), for refresh.
+    refund_ids: tuple[str, ...] = ()
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ShipmentEventSnapshot:
+    event_key: str  # a stable digest of (time, status, description): the natural key
+    event_at: datetime | None
+    status: str | None = None
+    description: str | None = None
+    location: str | None = None
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ShipmentSnapshot:
+    tracking_number: str
+    carrier: str | None = None
+    carrier_code: str | None = None
+    raw_status: str | None = None
+    line_id: str | None = None
+    delivered: bool = False
+    events: tuple[ShipmentEventSnapshot, ...] = ()
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class RefundSnapshot:
+    platform: Platform
+    refund_id: str
+    order_id: str
+    status: RefundStatus
+    raw_status: str
+    currency: str = "CNY"
+    amount: Decimal | None = None
+    line_id: str | None = None
+    reason: str | None = None
+    requested_at: datetime | None = None
+    resolved_at: datetime | None = None
+    modified_at: datetime | None = None
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class OrderListPage:
+    total: int
+    page_no: int
+    page_size: int
+    orders: tuple[OrderSnapshot, ...]
