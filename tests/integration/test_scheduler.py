@@ -1,0 +1,78 @@
+"""The scheduler: each job runs once per interval however many instances run."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from datetime import datetime, timedelta
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from service.db import make_sessionmaker
+from workers.scheduler import Job, run_scheduler
+
+
+async def test_two_instances_run_each_job_once_per_interval(fresh_database_url: str) -> None:
+    interval = timedelta(seconds=1)
+    runs: list[tuple[str, str, datetime]] = []
+    engines = [create_async_engine(fresh_database_url) for _ in range(2)]
+    stop = asyncio.Event()
+
+    def job_for(instance: str, name: str) -> Job:
+        async def run() -> None:
+            async with engines[0].connect() as conn:
+                now = (await conn.execute(text("SELECT clock_timestamp()"))).scalar_one()
+            runs.append((instance, name, now))
+
+        return Job(name, interval, run)
+
+    tasks = [
+        asyncio.create_task(
+            run_scheduler(
+                engine,
+                make_sessionmaker(engine),
+                [job_for(f"i{n}", "sweep"), job_for(f"i{n}", "relay")],
+                stop,
+                tick=0.05,
+            )
+        )
+        for n, engine in enumerate(engines)
+    ]
+    await asyncio.sleep(3.5)
+    stop.set()
+    await asyncio.gather(*tasks)
+    for engine in engines:
+        await engine.dispose()
+
+    for name in ("sweep", "relay"):
+        times = sorted(t for _, n, t in runs if n == name)
+        # 3.5 s at one run a second: at most 4 runs (two instances without the claim would
+        # make about 7), and never two inside one interval.
+        assert 2 <= len(times) <= 4, times
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        assert all(gap >= interval - timedelta(milliseconds=50) for gap in gaps), gaps
+    assert {instance for instance, _, _ in runs} <= {"i0", "i1"}
+
+
+async def test_a_failing_job_is_recorded_and_the_scheduler_goes_on(
+    fresh_database_url: str,
+) -> None:
+    engine = create_async_engine(fresh_database_url)
+    sessions = make_sessionmaker(engine)
+    stop = asyncio.Event()
+    calls = 0
+
+    async def boom() -> None:
+        nonlocal calls
+        calls += 1
+        stop.set()
+        raise RuntimeError("upstream unreachable")
+
+    await run_scheduler(engine, sessions, [Job("sweep", timedelta(seconds=60), boom)], stop)
+    async with engine.connect() as conn:
+        row = (await conn.execute(text("SELECT last_error, last_finished_at FROM job_runs"))).one()
+    await engine.dispose()
+    assert calls == 1
+    assert row[0] == "RuntimeError: upstream unreachable"
+    assert row[1] is not None

@@ -1,0 +1,191 @@
+"""Sweep, refresh and backfill: what they enqueue and the bookkeeping they keep."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import func, select, text, update
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from service.db import make_sessionmaker, session_scope
+from service.ledger.models import BackfillRun, Order, OrderStatus, Platform, SweepCursor, SyncSource
+from service.ledger.write import OrderTruth, write_order
+from service.pandapon.models import OrderListPage, OrderSnapshot
+from workers.sweeps import backfill, backfill_done_count, refresh, sweep
+
+ACCOUNT = "acct"
+NOW = datetime.now(UTC)
+
+
+def snap(
+    order_id: str, modified: datetime, status: OrderStatus = OrderStatus.PAID
+) -> OrderSnapshot:
+    return OrderSnapshot(
+        platform=Platform.TAOBAO,
+        order_id=order_id,
+        status=status,
+        raw_status=status.value,
+        modified_at=modified,
+    )
+
+
+class ListedOrders:
+    """The order-list endpoint at the PandaPon boundary: pages over a fixed list."""
+
+    def __init__(self, orders: list[OrderSnapshot], fail_on_page: int | None = None) -> None:
+        self.orders = orders
+        self.fail_on_page = fail_on_page
+        self.pages: list[int] = []
+
+    async def order_page(
+        self,
+        platform: Platform,
+        page_no: int,
+        page_size: int,
+        modified_start: datetime,
+        modified_end: datetime,
+    ) -> OrderListPage:
+        if page_no == self.fail_on_page:
+            self.fail_on_page = None
+            raise ConnectionError("upstream went away")
+        self.pages.append(page_no)
+        matching = [
+            o
+            for o in self.orders
+            if o.modified_at and modified_start <= o.modified_at < modified_end
+        ]
+        chunk = matching[(page_no - 1) * page_size : page_no * page_size]
+        return OrderListPage(
+            total=len(matching), page_no=page_no, page_size=page_size, orders=tuple(chunk)
+        )
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, Platform, str, SyncSource]] = []
+
+    def __call__(
+        self, account_id: str, platform: Platform, order_id: str, source: SyncSource
+    ) -> None:
+        self.sent.append((account_id, platform, order_id, source))
+
+
+async def test_sweep_enqueues_missing_and_outdated_orders_and_moves_the_cursor(
+    fresh_database_url: str,
+) -> None:
+    engine = create_async_engine(fresh_database_url)
+    sessions = make_sessionmaker(engine)
+    t = NOW - timedelta(hours=2)
+    async with session_scope(sessions) as session:
+        for order_id, modified in (("same", t), ("older", t - timedelta(minutes=5))):
+            await write_order(
+                session,
+                ACCOUNT,
+                OrderTruth(snap(order_id, modified), fetched_at=t),
+                source=SyncSource.WEBHOOK,
+            )
+    upstream = ListedOrders(
+        [snap("same", t), snap("older", t), snap("missing", t)]
+        + [snap(f"bulk{i}", t) for i in range(7)]
+    )
+    sent = Recorder()
+    report = await sweep(
+        sessions, upstream, sent, ACCOUNT, Platform.TAOBAO, lookback=timedelta(days=1), page_size=4
+    )
+    assert report.examined == 10
+    assert report.pages == 3
+    assert sorted(o for _, _, o, _ in sent.sent) == sorted(
+        ["older", "missing", *[f"bulk{i}" for i in range(7)]]
+    )
+    assert {s for *_, s in sent.sent} == {SyncSource.SWEEP}
+    async with sessions() as session:
+        cursor = await session.get(SweepCursor, (ACCOUNT, Platform.TAOBAO))
+        assert cursor is not None
+        assert (cursor.last_examined, cursor.last_drift) == (10, 9)
+        assert cursor.cursor_at is not None
+        assert cursor.cursor_at >= NOW - timedelta(seconds=5)
+    await engine.dispose()
+
+
+async def test_a_failed_sweep_leaves_the_cursor_where_it_was(fresh_database_url: str) -> None:
+    engine = create_async_engine(fresh_database_url)
+    sessions = make_sessionmaker(engine)
+    upstream = ListedOrders(
+        [snap(f"o{i}", NOW - timedelta(hours=1)) for i in range(6)], fail_on_page=2
+    )
+    with pytest.raises(ConnectionError, match="upstream went away"):
+        await sweep(
+            sessions,
+            upstream,
+            Recorder(),
+            ACCOUNT,
+            Platform.TAOBAO,
+            lookback=timedelta(days=1),
+            page_size=4,
+        )
+    async with sessions() as session:
+        cursor = await session.get(SweepCursor, (ACCOUNT, Platform.TAOBAO))
+        assert cursor is not None
+        assert cursor.cursor_at is None
+        assert cursor.last_finished_at is None
+    await engine.dispose()
+
+
+async def test_refresh_picks_non_final_orders_not_synced_lately(fresh_database_url: str) -> None:
+    engine = create_async_engine(fresh_database_url)
+    sessions = make_sessionmaker(engine)
+    async with session_scope(sessions) as session:
+        for order_id, status in (
+            ("paid", OrderStatus.PAID),
+            ("shipped", OrderStatus.SHIPPED),
+            ("done", OrderStatus.COMPLETED),
+            ("fresh", OrderStatus.PAID),
+        ):
+            await write_order(
+                session,
+                ACCOUNT,
+                OrderTruth(snap(order_id, NOW, status), fetched_at=NOW),
+                source=SyncSource.WEBHOOK,
+            )
+        await session.execute(
+            update(Order)
+            .where(Order.order_id != "fresh")
+            .values(last_synced_at=func.now() - timedelta(hours=10))
+        )
+    sent = Recorder()
+    assert await refresh(sessions, sent, stale_after=timedelta(hours=6)) == 2
+    assert sorted(o for _, _, o, _ in sent.sent) == ["paid", "shipped"]
+    await engine.dispose()
+
+
+async def test_backfill_resumes_after_an_interruption_without_redoing_pages(
+    fresh_database_url: str,
+) -> None:
+    engine = create_async_engine(fresh_database_url)
+    sessions = make_sessionmaker(engine)
+    since, until = NOW - timedelta(days=30), NOW
+    orders = [snap(f"b{i:02d}", NOW - timedelta(days=1, minutes=i)) for i in range(10)]
+    upstream = ListedOrders(orders, fail_on_page=2)
+    sent = Recorder()
+    with pytest.raises(ConnectionError, match="upstream went away"):
+        await backfill(
+            sessions, upstream, sent, ACCOUNT, Platform.TAOBAO, since, until, page_size=4
+        )
+    assert upstream.pages == [1]
+    progress = await backfill(
+        sessions, upstream, sent, ACCOUNT, Platform.TAOBAO, since, until, page_size=4
+    )
+    assert upstream.pages == [1, 2, 3]
+    assert progress.finished
+    assert progress.orders_seen == 10
+    assert sorted(o for _, _, o, _ in sent.sent) == sorted(o.order_id for o in orders)
+    async with sessions() as session:
+        runs = (await session.execute(select(BackfillRun))).scalars().all()
+        assert len(runs) == 1
+        assert runs[0].finished_at is not None
+        assert runs[0].next_page == 4
+    assert await backfill_done_count(sessions, progress.run_id) == (0, 0)
+    async with engine.connect() as conn:
+        assert (await conn.execute(text("SELECT count(*) FROM orders"))).scalar_one() == 0
+    await engine.dispose()

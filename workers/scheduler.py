@@ -1,0 +1,127 @@
+"""The scheduler role: periodic jobs that run once per interval across all instances.
+
+Any number of ``pandasync scheduler`` processes may run (for availability). A job runs when an
+instance *claims* it: one atomic ``INSERT … ON CONFLICT DO UPDATE … WHERE last_started_at is
+older than the interval`` on ``job_runs`` succeeds for exactly one instance per interval. A
+session advisory lock held while the job runs keeps a slow run from overlapping the next.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import zlib
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+
+from prometheus_client import Counter, Histogram
+from sqlalchemy import func, text
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from service.db import session_scope
+from service.ledger.models import JobRun
+
+log = logging.getLogger(__name__)
+
+JOB_LOCK_CLASS = 0x4A42  # "JB": apart from the order locks
+
+JOB_RUNS = Counter("pandasync_scheduler_job_runs_total", "Job runs by outcome", ["job", "outcome"])
+JOB_SECONDS = Histogram(
+    "pandasync_scheduler_job_seconds",
+    "Duration of a job run",
+    ["job"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    name: str
+    interval: timedelta
+    run: Callable[[], Awaitable[object]]
+
+
+async def claim(sessions: async_sessionmaker[AsyncSession], job: Job) -> bool:
+    """True for exactly one caller per interval, whatever the number of instances."""
+    stmt = insert(JobRun).values(job=job.name, last_started_at=func.now())
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["job"],
+        set_={"last_started_at": func.now()},
+        where=(JobRun.last_started_at.is_(None))
+        | (JobRun.last_started_at <= func.now() - job.interval),
+    ).returning(JobRun.job)
+    async with session_scope(sessions) as session:
+        return (await session.execute(stmt)).scalar_one_or_none() is not None
+
+
+async def _finish(
+    sessions: async_sessionmaker[AsyncSession], job: Job, error: str | None
+) -> None:
+    async with session_scope(sessions) as session:
+        await session.execute(
+            text(
+                "UPDATE job_runs SET last_finished_at = now(), last_error = :error WHERE job = :job"
+            ),
+            {"job": job.name, "error": error},
+        )
+
+
+async def run_claimed(
+    engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession], job: Job
+) -> bool:
+    """Run ``job`` if this instance claims it; returns whether it ran."""
+    if not await claim(sessions, job):
+        return False
+    key = zlib.crc32(job.name.encode()) & 0x7FFFFFFF
+    async with engine.connect() as conn:
+        autocommit = await conn.execution_options(isolation_level="AUTOCOMMIT")
+        locked = (
+            await autocommit.execute(
+                text("SELECT pg_try_advisory_lock(:c, :k)"), {"c": JOB_LOCK_CLASS, "k": key}
+            )
+        ).scalar_one()
+        if not locked:
+            JOB_RUNS.labels(job.name, "overlap").inc()
+            return False
+        error: str | None = None
+        try:
+            with JOB_SECONDS.labels(job.name).time():
+                await job.run()
+            JOB_RUNS.labels(job.name, "ok").inc()
+        except Exception as exc:  # a failing job must not stop the scheduler
+            error = f"{type(exc).__name__}: {exc}"[:2000]
+            JOB_RUNS.labels(job.name, "error").inc()
+            log.exception("scheduled job %s failed", job.name)
+        finally:
+            await autocommit.execute(
+                text("SELECT pg_advisory_unlock(:c, :k)"), {"c": JOB_LOCK_CLASS, "k": key}
+            )
+    await _finish(sessions, job, error)
+    return True
+
+
+async def run_scheduler(
+    engine: AsyncEngine,
+    sessions: async_sessionmaker[AsyncSession],
+    jobs: Sequence[Job],
+    stop: asyncio.Event,
+    *,
+    tick: float = 1.0,
+) -> None:
+    """Claim and run due jobs until ``stop`` is set; a running job finishes before exit."""
+    log.info("scheduler started with jobs %s", ", ".join(j.name for j in jobs))
+    while not stop.is_set():
+        for job in jobs:
+            if stop.is_set():
+                break
+            try:
+                await run_claimed(engine, sessions, job)
+            except Exception:  # the database may be away for a while: keep ticking
+                log.exception("could not claim job %s", job.name)
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=tick)
+        except TimeoutError:
+            pass
+    log.info("scheduler stopped")

@@ -1,0 +1,280 @@
+"""The safety net: sweep, refresh and backfill (``pandapon-api.md`` §5).
+
+PandaPon gives up after five retries and does not promise delivery, so the ledger cannot rely
+on messages alone:
+
+- **sweep** pages through each platform's order list for orders modified since the stored cursor
+  minus a lookback, and asks for a reconcile of every order the ledger lacks or holds at an older
+  upstream modification time. The cursor moves only after every page was handled.
+- **refresh** asks for a reconcile of orders that are not final and have not been synced for a
+  while, because logistics move without any message.
+- **backfill** pages through a time range on demand and reconciles everything, resumably: the
+  page reached is stored after each page.
+
+All three only *enqueue* reconciles (``Enqueue``); the workers do the fetching and writing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Protocol
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from service.db import session_scope
+from service.ledger.models import (
+    BackfillRun,
+    Order,
+    OrderStatus,
+    Platform,
+    RefundState,
+    SweepCursor,
+    SyncSource,
+)
+from service.pandapon.models import OrderListPage, OrderSnapshot
+
+PAGE_SIZE = 50
+
+
+class OrderLister(Protocol):
+    async def order_page(
+        self,
+        platform: Platform,
+        page_no: int,
+        page_size: int,
+        modified_start: datetime,
+        modified_end: datetime,
+    ) -> OrderListPage: ...
+
+
+# (account_id, platform, order_id, source) -> None; sends one reconcile message.
+Enqueue = Callable[[str, Platform, str, SyncSource], None]
+
+
+@dataclass(frozen=True, slots=True)
+class SweepReport:
+    platform: Platform
+    window_start: datetime
+    window_end: datetime
+    pages: int
+    examined: int
+    drift: int
+
+
+async def _db_now(sessions: async_sessionmaker[AsyncSession]) -> datetime:
+    async with sessions() as session:
+        now: datetime = (await session.execute(select(func.now()))).scalar_one()
+    return now
+
+
+async def _out_of_date(
+    session: AsyncSession, account_id: str, platform: Platform, orders: Sequence[OrderSnapshot]
+) -> list[str]:
+    """Order ids of ``orders`` that the ledger lacks or holds at an older modification time."""
+    if not orders:
+        return []
+    stored = dict(
+        (
+            await session.execute(
+                select(Order.order_id, Order.upstream_modified_at).where(
+                    Order.account_id == account_id,
+                    Order.platform == platform,
+                    Order.order_id.in_([o.order_id for o in orders]),
+                )
+            )
+        ).all()
+    )
+    stale = []
+    for order in orders:
+        if order.order_id not in stored:
+            stale.append(order.order_id)
+            continue
+        ours = stored[order.order_id]
+        if ours is None or (order.modified_at is not None and order.modified_at > ours):
+            stale.append(order.order_id)
+    return stale
+
+
+async def sweep(
+    sessions: async_sessionmaker[AsyncSession],
+    client: OrderLister,
+    enqueue: Enqueue,
+    account_id: str,
+    platform: Platform,
+    *,
+    lookback: timedelta,
+    page_size: int = PAGE_SIZE,
+) -> SweepReport:
+    now = await _db_now(sessions)
+    async with session_scope(sessions) as session:
+        cursor = await session.get(SweepCursor, (account_id, platform))
+        start = (cursor.cursor_at if cursor and cursor.cursor_at else now) - lookback
+        await session.execute(
+            insert(SweepCursor)
+            .values(account_id=account_id, platform=platform, last_started_at=now)
+            .on_conflict_do_update(
+                index_elements=["account_id", "platform"], set_={"last_started_at": now}
+            )
+        )
+
+    examined = drift = pages = 0
+    page_no = 1
+    while True:
+        page = await client.order_page(platform, page_no, page_size, start, now)
+        pages += 1
+        examined += len(page.orders)
+        async with sessions() as session:
+            stale = await _out_of_date(session, account_id, platform, page.orders)
+        for order_id in stale:
+            enqueue(account_id, platform, order_id, SyncSource.SWEEP)
+        drift += len(stale)
+        if not page.orders or page_no * page_size >= page.total:
+            break
+        page_no += 1
+
+    async with session_scope(sessions) as session:
+        await session.execute(
+            insert(SweepCursor)
+            .values(
+                account_id=account_id,
+                platform=platform,
+                cursor_at=now,
+                last_started_at=now,
+                last_finished_at=func.now(),
+                last_examined=examined,
+                last_drift=drift,
+            )
+            .on_conflict_do_update(
+                index_elements=["account_id", "platform"],
+                set_={
+                    "cursor_at": now,
+                    "last_finished_at": func.now(),
+                    "last_examined": examined,
+                    "last_drift": drift,
+                },
+            )
+        )
+    return SweepReport(platform, start, now, pages, examined, drift)
+
+
+NOT_FINAL = (OrderStatus.PENDING_PAYMENT, OrderStatus.PAID, OrderStatus.SHIPPED)
+
+
+async def refresh(
+    sessions: async_sessionmaker[AsyncSession],
+    enqueue: Enqueue,
+    *,
+    stale_after: timedelta,
+    limit: int = 5000,
+) -> int:
+    """Reconcile non-final orders (or orders with an open refund) not synced for a while."""
+    async with sessions() as session:
+        rows = (
+            await session.execute(
+                select(Order.account_id, Order.platform, Order.order_id)
+                .where(
+                    or_(Order.status.in_(NOT_FINAL), Order.refund_state == RefundState.REQUESTED),
+                    Order.last_synced_at < func.now() - stale_after,
+                )
+                .order_by(Order.last_synced_at)
+                .limit(limit)
+            )
+        ).all()
+    for account_id, platform, order_id in rows:
+        enqueue(account_id, platform, order_id, SyncSource.REFRESH)
+    return len(rows)
+
+
+@dataclass(frozen=True, slots=True)
+class BackfillProgress:
+    run_id: int
+    platform: Platform
+    pages_done: int
+    orders_seen: int
+    orders_queued: int
+    finished: bool
+
+
+async def backfill(
+    sessions: async_sessionmaker[AsyncSession],
+    client: OrderLister,
+    enqueue: Enqueue,
+    account_id: str,
+    platform: Platform,
+    since: datetime,
+    until: datetime,
+    *,
+    page_size: int = PAGE_SIZE,
+    on_page: Callable[[BackfillProgress], None] | None = None,
+) -> BackfillProgress:
+    """Page through ``[since, until)`` and reconcile every order; resumes an unfinished run."""
+    async with session_scope(sessions) as session:
+        run = (
+            await session.execute(
+                select(BackfillRun).where(
+                    BackfillRun.account_id == account_id,
+                    BackfillRun.platform == platform,
+                    BackfillRun.since == since,
+                    BackfillRun.until == until,
+                    BackfillRun.finished_at.is_(None),
+                )
+            )
+        ).scalar_one_or_none()
+        if run is None:
+            run = BackfillRun(account_id=account_id, platform=platform, since=since, until=until)
+            session.add(run)
+            await session.flush()
+        run_id, page_no = run.id, run.next_page or 1
+        seen, queued = run.orders_seen or 0, run.orders_queued or 0
+
+    while True:
+        page = await client.order_page(platform, page_no, page_size, since, until)
+        for order in page.orders:
+            enqueue(account_id, platform, order.order_id, SyncSource.BACKFILL)
+        seen += len(page.orders)
+        queued += len(page.orders)
+        finished = not page.orders or page_no * page_size >= page.total
+        async with session_scope(sessions) as session:
+            await session.execute(
+                update(BackfillRun)
+                .where(BackfillRun.id == run_id)
+                .values(
+                    next_page=page_no + 1,
+                    orders_seen=seen,
+                    orders_queued=queued,
+                    finished_at=func.now() if finished else None,
+                )
+            )
+        progress = BackfillProgress(run_id, platform, page_no, seen, queued, finished)
+        if on_page:
+            on_page(progress)
+        if finished:
+            return progress
+        page_no += 1
+
+
+async def backfill_done_count(
+    sessions: async_sessionmaker[AsyncSession], run_id: int
+) -> tuple[int, int]:
+    """(orders of the run's range synced since it started, orders of it in the ledger)."""
+    async with sessions() as session:
+        run = await session.get(BackfillRun, run_id)
+        if run is None:
+            return 0, 0
+        in_range = and_(
+            Order.account_id == run.account_id,
+            Order.platform == run.platform,
+            Order.upstream_modified_at >= run.since,
+            Order.upstream_modified_at < run.until,
+        )
+        done = (
+            await session.execute(
+                select(func.count()).where(in_range, Order.last_synced_at >= run.started_at)
+            )
+        ).scalar_one()
+        total = (await session.execute(select(func.count()).where(in_range))).scalar_one()
+    return int(done), int(total)
