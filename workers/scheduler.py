@@ -45,13 +45,17 @@ class Job:
 
 async def claim(sessions: async_sessionmaker[AsyncSession], job: Job) -> bool:
     """True for exactly one caller per interval, whatever the number of instances."""
-    stmt = insert(JobRun).values(job=job.name, last_started_at=func.now())
-    stmt = stmt.on_conflict_do_update(
-        index_elements=["job"],
-        set_={"last_started_at": func.now()},
-        where=(JobRun.last_started_at.is_(None))
-        | (JobRun.last_started_at <= func.now() - job.interval),
-    ).returning(JobRun.job)
+    stmt = (
+        insert(JobRun)
+        .values(job=job.name, last_started_at=func.now())
+        .on_conflict_do_update(
+            index_elements=["job"],
+            set_={"last_started_at": func.now()},
+            where=(JobRun.last_started_at.is_(None))
+            | (JobRun.last_started_at <= func.now() - job.interval),
+        )
+        .returning(JobRun.job)
+    )
     async with session_scope(sessions) as session:
         return (await session.execute(stmt)).scalar_one_or_none() is not None
 
