@@ -50,6 +50,9 @@ def include_object(
 def do_run_migrations(connection: Connection) -> None:
     connection.execute(text(f"SET lock_timeout = '{LOCK_TIMEOUT}'"))
     connection.execute(text(f"SET statement_timeout = '{STATEMENT_TIMEOUT}'"))
+    # The SETs hold for the session; commit them so each migration gets its own transaction
+    # (and may open an autocommit block, e.g. for CREATE INDEX CONCURRENTLY).
+    connection.commit()
     context.configure(
         connection=connection,
         target_metadata=target_metadata,

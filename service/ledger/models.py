@@ -148,6 +148,10 @@ class Order(Base):
                 "status IN ('pending_payment', 'paid', 'shipped') OR refund_state = 'requested'"
             ),
         ),
+        # For the report_* views (migration 0002): day ranges and recent-period filters.
+        Index("ix_orders_upstream_created_at", "upstream_created_at"),
+        Index("ix_orders_paid_at", "paid_at"),
+        Index("ix_orders_cancelled_at", "cancelled_at"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
@@ -226,7 +230,10 @@ class OrderPriceChange(Base):
     """Append-only: one row per observed change of an order's amounts."""
 
     __tablename__ = "order_price_changes"
-    __table_args__ = (Index(None, "order_pk", "observed_at"),)
+    __table_args__ = (
+        Index(None, "order_pk", "observed_at"),
+        Index("ix_order_price_changes_observed_at", "observed_at"),  # report_price_changes
+    )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     account_id: Mapped[str] = mapped_column(String(64))
@@ -289,7 +296,12 @@ class Refund(Base):
     """One after-sales (refund) record."""
 
     __tablename__ = "refunds"
-    __table_args__ = (UniqueConstraint("account_id", "platform", "refund_id"),)
+    __table_args__ = (
+        UniqueConstraint("account_id", "platform", "refund_id"),
+        # For report_refunds and report_daily_sales (migration 0002).
+        Index("ix_refunds_requested_at", "requested_at"),
+        Index("ix_refunds_resolved_at", "resolved_at"),
+    )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     account_id: Mapped[str] = mapped_column(String(64))
