@@ -27,6 +27,12 @@ class LineSnapshot:
     raw_status: str | None = None
     # Taobao logistics are fetched per sub-order: the id to ask for, when it differs from line_id.
     logistics_ref: str | None = None
+    # What the order detail says about the line's parcel (Taobao sub-orders carry it).
+    tracking_number: str | None = None
+    carrier: str | None = None
+    # False when the detail says there is no logistics number yet (nothing to fetch);
+    # None when it does not say.
+    has_tracking: bool | None = None
     raw: dict[str, Any] = field(default_factory=dict)
 
 

@@ -1,0 +1,388 @@
+"""The thin PandaPon client the workers call: signed, rate-limited, timed, typed.
+
+One ``httpx.AsyncClient`` per process is made by its owner (``make_http_client``, in a lifespan
+or a worker's startup) and handed in; ``PandaPonClient`` never creates or closes it. Each call:
+
+1. waits for a token from the shared rate limiter (``ratelimit.py``);
+2. signs the request with the five headers of §1 (``signer.py``);
+3. sends it as the endpoint table says (``endpoints.py``), GET with a query, POST with JSON;
+4. unwraps the envelope (``code == 200`` → ``data``) or raises the typed error of ``errors.py``;
+5. maps ``data`` to the neutral snapshots (``mapping.py``).
+
+Nothing is retried here: transport-level retries cover only failed connects (httpx), and 429/5xx
+are retried deliberately by the worker, which knows its budget. A 429's Retry-After is reported
+on the error and also pauses the shared limiter, so every worker backs off, not just this one.
+
+Metrics: ``pandasync_upstream_requests_total{endpoint,outcome}`` (one per call, ``outcome`` is
+``ok`` or the error's ``outcome``) and ``pandasync_upstream_request_seconds{endpoint}`` (the HTTP
+exchange only, not the wait for a token). Failures are logged with requestId, code and msg;
+headers (so the signature) are never logged, and the secret is never held in anything logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from functools import partial
+from typing import Any, TypeVar
+
+import httpx
+import structlog
+from prometheus_client import Counter, Histogram
+
+from service.config import ConfigError, Settings
+from service.ledger.models import Platform
+from service.pandapon import mapping
+from service.pandapon.endpoints import Endpoint, EndpointTable, ParamValue
+from service.pandapon.errors import (
+    AUTH_CODES,
+    RATE_LIMIT_CODE,
+    AuthError,
+    MalformedResponse,
+    PandaPonError,
+    UpstreamClientError,
+    UpstreamConnectError,
+    UpstreamRateLimited,
+    UpstreamRejected,
+    UpstreamServerError,
+    UpstreamTimeout,
+)
+from service.pandapon.models import (
+    OrderListPage,
+    OrderSnapshot,
+    RefundSnapshot,
+    ShipmentSnapshot,
+)
+from service.pandapon.ratelimit import LocalTokenBucket, RateLimiter
+from service.pandapon.signer import DEFAULT_SIGNER, Credentials, Signer, signed_headers
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+UPSTREAM_REQUESTS = Counter(
+    "pandasync_upstream_requests_total",
+    "Calls to the PandaPon query APIs, by endpoint and outcome.",
+    ["endpoint", "outcome"],
+)
+UPSTREAM_SECONDS = Histogram(
+    "pandasync_upstream_request_seconds",
+    "Duration of the HTTP exchange with PandaPon (not the rate-limit wait).",
+    ["endpoint"],
+    buckets=(0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+)
+
+
+def make_http_client(settings: Settings) -> httpx.AsyncClient:
+    """The process's one upstream HTTP client: HTTP/1.1 keep-alive pool, explicit timeouts.
+
+    Connect is short (a dead host should fail fast); read is the longest PandaPon may think;
+    pool bounds the wait for a free connection when all ``http_max_connections`` are busy. The
+    transport retries a failed connect once (nothing was sent, so it is always safe).
+    """
+    limits = httpx.Limits(
+        max_connections=settings.http_max_connections,
+        max_keepalive_connections=settings.http_max_connections,
+        keepalive_expiry=30.0,
+    )
+    transport = httpx.AsyncHTTPTransport(limits=limits, http1=True, http2=False, retries=1)
+    return httpx.AsyncClient(
+        transport=transport,
+        timeout=httpx.Timeout(
+            connect=settings.http_connect_timeout_s,
+            read=settings.http_read_timeout_s,
+            write=settings.http_write_timeout_s,
+            pool=settings.http_pool_timeout_s,
+        ),
+        headers={"user-agent": "pandasync"},
+        follow_redirects=False,
+    )
+
+
+def credentials_from(settings: Settings) -> Credentials:
+    if not settings.has_credentials or settings.access_secret is None:
+        raise ConfigError(
+            "PandaPon credentials are incomplete: set PANDASYNC_ACCESS_KEY, "
+            "PANDASYNC_ACCESS_SECRET and PANDASYNC_USER_ID"
+        )
+    return Credentials(
+        access_key=settings.access_key or "",
+        access_secret=settings.access_secret.get_secret_value(),
+        user_id=settings.user_id or "",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """A successful response: ``data`` plus what identifies it in PandaPon's logs."""
+
+    data: Any
+    request_id: str | None
+    msg: str | None
+    http_status: int
+
+
+class PandaPonClient:
+    """The PandaPon query APIs as typed async methods; see the module docstring."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        http: httpx.AsyncClient,
+        *,
+        limiter: RateLimiter | None = None,
+        signer: Signer = DEFAULT_SIGNER,
+        credentials: Credentials | None = None,
+        endpoints: EndpointTable | None = None,
+    ) -> None:
+        self._http = http
+        self._base_url = settings.api_base_url.rstrip("/")
+        self._unit = settings.timestamp_unit
+        self._signer = signer
+        self._credentials = credentials or credentials_from(settings)
+        self.endpoints = endpoints or EndpointTable(settings.endpoint_overrides)
+        self._limiter: RateLimiter = limiter or LocalTokenBucket(settings.upstream_rate_limit_rps)
+
+    def __repr__(self) -> str:
+        return f"PandaPonClient({self._base_url!r}, user_id={self._credentials.user_id!r})"
+
+    # --- what the workers call ------------------------------------------------------------
+
+    async def order_detail(self, platform: Platform, order_id: str) -> OrderSnapshot:
+        endpoint = self.endpoints.get(platform, "order_detail")
+        return await self._call(
+            endpoint, {"order_id": order_id}, _data(partial(mapping.map_order, platform))
+        )
+
+    async def logistics(self, platform: Platform, order: OrderSnapshot) -> list[ShipmentSnapshot]:
+        """The parcels of ``order`` with their trace events.
+
+        Taobao answers per sub-order: one call per line, skipping lines whose detail says they
+        have no logistics number yet; a parcel that carries several lines comes back once (its
+        ``line_id`` is then None). 1688 answers per order: one call.
+        """
+        if order.platform is not platform:
+            raise ValueError(f"order {order.order_id} is a {order.platform} order")
+        endpoint = self.endpoints.get(platform, "logistics")
+        if platform is Platform.ALIBABA_1688:
+            parse_order = _data(partial(mapping.map_shipments, platform))
+            return await self._call(endpoint, {"order_id": order.order_id}, parse_order)
+        merged: dict[str, ShipmentSnapshot] = {}
+        for line in order.lines:
+            if line.has_tracking is False:
+                continue
+            parse = _data(partial(mapping.map_shipments, platform, line_id=line.line_id))
+            ref = line.logistics_ref or line.line_id
+            for shipment in await self._call(endpoint, {"sub_order_id": ref}, parse):
+                seen = merged.get(shipment.tracking_number)
+                merged[shipment.tracking_number] = (
+                    shipment if seen is None else _merge_shipments(seen, shipment)
+                )
+        return list(merged.values())
+
+    async def refund_detail(self, platform: Platform, refund_id: str) -> RefundSnapshot:
+        endpoint = self.endpoints.get(platform, "refund_detail")
+        return await self._call(
+            endpoint, {"refund_id": refund_id}, _data(partial(mapping.map_refund, platform))
+        )
+
+    async def order_page(
+        self,
+        platform: Platform,
+        page_no: int,
+        page_size: int,
+        modified_start: datetime,
+        modified_end: datetime,
+    ) -> OrderListPage:
+        """One page of the orders modified in [start, end] (aware datetimes)."""
+        if page_no < 1 or page_size < 1:
+            raise ValueError("page_no and page_size start at 1")
+        endpoint = self.endpoints.get(platform, "order_list")
+        params: dict[str, ParamValue] = {
+            "page_no": page_no,
+            "page_size": page_size,
+            "modified_start": mapping.format_request_time(modified_start),
+            "modified_end": mapping.format_request_time(modified_end),
+        }
+        parse = partial(mapping.map_order_page, platform, page_no=page_no, page_size=page_size)
+        return await self._call(endpoint, params, _data(parse))
+
+    async def fetch(self, endpoint_name: str, params: Mapping[str, ParamValue]) -> Envelope:
+        """Any endpoint of the table by name, unmapped (for tools and diagnosis)."""
+        endpoint = self.endpoints[endpoint_name]
+        return await self._call(endpoint, params, _whole)
+
+    # --- one call -------------------------------------------------------------------------
+
+    async def _call(
+        self,
+        endpoint: Endpoint,
+        params: Mapping[str, ParamValue],
+        parse: Callable[[Envelope], T],
+    ) -> T:
+        outcome = "error"
+        try:
+            envelope = await self._exchange(endpoint, params)
+            try:
+                result = parse(envelope)
+            except MalformedResponse as error:
+                raise MalformedResponse(
+                    f"{endpoint.name}: {error.message}",
+                    field=error.field,
+                    endpoint=endpoint.name,
+                    http_status=envelope.http_status,
+                    request_id=envelope.request_id,
+                    code=200,
+                    msg=envelope.msg,
+                ) from None
+            outcome = "ok"
+            return result
+        except PandaPonError as error:
+            outcome = error.outcome
+            log.warning("pandapon call failed", error=error.message, **error.context())
+            if isinstance(error, UpstreamRateLimited) and error.retry_after:
+                await self._limiter.pause(error.retry_after)
+            raise
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        finally:
+            UPSTREAM_REQUESTS.labels(endpoint.name, outcome).inc()
+
+    async def _exchange(self, endpoint: Endpoint, params: Mapping[str, ParamValue]) -> Envelope:
+        wire = endpoint.wire_params(params)
+        await self._limiter.acquire()
+        headers = signed_headers(self._credentials, unit=self._unit, signer=self._signer)
+        url = self._base_url + endpoint.path
+        started = time.perf_counter()
+        try:
+            if endpoint.method == "GET":
+                response = await self._http.get(url, params=wire, headers=headers)
+            else:
+                response = await self._http.post(url, json=wire, headers=headers)
+        except httpx.TimeoutException as error:
+            raise UpstreamTimeout(
+                f"{endpoint.name}: no answer in time ({type(error).__name__})",
+                endpoint=endpoint.name,
+            ) from error
+        except httpx.TransportError as error:
+            raise UpstreamConnectError(
+                f"{endpoint.name}: connection failed ({type(error).__name__})",
+                endpoint=endpoint.name,
+            ) from error
+        finally:
+            UPSTREAM_SECONDS.labels(endpoint.name).observe(time.perf_counter() - started)
+        return unwrap(endpoint.name, response)
+
+
+def unwrap(endpoint: str, response: httpx.Response) -> Envelope:
+    """The envelope of §2 → Envelope, or the typed error for this response."""
+    status = response.status_code
+    try:
+        body = mapping.parse_json(response.content)
+    except ValueError:
+        body = None
+    envelope = body if isinstance(body, dict) else {}
+    request_id = _text(envelope.get("requestId"))
+    msg = _text(envelope.get("msg"))
+    code = _code(envelope.get("code"))
+    context: dict[str, Any] = {
+        "endpoint": endpoint,
+        "http_status": status,
+        "request_id": request_id,
+        "code": code,
+        "msg": msg,
+    }
+    if status == 429 or code == RATE_LIMIT_CODE:
+        retry_after = parse_retry_after(response.headers.get("retry-after"))
+        raise UpstreamRateLimited(
+            f"{endpoint}: rate limited (retry after {retry_after} s)",
+            retry_after=retry_after,
+            **context,
+        )
+    if status >= 500:
+        raise UpstreamServerError(f"{endpoint}: HTTP {status}", **context)
+    if status in (401, 403):
+        raise AuthError(f"{endpoint}: credentials refused (HTTP {status}): {msg}", **context)
+    if not 200 <= status < 300:
+        raise UpstreamClientError(f"{endpoint}: HTTP {status}: {msg}", **context)
+    if body is None:
+        raise MalformedResponse(f"{endpoint}: the body is not JSON", **context)
+    if not isinstance(body, dict):
+        raise MalformedResponse(f"{endpoint}: the body is not an envelope", **context)
+    if code is None:
+        raise MalformedResponse(f"{endpoint}: the envelope has no code", field="code", **context)
+    if code != 200:
+        if code in AUTH_CODES:
+            raise AuthError(f"{endpoint}: credentials refused (code {code}): {msg}", **context)
+        if 500 <= code <= 599:
+            raise UpstreamServerError(f"{endpoint}: code {code}: {msg}", **context)
+        raise UpstreamRejected(f"{endpoint}: code {code}: {msg}", **context)
+    return Envelope(data=body.get("data"), request_id=request_id, msg=msg, http_status=status)
+
+
+def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
+    """Retry-After as seconds: a number of seconds or an HTTP date; None if absent or invalid."""
+    if value is None or not value.strip():
+        return None
+    text = value.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            moment = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError):
+            return None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        seconds = (moment - (now or datetime.now(UTC))).total_seconds()
+    if seconds != seconds or seconds in (float("inf"), float("-inf")):
+        return None
+    return max(0.0, seconds)
+
+
+def _data(parse: Callable[[Any], T]) -> Callable[[Envelope], T]:
+    """A mapping of ``data`` as a parser of the whole envelope."""
+
+    def parse_envelope(envelope: Envelope) -> T:
+        return parse(envelope.data)
+
+    return parse_envelope
+
+
+def _whole(envelope: Envelope) -> Envelope:
+    return envelope
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    return str(value)
+
+
+def _code(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    return None
+
+
+def _merge_shipments(first: ShipmentSnapshot, second: ShipmentSnapshot) -> ShipmentSnapshot:
+    """One parcel seen from two sub-orders: the union of its events, no single line."""
+    events = {e.event_key: e for e in (*first.events, *second.events)}
+    return replace(
+        first,
+        line_id=first.line_id if first.line_id == second.line_id else None,
+        carrier=first.carrier or second.carrier,
+        carrier_code=first.carrier_code or second.carrier_code,
+        raw_status=first.raw_status or second.raw_status,
+        delivered=first.delivered or second.delivered,
+        events=mapping.sort_events(events.values()),
+    )

@@ -1,0 +1,219 @@
+"""The upstream rate limit, shared by every worker thread and process: a token bucket.
+
+With Redis (``PANDASYNC_BROKER_URL`` is ``redis://``) the bucket lives in one Redis hash and is
+taken by an atomic Lua script that reads Redis's own clock, so all processes on all hosts share
+one limit and one time source. Without Redis it is an in-process bucket (``pandasync dev``).
+
+A caller that finds the bucket empty *waits* for its token; it never fails, so a worker's
+retries are never spent on our own limiter. ``pause(seconds)`` stops everyone for a while: the
+client calls it with PandaPon's Retry-After so one 429 slows every worker, not just one.
+
+The bucket holds ``burst`` tokens (default: one second's worth) and refills at ``rate``/s, so
+over any window of ``t`` seconds at most ``burst + rate * t`` requests go out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+import redis.asyncio as aioredis
+import structlog
+from redis.exceptions import RedisError
+
+from service.config import Settings
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_KEY = "pandasync:ratelimit:upstream"
+MAX_PAUSE_S = 300.0  # a Retry-After beyond this is capped: a typo upstream must not stall us
+MAX_POLL_S = 1.0
+MIN_WAIT_S = 0.001  # never spin: a wait below this (float rounding) is rounded up
+EPSILON = 1e-9
+
+Sleep = Callable[[float], Awaitable[None]]
+
+
+class RateLimiter(Protocol):
+    async def acquire(self) -> None:
+        """Return once a request may be sent (waiting as long as that takes)."""
+
+    async def pause(self, seconds: float) -> None:
+        """Let no request through for ``seconds`` (Retry-After)."""
+
+    async def aclose(self) -> None: ...
+
+
+def _default_burst(rate: float) -> float:
+    return max(1.0, rate)
+
+
+class LocalTokenBucket:
+    """An in-process token bucket; safe across threads and event loops."""
+
+    def __init__(
+        self,
+        rate: float,
+        burst: float | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        if rate <= 0:
+            raise ValueError("rate must be positive")
+        self.rate = rate
+        self.burst = burst if burst is not None else _default_burst(rate)
+        self._clock = clock
+        self._sleep = sleep
+        self._lock = threading.Lock()
+        self._tokens = self.burst
+        self._stamp = clock()
+        self._blocked_until = 0.0
+
+    def try_take(self) -> float:
+        """Take a token: 0.0 when granted, else the seconds to wait before trying again."""
+        with self._lock:
+            now = self._clock()
+            self._tokens = min(self.burst, self._tokens + max(0.0, now - self._stamp) * self.rate)
+            self._stamp = now
+            if now < self._blocked_until:
+                return max(MIN_WAIT_S, self._blocked_until - now)
+            if self._tokens >= 1 - EPSILON:
+                self._tokens = max(0.0, self._tokens - 1)
+                return 0.0
+            return max(MIN_WAIT_S, (1 - self._tokens) / self.rate)
+
+    async def acquire(self) -> None:
+        while (wait := self.try_take()) > 0:
+            await self._sleep(wait)
+
+    async def pause(self, seconds: float) -> None:
+        with self._lock:
+            until = self._clock() + min(max(seconds, 0.0), MAX_PAUSE_S)
+            self._blocked_until = max(self._blocked_until, until)
+
+    async def aclose(self) -> None:
+        return None
+
+
+# KEYS[1]: the bucket; ARGV: rate (tokens/s), burst. Returns the seconds to wait, "0" = granted.
+_ACQUIRE_LUA = """
+local rate = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts', 'blocked_until')
+local tokens = tonumber(state[1]) or burst
+local ts = tonumber(state[2]) or now
+local blocked = tonumber(state[3]) or 0
+tokens = math.min(burst, tokens + math.max(0, now - ts) * rate)
+local wait = 0
+if now < blocked then
+  wait = math.max(0.001, blocked - now)
+elseif tokens >= 1 - 1e-9 then
+  tokens = math.max(0, tokens - 1)
+else
+  wait = math.max(0.001, (1 - tokens) / rate)
+end
+redis.call('HSET', KEYS[1], 'tokens', string.format('%.6f', tokens),
+           'ts', string.format('%.6f', now))
+local ttl = math.max(burst / rate, blocked - now, 1)
+redis.call('PEXPIRE', KEYS[1], math.ceil(ttl * 1000) + 1000)
+return string.format('%.6f', wait)
+"""
+
+# KEYS[1]: the bucket; ARGV[1]: seconds during which no token is granted.
+_PAUSE_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local deadline = now + tonumber(ARGV[1])
+local blocked = tonumber(redis.call('HGET', KEYS[1], 'blocked_until')) or 0
+if deadline > blocked then
+  redis.call('HSET', KEYS[1], 'blocked_until', string.format('%.6f', deadline))
+  local ttl = redis.call('PTTL', KEYS[1])
+  local needed = math.ceil((deadline - now) * 1000) + 1000
+  if ttl < needed then redis.call('PEXPIRE', KEYS[1], needed) end
+end
+return 1
+"""
+
+
+class RedisTokenBucket:
+    """The token bucket in Redis, shared by every process that uses the same ``key``.
+
+    If Redis cannot be reached the limiter degrades to an in-process bucket (and says so in the
+    log) rather than stopping every upstream call.
+    """
+
+    def __init__(
+        self,
+        redis_url: str,
+        rate: float,
+        burst: float | None = None,
+        *,
+        key: str = DEFAULT_KEY,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        if rate <= 0:
+            raise ValueError("rate must be positive")
+        self.rate = rate
+        self.burst = burst if burst is not None else _default_burst(rate)
+        self.key = key
+        self._sleep = sleep
+        self._redis = aioredis.Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=2)
+        self._acquire = self._redis.register_script(_ACQUIRE_LUA)
+        self._pause = self._redis.register_script(_PAUSE_LUA)
+        self._fallback = LocalTokenBucket(rate, self.burst, sleep=sleep)
+        self._degraded = False
+
+    async def try_take(self) -> float:
+        """One attempt: 0.0 when granted, else the seconds to wait. Raises RedisError."""
+        result = await self._acquire(keys=[self.key], args=[repr(self.rate), repr(self.burst)])
+        text = result.decode() if isinstance(result, bytes) else str(result)
+        return float(text)
+
+    async def acquire(self) -> None:
+        while True:
+            try:
+                wait = await self.try_take()
+            except RedisError as error:
+                self._note_degraded(error)
+                await self._fallback.acquire()
+                return
+            self._degraded = False
+            if wait <= 0:
+                return
+            # A little jitter so waiting processes do not all ask again in the same instant.
+            await self._sleep(min(wait, MAX_POLL_S) * (1 + random.random() * 0.1))
+
+    async def pause(self, seconds: float) -> None:
+        seconds = min(max(seconds, 0.0), MAX_PAUSE_S)
+        try:
+            await self._pause(keys=[self.key], args=[repr(seconds)])
+        except RedisError as error:
+            self._note_degraded(error)
+            await self._fallback.pause(seconds)
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()
+
+    def _note_degraded(self, error: RedisError) -> None:
+        if not self._degraded:
+            log.warning(
+                "rate limit falls back to this process: Redis unavailable",
+                error=type(error).__name__,
+            )
+        self._degraded = True
+
+
+def make_rate_limiter(settings: Settings, *, key: str = DEFAULT_KEY) -> RateLimiter:
+    """Redis-backed when the broker is Redis, in-process otherwise. The caller closes it."""
+    rate = settings.upstream_rate_limit_rps
+    url = settings.broker_url
+    if url and url.startswith(("redis://", "rediss://")):
+        return RedisTokenBucket(url, rate, key=key)
+    return LocalTokenBucket(rate)

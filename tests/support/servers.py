@@ -1,0 +1,157 @@
+"""Serve an ASGI app over a real socket from a background thread, for as long as a test needs.
+
+The socket is bound before the server starts (port 0: the OS picks a free one), so there is no
+window in which another process could take the port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from service.config import Settings, load_settings
+from service.sandbox.remote import SandboxRemote
+from service.sandbox.settings import (
+    DEV_ACCESS_KEY,
+    DEV_ACCESS_SECRET,
+    DEV_USER_ID,
+    DeliverySettings,
+    SandboxSettings,
+)
+
+STARTUP_TIMEOUT_S = 15.0
+
+
+@contextmanager
+def serve_in_thread(app: Any, *, host: str = "127.0.0.1") -> Iterator[str]:
+    """Run ``app`` with uvicorn in a thread; yields its base URL; stops it on exit."""
+    # IPPROTO_TCP explicitly: asyncio only sets TCP_NODELAY on sockets that say they are TCP,
+    # and without it every response waits out the client's delayed ACK (~40 ms).
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        ws="none",
+        http="h11",
+        loop="asyncio",
+        timeout_graceful_shutdown=2,
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            thread.join(5)
+            sock.close()
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        sock.close()
+
+
+@dataclass
+class Received:
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class RecordingReceiver:
+    """A webhook endpoint that records every request and answers from ``statuses`` in turn.
+
+    When ``statuses`` runs out it answers ``default_status``.
+    """
+
+    statuses: list[int] = field(default_factory=list)
+    default_status: int = 200
+    received: list[Received] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def app(self) -> Starlette:
+        async def receive(request: Request) -> Response:
+            body = await request.body()
+            with self._lock:
+                self.received.append(Received(dict(request.headers), body))
+                status = self.statuses.pop(0) if self.statuses else self.default_status
+            return Response(status_code=status)
+
+        return Starlette(routes=[Route("/webhooks/pandapon", receive, methods=["POST"])])
+
+    def snapshot(self) -> list[Received]:
+        with self._lock:
+            return list(self.received)
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]], *, within_s: float = 10.0, every_s: float = 0.02
+) -> None:
+    """Wait until ``check()`` is true; fail the test if it never becomes so."""
+    deadline = time.monotonic() + within_s
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(every_s)
+
+
+def sandbox_test_settings(**overrides: Any) -> SandboxSettings:
+    """Sandbox settings independent of the environment: dev credentials, fast retries."""
+    values: dict[str, Any] = {
+        "access_key": DEV_ACCESS_KEY,
+        "access_secret": DEV_ACCESS_SECRET,
+        "user_id": DEV_USER_ID,
+        "timestamp_unit": "ms",
+        "endpoint_overrides": {},
+        "seed": 20261125,
+        "delivery": DeliverySettings(retry_interval_s=0.05),
+        "faults": {},
+    }
+    values.update(overrides)
+    return SandboxSettings(**values)
+
+
+@dataclass
+class SandboxServer:
+    url: str
+    settings: SandboxSettings
+    remote: SandboxRemote
+
+    def service_settings(self, **overrides: Any) -> Settings:
+        """Service Settings whose PandaPon is this sandbox, with the sandbox's credentials."""
+        values: dict[str, Any] = {
+            "api_base_url": self.url,
+            "access_key": self.settings.access_key,
+            "access_secret": self.settings.access_secret.get_secret_value(),
+            "user_id": self.settings.user_id,
+            "timestamp_unit": self.settings.timestamp_unit,
+            "endpoint_overrides": self.settings.endpoint_overrides,
+            "broker_url": None,
+            "upstream_rate_limit_rps": 1000.0,
+            "http_read_timeout_s": 5.0,
+        }
+        values.update(overrides)
+        return load_settings(**values)
