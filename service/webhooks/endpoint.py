@@ -1,0 +1,214 @@
+"""``POST /webhooks/pandapon[/{token}]``: limits, parse, verify, store, answer.
+
+The order of the checks is the order of their cost, and nothing is written before the last:
+
+1. declared body size (413) and content type (415), from the headers alone;
+2. the body, read only up to MAX_BODY_BYTES (413 as soon as it goes over);
+3. JSON (400); a probe (empty body, or no ``messageType``) is answered 200 here, unverified,
+   since it stores nothing and says nothing;
+4. verification of the headers and path token (401);
+5. the envelope (400);
+6. the inbox write with the nonce, committed (200 stored or duplicate; 401 replayed nonce;
+   503 when it cannot be done within INBOX_WRITE_TIMEOUT_MS).
+
+Every other failure is caught and answered 503 (the message was not stored, so PandaPon's
+retry is the right outcome); nothing a client sends reaches Starlette's 500 handler.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Iterable
+
+import structlog
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+
+from service.config import Settings
+from service.ledger.models import InboxState
+from service.pandapon.signer import HEADER_SIGNATURE, HEADER_USER_ID
+from service.webhooks import metrics
+from service.webhooks.envelope import MAX_ID_LENGTH, decode_json, is_probe, parse_envelope
+from service.webhooks.errors import (
+    MalformedRequest,
+    PayloadTooLarge,
+    StoreUnavailable,
+    UnsupportedMediaType,
+    VerificationFailed,
+    WebhookError,
+)
+from service.webhooks.inbox import InboxRow, InboxWriter, StoreOutcome, dedupe_key
+from service.webhooks.request_ids import request_id_of
+from service.webhooks.verify import Verifier
+
+log = structlog.get_logger("pandasync.webhooks")
+_stdlib_log = logging.getLogger("pandasync.webhooks")
+
+# Stored, duplicate and probe get the same answer: the sender learns nothing from it.
+OK_BODY = b'{"status":"ok"}'
+JSON = "application/json"
+# Not kept with the stored headers: the signature (design §3) and any credential a proxy adds.
+UNSTORED_HEADERS = frozenset({HEADER_SIGNATURE, "authorization", "proxy-authorization", "cookie"})
+DEFAULT_ACCOUNT = "default"
+
+
+def _ok() -> Response:
+    return Response(OK_BODY, media_type=JSON)
+
+
+def _error(error: WebhookError) -> Response:
+    return Response(json.dumps({"error": error.reason}).encode(), error.status, media_type=JSON)
+
+
+def is_json_media_type(value: str | None) -> bool:
+    if not value:
+        return False
+    media = value.split(";", 1)[0].strip().lower()
+    return media == JSON or (media.startswith("application/") and media.endswith("+json"))
+
+
+def header_map(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
+    """The request headers by lower-case name (repeated ones joined with ", ")."""
+    headers: dict[str, str] = {}
+    for raw_name, raw_value in raw:
+        name = raw_name.decode("latin-1").lower()
+        value = raw_value.decode("latin-1")
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    return headers
+
+
+def headers_json(headers: dict[str, str]) -> str:
+    """The headers to store with the message: all but the signature and credentials."""
+    kept = {
+        # jsonb cannot hold NUL.
+        name: value.replace("\x00", "\ufffd")
+        for name, value in headers.items()
+        if name not in UNSTORED_HEADERS
+    }
+    return json.dumps(kept)
+
+
+class Receiver:
+    """The webhook endpoint; its writer is attached by the app's lifespan."""
+
+    def __init__(self, settings: Settings) -> None:
+        # Built when the app is: a signature mode without credentials fails here, at startup.
+        self._verifier = Verifier(settings)
+        self._max_body = settings.max_body_bytes
+        self._user_id = settings.user_id
+        self._writer: InboxWriter | None = None
+
+    def attach(self, writer: InboxWriter | None) -> None:
+        self._writer = writer
+
+    async def handle(self, request: Request) -> Response:
+        metrics.RECEIVED.inc()
+        try:
+            return await self._handle(request)
+        except WebhookError as error:
+            metrics.rejected(error.reason)
+            log.warning(
+                "webhook.refused", status=error.status, reason=error.reason, detail=error.detail
+            )
+            return _error(error)
+        except ClientDisconnect:
+            metrics.rejected("client_disconnected")
+            return Response(status_code=400)
+        except Exception:
+            metrics.rejected("internal_error")
+            log.exception("webhook.internal_error")
+            return _error(StoreUnavailable("internal_error"))
+
+    async def _handle(self, request: Request) -> Response:
+        headers = header_map(request.scope["headers"])
+        declared = headers.get("content-length")
+        if declared is not None and declared.isdigit():
+            if int(declared) == 0:
+                return self._probe()
+            if int(declared) > self._max_body:
+                raise PayloadTooLarge("payload_too_large", f"body over {self._max_body} bytes")
+        if not is_json_media_type(headers.get("content-type")):
+            raise UnsupportedMediaType("unsupported_media_type", "send application/json")
+        body = await self._read_body(request)
+        if not body.strip():
+            return self._probe()
+        document = decode_json(body)
+        if is_probe(document):
+            return self._probe()
+        verified = self._verifier.verify(headers, request.path_params.get("token"))
+        envelope = parse_envelope(document)
+        account_id = self._account_id(headers.get(HEADER_USER_ID))
+        routable = envelope.platform is not None and envelope.order_id is not None
+        row = InboxRow(
+            account_id=account_id,
+            dedupe_key=dedupe_key(account_id, envelope.canonical),
+            message_type=envelope.message_type,
+            kind=envelope.kind,
+            platform=envelope.platform,
+            order_id=envelope.order_id,
+            refund_id=envelope.refund_id,
+            pushed_at=envelope.pushed_at,
+            raw_body=body,
+            headers_json=headers_json(headers),
+            request_id=request_id_of(request.scope),
+            state=InboxState.RECEIVED if routable else InboxState.IGNORED,
+            nonce=verified.nonce,
+        )
+        if self._writer is None:
+            raise StoreUnavailable("store_failed", "the receiver is not started")
+        started = time.perf_counter()
+        result = await self._writer.store(row)
+        metrics.STORE_SECONDS.observe(time.perf_counter() - started)
+        if result.outcome is StoreOutcome.REPLAYED_NONCE:
+            raise VerificationFailed("replayed_nonce", "nonce already used")
+        if result.outcome is StoreOutcome.DUPLICATE:
+            metrics.DUPLICATES.inc()
+        else:
+            metrics.ACCEPTED_BY_KIND[envelope.kind].inc()
+            if not envelope.known_type:
+                metrics.UNKNOWN_TYPES.inc()
+        # A stored message is recorded, with its request id, by its inbox row; a log line
+        # for each would cost a third of the request (structlog's chain runs even for a
+        # filtered level, hence the explicit check).
+        if _stdlib_log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "webhook.stored" if result.inbox_id else "webhook.duplicate",
+                inbox_id=result.inbox_id,
+                state=row.state.value,
+                message_type=envelope.message_type,
+                kind=envelope.kind.value,
+                known_type=envelope.known_type,
+                platform=envelope.platform.value if envelope.platform else None,
+                order_id=envelope.order_id,
+            )
+        return _ok()
+
+    def _probe(self) -> Response:
+        metrics.PROBES.inc()
+        log.info("webhook.probe")
+        return _ok()
+
+    async def _read_body(self, request: Request) -> bytes:
+        """The body, refusing it as soon as it goes over the limit (the rest is never read)."""
+        chunks: list[bytes] = []
+        size = 0
+        async with contextlib.aclosing(request.stream()) as stream:
+            async for chunk in stream:
+                size += len(chunk)
+                if size > self._max_body:
+                    raise PayloadTooLarge("payload_too_large", f"body over {self._max_body} bytes")
+                chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _account_id(self, header_user_id: str | None) -> str:
+        if self._user_id:
+            return self._user_id
+        value = (header_user_id or "").strip()
+        if not value:
+            return DEFAULT_ACCOUNT
+        if len(value) > MAX_ID_LENGTH:
+            raise MalformedRequest("malformed_envelope", "user-id header too long")
+        return value

@@ -1,0 +1,103 @@
+"""Prometheus metrics of the receiver and the relay (default registry, served at /metrics).
+
+One web process per registry: with ``--workers N`` each process reports its own counters.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from service.ledger.models import MessageKind
+
+# Every reason a request can be refused with; used as the ``reason`` label, so it stays small.
+REJECT_REASONS = (
+    "payload_too_large",
+    "unsupported_media_type",
+    "malformed_json",
+    "malformed_envelope",
+    "missing_header",
+    "wrong_access_key",
+    "bad_timestamp",
+    "stale_timestamp",
+    "future_timestamp",
+    "bad_nonce",
+    "bad_signature",
+    "replayed_nonce",
+    "missing_token",
+    "wrong_token",
+    "store_timeout",
+    "store_failed",
+    "client_disconnected",
+    "internal_error",
+)
+
+RECEIVED = Counter(
+    "pandasync_webhook_received_total", "Webhook requests received (every POST, before any check)."
+)
+ACCEPTED = Counter(
+    "pandasync_webhook_accepted_total",
+    "Messages newly committed to webhook_inbox, by kind.",
+    ["kind"],
+)
+DUPLICATES = Counter(
+    "pandasync_webhook_duplicates_total",
+    "Messages answered 200 because an identical message was already in the inbox.",
+)
+PROBES = Counter(
+    "pandasync_webhook_probes_total",
+    "Probes (empty body or no messageType) answered 200 without storing anything.",
+)
+UNKNOWN_TYPES = Counter(
+    "pandasync_webhook_unknown_type_total",
+    "Stored messages whose messageType is not one pandasync knows.",
+)
+REJECTED = Counter(
+    "pandasync_webhook_rejected_total",
+    "Requests not answered 200, by reason (4xx and 503).",
+    ["reason"],
+)
+STORE_SECONDS = Histogram(
+    "pandasync_webhook_store_seconds",
+    "Time from handing a message to the inbox writer to its commit.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+)
+BATCH_SIZE = Histogram(
+    "pandasync_webhook_store_batch_size",
+    "Messages committed together by the inbox writer in one transaction.",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+HANDOFF = Counter(
+    "pandasync_webhook_handoff_total",
+    "Reconcile messages sent to the broker right after commit, by result.",
+    ["result"],
+)
+RELAY_HANDED_OFF = Counter(
+    "pandasync_relay_handed_off_total",
+    "Inbox rows the relay found not handed off and sent to the broker.",
+)
+RELAY_FAILURES = Counter(
+    "pandasync_relay_failures_total", "Relay passes that stopped on a broker or database error."
+)
+RELAY_BACKLOG = Gauge(
+    "pandasync_relay_backlog",
+    "Inbox rows committed but not yet handed to the broker (state 'received').",
+)
+RELAY_OLDEST_SECONDS = Gauge(
+    "pandasync_relay_oldest_seconds",
+    "Age of the oldest inbox row not yet handed to the broker (0 when none).",
+)
+NONCES_PURGED = Counter(
+    "pandasync_relay_nonces_purged_total", "Signature nonces deleted after leaving the window."
+)
+
+# Pre-bound children: the hot path should not look labels up on every request.
+REJECTED_BY_REASON = {reason: REJECTED.labels(reason=reason) for reason in REJECT_REASONS}
+ACCEPTED_BY_KIND = {kind: ACCEPTED.labels(kind=kind.value) for kind in MessageKind}
+HANDOFF_SENT = HANDOFF.labels(result="sent")
+HANDOFF_FAILED = HANDOFF.labels(result="failed")
+HANDOFF_DEFERRED = HANDOFF.labels(result="deferred")
+
+
+def rejected(reason: str) -> None:
+    child = REJECTED_BY_REASON.get(reason)
+    (child or REJECTED.labels(reason="internal_error")).inc()

@@ -1,0 +1,163 @@
+"""The relay: committed inbox rows that never reached the broker are found and sent.
+
+A row stays ``received`` when the send after its commit failed (broker down), was skipped
+(broker slow) or never happened (the process died between commit and send). ``relay_once``
+sends every such row older than ``RELAY_GRACE_S`` (younger ones are normally still on their
+way) and marks it ``queued``, in batches, each batch one transaction holding its rows with
+``FOR UPDATE SKIP LOCKED`` so any number of web processes and schedulers can relay at once
+without sending a row twice. It runs in the web role's lifespan (``run_relay``) and is meant
+to be called by the scheduler too.
+
+The same loop deletes signature nonces older than twice the tolerance: a request that old is
+refused by its timestamp before its nonce matters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime, timedelta
+
+import dramatiq
+import structlog
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from service.config import Settings
+from service.db import session_scope
+from service.ledger.models import InboxState, WebhookInbox, WebhookNonce
+from service.webhooks import metrics
+from service.webhooks.handoff import PendingReconcile, Sender, send_reconciles
+from service.webhooks.inbox import describe_error
+
+log = structlog.get_logger("pandasync.relay")
+
+RELAY_BATCH = 500
+NONCE_PURGE_INTERVAL_S = 60.0
+
+
+async def relay_once(
+    sessions: async_sessionmaker[AsyncSession],
+    broker: dramatiq.Broker,
+    settings: Settings,
+    *,
+    sender: Sender | None = None,
+    batch_size: int = RELAY_BATCH,
+) -> int:
+    """Hand off every row left ``received`` for longer than the grace; return how many.
+
+    Stops early (returning what it sent so far) when the broker fails; raises on a database
+    error. ``sender`` bounds the blocking broker calls; without one they run in a thread.
+    """
+    grace = timedelta(seconds=settings.relay_grace_s)
+    handed_off = 0
+    while True:
+        async with session_scope(sessions) as session:
+            rows = (
+                await session.execute(
+                    select(
+                        WebhookInbox.id,
+                        WebhookInbox.account_id,
+                        WebhookInbox.platform,
+                        WebhookInbox.order_id,
+                        WebhookInbox.request_id,
+                    )
+                    .where(
+                        WebhookInbox.state == InboxState.RECEIVED,
+                        WebhookInbox.received_at < func.now() - grace,
+                    )
+                    .order_by(WebhookInbox.received_at)
+                    .limit(batch_size)
+                    .with_for_update(skip_locked=True)
+                )
+            ).all()
+            items = [
+                PendingReconcile(r.id, r.account_id, r.platform.value, r.order_id, r.request_id)
+                for r in rows
+                if r.platform is not None and r.order_id is not None
+            ]
+            unroutable = [r.id for r in rows if r.platform is None or r.order_id is None]
+            if unroutable:
+                await session.execute(
+                    update(WebhookInbox)
+                    .where(WebhookInbox.id.in_(unroutable))
+                    .values(state=InboxState.IGNORED)
+                )
+            sent: list[int] = []
+            error: BaseException | None = None
+            if items and sender is not None:
+                sent, error = await sender.send(items)
+            elif items:
+                sent, error = await asyncio.to_thread(send_reconciles, broker, items)
+            if sent:
+                await session.execute(
+                    update(WebhookInbox)
+                    .where(WebhookInbox.id.in_(sent))
+                    .values(state=InboxState.QUEUED, queued_at=func.now())
+                )
+        handed_off += len(sent)
+        metrics.RELAY_HANDED_OFF.inc(len(sent))
+        if error is not None:
+            metrics.RELAY_FAILURES.inc()
+            log.warning(
+                "relay.broker_failed",
+                error=describe_error(error),
+                sent=handed_off,
+                left=len(items) - len(sent),
+            )
+            break
+        if len(rows) < batch_size:
+            break
+    if handed_off:
+        log.info("relay.handed_off", rows=handed_off)
+    return handed_off
+
+
+async def purge_nonces(sessions: async_sessionmaker[AsyncSession], settings: Settings) -> int:
+    """Delete nonces seen more than twice the signature tolerance ago; return how many."""
+    window = timedelta(seconds=2 * settings.signature_tolerance_s)
+    async with session_scope(sessions) as session:
+        result = await session.execute(
+            delete(WebhookNonce).where(WebhookNonce.seen_at < func.now() - window)
+        )
+    purged = int(getattr(result, "rowcount", 0) or 0)
+    metrics.NONCES_PURGED.inc(purged)
+    return purged
+
+
+async def measure_backlog(sessions: async_sessionmaker[AsyncSession]) -> int:
+    """Set the backlog gauges from the inbox; return the number of rows not handed off."""
+    async with session_scope(sessions) as session:
+        count, oldest = (
+            await session.execute(
+                select(func.count(), func.min(WebhookInbox.received_at)).where(
+                    WebhookInbox.state == InboxState.RECEIVED
+                )
+            )
+        ).one()
+    metrics.RELAY_BACKLOG.set(count)
+    age = (datetime.now(UTC) - oldest).total_seconds() if oldest is not None else 0.0
+    metrics.RELAY_OLDEST_SECONDS.set(max(age, 0.0))
+    return int(count)
+
+
+async def run_relay(
+    sessions: async_sessionmaker[AsyncSession],
+    broker: dramatiq.Broker,
+    settings: Settings,
+    *,
+    sender: Sender | None = None,
+) -> None:
+    """Relay, measure the backlog and purge old nonces every RELAY_INTERVAL_S, until cancelled."""
+    last_purge = float("-inf")
+    while True:
+        try:
+            await relay_once(sessions, broker, settings, sender=sender)
+            await measure_backlog(sessions)
+            if time.monotonic() - last_purge >= NONCE_PURGE_INTERVAL_S:
+                await purge_nonces(sessions, settings)
+                last_purge = time.monotonic()
+        except Exception as error:
+            metrics.RELAY_FAILURES.inc()
+            log.warning("relay.failed", error=describe_error(error))
+        await asyncio.sleep(settings.relay_interval_s)

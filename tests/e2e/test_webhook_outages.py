@@ -1,0 +1,154 @@
+"""The broker, then the database, taken away while messages keep arriving.
+
+Real HTTP to the receiver under uvicorn, Postgres and Redis behind TCP proxies the test cuts
+and restores. The promises checked: nothing answered 200 is missing from the inbox, and every
+stored message (including any stored but answered 503) reaches the workers' queue once the
+broker is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+import pytest
+from dramatiq.broker import MessageProxy
+
+from service.app import close_broker, create_app
+from service.config import load_settings
+from tests.support.tcp_proxy import TcpProxy
+from tests.support.webhook_checks import eventually, fetch, postgres_address, sample, via_port
+from tests.support.webhook_requests import WEBHOOK, encode, receiver_settings, signed, taobao_status
+from tests.support.webhook_server import serving
+from workers.broker import RECONCILE_QUEUE, make_broker
+
+pytestmark = pytest.mark.redis
+
+SENDERS = 4
+# Not the shared test database (15): worker processes of other tests consume the reconcile
+# queue there, and this test must see every message it caused.
+OWN_REDIS_DB = 13
+
+
+@pytest.fixture
+def own_redis(redis_url: str) -> Iterator[str]:
+    """A Redis database of this test's own, emptied before and after."""
+    import redis
+
+    url = urlunsplit(urlsplit(redis_url)._replace(path=f"/{OWN_REDIS_DB}"))
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    yield url
+    client.flushdb()
+    client.close()
+
+
+def drain_reconciles(redis_url: str) -> list[MessageProxy]:
+    """Every reconcile message waiting in Redis, consumed the way a worker would."""
+    broker = make_broker(load_settings(broker_url=redis_url))
+    broker.declare_queue(RECONCILE_QUEUE)
+    consumer = broker.consume(RECONCILE_QUEUE, prefetch=1000, timeout=200)
+    messages: list[MessageProxy] = []
+    try:
+        while (message := next(consumer)) is not None:
+            messages.append(message)
+            consumer.ack(message)
+    finally:
+        consumer.close()
+        close_broker(broker)
+    return messages
+
+
+async def test_broker_then_database_outage_loses_nothing(
+    fresh_database_url: str, own_redis: str
+) -> None:
+    redis = urlsplit(own_redis)
+    with (
+        TcpProxy(postgres_address(fresh_database_url)) as postgres_proxy,
+        TcpProxy((redis.hostname or "127.0.0.1", redis.port or 6379)) as redis_proxy,
+    ):
+        settings = receiver_settings(
+            via_port(fresh_database_url, postgres_proxy.port),
+            broker_url=f"redis://127.0.0.1:{redis_proxy.port}{redis.path}",
+            relay_interval_s=0.2,
+            relay_grace_s=0.5,
+        )
+        relayed_before = sample("pandasync_relay_handed_off_total")
+        answers: dict[str, int] = {}  # order id -> HTTP status
+        stop = asyncio.Event()
+
+        def tally(status: int) -> int:
+            return Counter(answers.values())[status]
+
+        async with (
+            serving(create_app(settings)) as url,
+            httpx.AsyncClient(base_url=url, timeout=10) as client,
+        ):
+
+            async def sender() -> None:
+                while not stop.is_set():
+                    order_id = uuid.uuid4().hex[:20]
+                    body = encode(taobao_status(order_id))
+                    response = await client.post(WEBHOOK, content=body, headers=signed())
+                    answers[order_id] = response.status_code
+
+            async def stored_at_least(n: int) -> bool:
+                return tally(200) >= n
+
+            senders = [asyncio.create_task(sender()) for _ in range(SENDERS)]
+            try:
+                await eventually(lambda: stored_at_least(20), "messages stored, all up")
+
+                redis_proxy.cut()
+                mark = tally(200)
+                await eventually(lambda: stored_at_least(mark + 40), "stored with the broker down")
+
+                postgres_proxy.cut()
+
+                async def refused_enough() -> bool:
+                    return tally(503) >= 20
+
+                await eventually(refused_enough, "503s while the database is down")
+
+                postgres_proxy.restore()
+                mark = tally(200)
+                await eventually(lambda: stored_at_least(mark + 40), "stored after the database")
+
+                redis_proxy.restore()
+            finally:
+                stop.set()
+                await asyncio.gather(*senders)
+
+            async def all_handed_off() -> bool:
+                rows = await fetch(
+                    fresh_database_url,
+                    "SELECT count(*) AS n FROM webhook_inbox WHERE state = $1",
+                    "received",
+                )
+                return rows[0]["n"] == 0
+
+            await eventually(all_handed_off, "every stored row handed to the broker")
+
+    # Only the two answers of the contract, and both phases really happened.
+    assert set(answers.values()) <= {200, 503}
+    assert tally(503) >= 20
+
+    rows = await fetch(fresh_database_url, "SELECT id, order_id, state FROM webhook_inbox")
+    stored = Counter(r["order_id"] for r in rows)
+    answered_200 = {order for order, status in answers.items() if status == 200}
+    # Nothing acknowledged is lost, and nothing is stored twice.
+    assert answered_200 <= set(stored)
+    assert max(stored.values()) == 1
+    assert {r["state"] for r in rows} == {"queued"}
+
+    # What the broker outage stranded went out through the relay.
+    assert sample("pandasync_relay_handed_off_total") > relayed_before
+
+    messages = await asyncio.to_thread(drain_reconciles, own_redis)
+    reached = {m.kwargs["inbox_id"] for m in messages}
+    assert {r["id"] for r in rows} <= reached
+    assert {m.args[2] for m in messages} == set(stored)
