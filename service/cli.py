@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, NoReturn
 
 import click
@@ -16,7 +17,11 @@ import click
 from service.config import ConfigError, Settings, get_settings
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    import dramatiq
     from alembic.config import Config
+    from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 
 def _settings() -> Settings:
@@ -84,6 +89,19 @@ def migrate() -> None:
     run_migrations(url)
     click.echo("database is at the latest schema version")
 
+    import asyncio
+
+    from service.ledger.reporting import ReportingSettingsError, apply_reporting_settings
+
+    # The views read their time zone from the database. A refusal (not the database's owner)
+    # leaves the previous or default settings in force: warn rather than fail the migration.
+    try:
+        applied = asyncio.run(apply_reporting_settings(url, settings.reporting_timezone))
+    except ReportingSettingsError as error:
+        click.echo(f"pandasync migrate: warning: {error}; see docs/reporting.md", err=True)
+    else:
+        click.echo("reporting settings: " + ", ".join(f"{k}={v}" for k, v in applied.items()))
+
 
 @main.command()
 @click.option("--host", default=None, help="Interface to bind (default: setting HOST, 127.0.0.1).")
@@ -112,14 +130,89 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
 @click.option("--processes", type=int, default=None)
 @click.option("--threads", type=int, default=None)
 def worker(processes: int | None, threads: int | None) -> None:
-    """Run the reconciliation workers."""
-    _not_built("worker")
+    """Run the reconciliation workers (dramatiq processes on the configured broker)."""
+    import tempfile
+
+    settings = _settings()
+    if not settings.broker_url:
+        click.echo(
+            "pandasync worker: PANDASYNC_BROKER_URL is not set; the in-process broker only "
+            "runs inside `pandasync dev`.",
+            err=True,
+        )
+        sys.exit(2)
+    _database_url(settings)
+    # One metrics exposition for every worker process (prometheus_client multiprocess mode).
+    metrics_dir = tempfile.mkdtemp(prefix="pandasync-worker-metrics-")
+    os.environ.update(
+        {
+            "PROMETHEUS_MULTIPROC_DIR": metrics_dir,
+            "dramatiq_prom_db": metrics_dir,
+            "dramatiq_prom_host": settings.host,
+            "dramatiq_prom_port": str(settings.worker_metrics_port),
+        }
+    )
+    argv = [
+        sys.executable,
+        "-m",
+        "dramatiq",
+        "workers.main",
+        "--processes",
+        str(processes or settings.worker_processes),
+        "--threads",
+        str(threads or settings.worker_threads),
+        "--queues",
+        "reconcile",
+        "--skip-logging",  # workers.main configures structured logging itself
+    ]
+    os.execv(sys.executable, argv)  # noqa: S606 - replace this process: signals go to dramatiq
 
 
 @main.command()
 def scheduler() -> None:
-    """Run the periodic jobs: sweep, refresh, relay."""
-    _not_built("scheduler")
+    """Run the periodic jobs: sweep, refresh, relay (safe to run more than one)."""
+    import asyncio
+    import signal
+
+    from prometheus_client import start_http_server
+
+    from workers.broker import make_broker
+    from workers.runtime import WorkerRuntime
+    from workers.scheduler import default_jobs, run_scheduler
+
+    settings = _settings()
+    _configure_logging(settings)
+    _database_url(settings)
+    settings = _settings()
+    if not settings.broker_url:
+        click.echo(
+            "pandasync scheduler: needs PANDASYNC_BROKER_URL (the workers' broker)", err=True
+        )
+        sys.exit(2)
+    if settings.scheduler_metrics_port:
+        start_http_server(settings.scheduler_metrics_port, addr=settings.host)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        runtime = WorkerRuntime.build(settings)
+        broker = make_broker(settings)
+        try:
+            jobs = default_jobs(
+                settings,
+                runtime.sessions,
+                runtime.client,
+                broker,
+                relay=_relay_job(settings, runtime.sessions, broker),
+            )
+            await run_scheduler(runtime.engine, runtime.sessions, jobs, stop)
+        finally:
+            await runtime.aclose()
+            broker.close()
+
+    asyncio.run(run())
 
 
 @main.command()
@@ -134,15 +227,85 @@ def dev(demo: bool) -> None:
 @click.option("--port", type=int, default=8100, show_default=True)
 def sandbox(host: str, port: int) -> None:
     """Run the PandaPon emulator on its own port."""
-    _not_built("sandbox")
+    import uvicorn
+
+    from service.sandbox.app import create_sandbox_app
+    from service.sandbox.settings import DEV_ACCESS_KEY, load_sandbox_settings
+
+    _configure_logging(_settings())
+    try:
+        sandbox_settings = load_sandbox_settings()
+        app = create_sandbox_app(sandbox_settings)
+    except ConfigError as error:
+        click.echo(f"pandasync sandbox: {error}", err=True)
+        sys.exit(2)
+    dev = " (the dev default)" if sandbox_settings.access_key == DEV_ACCESS_KEY else ""
+    click.echo(f"PandaPon sandbox on http://{host}:{port} (control API under /_sandbox)")
+    click.echo(f"accepting access-key {sandbox_settings.access_key!r}{dev}")
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_config=None,
+        ws="none",
+        lifespan="on",
+        timeout_graceful_shutdown=5,  # a request held by a timeout fault must not stall exit
+    )
 
 
 @main.command()
 @click.argument("platform", type=click.Choice(["taobao", "1688"]))
 @click.argument("order_id")
 def resync(platform: str, order_id: str) -> None:
-    """Reconcile one order now."""
-    _not_built("resync")
+    """Reconcile one order now, in this process, and print the outcome."""
+    import asyncio
+
+    from service.ledger.models import Platform, SyncSource
+    from workers.reconcile import ReconcileRequest, reconcile_order
+    from workers.runtime import WorkerRuntime
+
+    settings = _settings()
+    _configure_logging(settings)
+    _database_url(settings)
+    settings = _settings()
+    account_id = _account_id(settings)
+
+    async def run() -> str:
+        runtime = WorkerRuntime.build(settings)
+        try:
+            request = ReconcileRequest(account_id, Platform(platform), order_id, SyncSource.MANUAL)
+            result = await reconcile_order(
+                runtime.engine, runtime.sessions, runtime.client, request
+            )
+            return result.outcome.value
+        finally:
+            await runtime.aclose()
+
+    try:
+        outcome = asyncio.run(run())
+    except Exception as error:  # an operator command: say what failed, exit non-zero
+        click.echo(f"pandasync resync: {type(error).__name__}: {error}", err=True)
+        sys.exit(1)
+    click.echo(f"{platform} {order_id}: {outcome}")
+
+
+def _relay_job(
+    settings: Settings, sessions: async_sessionmaker[AsyncSession], broker: dramatiq.Broker
+) -> Callable[[], Awaitable[object]]:
+    """The inbox relay as a scheduler job (the web role runs it too)."""
+    from service.webhooks.relay import relay_once
+
+    async def relay() -> object:
+        return await relay_once(sessions, broker, settings)
+
+    return relay
+
+
+def _account_id(settings: Settings) -> str:
+    if not settings.user_id:
+        click.echo("pandasync: PANDASYNC_USER_ID is not set", err=True)
+        sys.exit(2)
+    return settings.user_id
 
 
 @main.command()
@@ -155,12 +318,87 @@ def backfill(since: str, until: str | None, platform: str | None) -> None:
 
 
 @main.command()
-def replay() -> None:
-    """Re-run the open sync failures."""
-    _not_built("replay")
+@click.option("--platform", type=click.Choice(["taobao", "1688"]), default=None)
+@click.option("--since", default=None, help="Only failures last seen at or after (ISO date/time).")
+@click.option("--until", default=None, help="Only failures last seen before (ISO date/time).")
+def replay(platform: str | None, since: str | None, until: str | None) -> None:
+    """Re-run the open sync failures (they close when the order syncs)."""
+    import asyncio
+
+    from service.db import make_engine, make_sessionmaker
+    from service.ledger.models import Platform
+    from workers.broker import make_broker
+    from workers.operations import enqueue_replay, mark_replayed, open_failures
+
+    settings = _settings()
+    _configure_logging(settings)
+    url = _database_url(settings)
+    if not settings.broker_url:
+        click.echo("pandasync replay: needs PANDASYNC_BROKER_URL (the workers' broker)", err=True)
+        sys.exit(2)
+
+    async def run() -> int:
+        engine = make_engine(url, settings, application_name="pandasync-replay")
+        sessions = make_sessionmaker(engine)
+        try:
+            failures = await open_failures(
+                sessions,
+                platform=Platform(platform) if platform else None,
+                since=_parse_time(since),
+                until=_parse_time(until),
+            )
+            enqueue_replay(make_broker(settings), failures)
+            await mark_replayed(sessions, [f.id for f in failures])
+            return len(failures)
+        finally:
+            await engine.dispose()
+
+    count = asyncio.run(run())
+    click.echo(f"queued {count} failed order(s) for another sync")
+
+
+def _parse_time(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(f"not an ISO date or date-time: {value!r}") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 @main.command()
 def status() -> None:
-    """Inbox backlog, queue depth, open failures, last sweep."""
-    _not_built("status")
+    """Inbox backlog and lag, queue depth, open failures, last sweep per platform."""
+    import asyncio
+
+    from service.db import make_engine, make_sessionmaker
+    from workers.broker import make_broker
+    from workers.operations import gather_status
+
+    settings = _settings()
+    url = _database_url(settings)
+
+    async def run() -> None:
+        engine = make_engine(url, settings, application_name="pandasync-status")
+        try:
+            broker = make_broker(settings) if settings.broker_url else None
+            report = await gather_status(make_sessionmaker(engine), broker)
+        finally:
+            await engine.dispose()
+        age = report.oldest_unprocessed_age
+        click.echo(f"inbox backlog:        {report.inbox_backlog} message(s) not yet processed")
+        click.echo(f"  not yet queued:     {report.inbox_unqueued}")
+        click.echo(f"  oldest unprocessed: {age if age is not None else '-'}")
+        depth = report.queue_depth
+        click.echo(f"queue depth:          {depth if depth is not None else 'n/a'}")
+        click.echo(f"open failures:        {report.open_failures}")
+        if not report.sweeps:
+            click.echo("last sweep:           never")
+        for sweep in report.sweeps:
+            click.echo(
+                f"last sweep {sweep.platform.value:<7} {sweep.last_finished_at or 'never'}  "
+                f"examined {sweep.last_examined}, drift {sweep.last_drift}"
+            )
+
+    asyncio.run(run())

@@ -40,73 +40,153 @@ class Settings(BaseSettings):
     # --- storage and broker -------------------------------------------------------------
     database_url: str | None = Field(
         default=None,
-        description="postgresql+asyncpg://… ; unset: an embedded Postgres under DATA_DIR.",
+        description="`postgresql+asyncpg://…`; unset: an embedded Postgres under DATA_DIR.",
     )
     broker_url: str | None = Field(
-        default=None, description="redis://… or amqp://… ; unset: an in-process broker."
+        default=None,
+        description="`redis://…` or `amqp://…`; unset: in-process (`pandasync dev` only).",
     )
     data_dir: Path = Field(
         default=Path(".pandasync"), description="Where the embedded Postgres keeps its data."
     )
-    db_pool_size: PositiveInt = 10
-    db_max_overflow: Annotated[int, Field(ge=0)] = 10
+    db_pool_size: PositiveInt = Field(
+        default=10, description="Connections each process keeps open to Postgres."
+    )
+    db_max_overflow: Annotated[int, Field(ge=0)] = Field(
+        default=10,
+        description="Extra connections a process may open under load, above DB_POOL_SIZE.",
+    )
 
     # --- PandaPon credentials and upstream ----------------------------------------------
-    api_base_url: str = "https://api.pandapon.com"
-    access_key: str | None = None
-    access_secret: SecretStr | None = None
+    api_base_url: str = Field(
+        default="https://api.pandapon.com",
+        description="PandaPon's API root; point it at `pandasync sandbox` for tests and demos.",
+    )
+    access_key: str | None = Field(
+        default=None, description="The PandaPon AccessKey (console: AccessKey management)."
+    )
+    access_secret: SecretStr | None = Field(
+        default=None,
+        description="The AccessKey's secret; signs requests and verifies callbacks. Secret.",
+    )
     user_id: str | None = Field(
         default=None, description="The PandaPon user-id; also the ledger's account_id."
     )
-    timestamp_unit: TimestampUnit = "ms"
+    timestamp_unit: TimestampUnit = Field(
+        default="ms",
+        description="Unit of the `timestamp` header: `ms` (as in the docs' example) or `s`.",
+    )
     endpoint_overrides: dict[str, dict[str, str]] = Field(
         default_factory=dict,
         description=(
-            'JSON: {"taobao_order_detail": {"path": "/…", "method": "GET"}, …} overriding '
+            'JSON `{"taobao_order_detail": {"path": "/…", "method": "GET"}, …}` overriding '
             "entries of the endpoint table in service/pandapon/endpoints.py."
         ),
     )
-    http_connect_timeout_s: PositiveFloat = 3.0
-    http_read_timeout_s: PositiveFloat = 10.0
-    http_write_timeout_s: PositiveFloat = 5.0
-    http_pool_timeout_s: PositiveFloat = 5.0
-    http_max_connections: PositiveInt = 20
+    http_connect_timeout_s: PositiveFloat = Field(
+        default=3.0, description="Upstream connect timeout, seconds."
+    )
+    http_read_timeout_s: PositiveFloat = Field(
+        default=10.0,
+        description="Upstream read timeout, seconds (well under the reconcile time limit).",
+    )
+    http_write_timeout_s: PositiveFloat = Field(
+        default=5.0, description="Upstream write timeout, seconds."
+    )
+    http_pool_timeout_s: PositiveFloat = Field(
+        default=5.0, description="Longest wait for a free upstream connection, seconds."
+    )
+    http_max_connections: PositiveInt = Field(
+        default=20, description="Keep-alive connections to PandaPon per process."
+    )
     upstream_rate_limit_rps: PositiveFloat = Field(
         default=20.0, description="Requests per second to PandaPon, shared by all workers."
     )
 
     # --- webhook receiver ---------------------------------------------------------------
-    host: str = "127.0.0.1"
-    port: Annotated[int, Field(ge=1, le=65535)] = 8000
-    web_workers: PositiveInt = 1
-    webhook_auth: WebhookAuth = "signature"
-    webhook_token: SecretStr | None = None
-    signature_tolerance_s: PositiveInt = 600
-    max_body_bytes: PositiveInt = 1024 * 1024
+    host: str = Field(
+        default="127.0.0.1",
+        description="Interface the web role (and the worker/scheduler metrics) bind to.",
+    )
+    port: Annotated[int, Field(ge=1, le=65535)] = Field(
+        default=8000, description="Port of the web role."
+    )
+    web_workers: PositiveInt = Field(
+        default=1, description="Web processes (`pandasync serve --workers`)."
+    )
+    webhook_auth: WebhookAuth = Field(
+        default="signature",
+        description="How callbacks are verified: `signature`, `token` or `signature+token`.",
+    )
+    webhook_token: SecretStr | None = Field(
+        default=None,
+        description="Secret path token for `/webhooks/pandapon/{token}` (16+ characters). Secret.",
+    )
+    signature_tolerance_s: PositiveInt = Field(
+        default=600, description="Accepted clock difference of a callback's `timestamp`, both ways."
+    )
+    max_body_bytes: PositiveInt = Field(
+        default=1024 * 1024, description="Largest callback body accepted (413 above it)."
+    )
     inbox_write_timeout_ms: PositiveInt = Field(
         default=400,
         description="Longest the receiver waits to store a message before answering 503.",
     )
-    admin_token: SecretStr | None = None
+    admin_token: SecretStr | None = Field(
+        default=None, description="Reserved for operator endpoints. Secret."
+    )
 
     # --- workers and scheduler ----------------------------------------------------------
-    worker_processes: PositiveInt = 2
-    worker_threads: PositiveInt = 4
-    worker_metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9191
-    scheduler_metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9192
-    relay_interval_s: PositiveFloat = 5.0
+    worker_processes: PositiveInt = Field(
+        default=2, description="Worker processes (`pandasync worker --processes`)."
+    )
+    worker_threads: PositiveInt = Field(
+        default=4, description="Threads per worker process (`pandasync worker --threads`)."
+    )
+    worker_metrics_port: Annotated[int, Field(ge=0, le=65535)] = Field(
+        default=9191, description="Prometheus port of the worker role (0: none)."
+    )
+    scheduler_metrics_port: Annotated[int, Field(ge=0, le=65535)] = Field(
+        default=9192, description="Prometheus port of the scheduler role (0: none)."
+    )
+    relay_interval_s: PositiveFloat = Field(
+        default=5.0, description="How often the relay looks for stored messages not yet handed off."
+    )
     relay_grace_s: PositiveFloat = Field(
         default=10.0, description="Age after which a stored but not handed-off message is relayed."
     )
-    sweep_interval_s: PositiveFloat = 900.0
-    sweep_lookback_s: PositiveFloat = 86400.0
-    refresh_interval_s: PositiveFloat = 3600.0
-    refresh_stale_hours: PositiveFloat = 6.0
+    requeue_after_s: PositiveFloat = Field(
+        default=300.0,
+        description=(
+            "A handed-off message still unprocessed after this long is handed off again "
+            "(the broker lost it: a restart without persistence, a killed worker)."
+        ),
+    )
+    sweep_interval_s: PositiveFloat = Field(
+        default=900.0, description="How often each platform's order list is swept."
+    )
+    sweep_lookback_s: PositiveFloat = Field(
+        default=86400.0, description="How far before the stored cursor a sweep starts again."
+    )
+    refresh_interval_s: PositiveFloat = Field(
+        default=3600.0, description="How often non-final orders are looked at again."
+    )
+    refresh_stale_hours: PositiveFloat = Field(
+        default=6.0, description="A non-final order not synced for this long is reconciled again."
+    )
 
     # --- reporting and logs -------------------------------------------------------------
-    reporting_timezone: str = "Asia/Shanghai"
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    log_format: LogFormat = "auto"
+    reporting_timezone: str = Field(
+        default="Asia/Shanghai",
+        description="Time zone of the `day` columns of the report views (IANA name).",
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="DEBUG, INFO, WARNING or ERROR."
+    )
+    log_format: LogFormat = Field(
+        default="auto",
+        description="`json`, `console`, or `auto` (console on a terminal, JSON otherwise).",
+    )
 
     @field_validator("database_url")
     @classmethod
@@ -188,3 +268,23 @@ def load_settings(**overrides: object) -> Settings:
 def get_settings() -> Settings:
     """The process-wide Settings, read once."""
     return load_settings()
+
+
+def settings_reference() -> str:
+    """The Markdown table of every setting, as published in docs/configuration.md."""
+    rows = ["| variable | default | what it is for |", "|---|---|---|"]
+    for name, info in Settings.model_fields.items():
+        default = info.get_default(call_default_factory=True)
+        if isinstance(default, Path):
+            shown = f"`{default}`"
+        elif default is None or default == {}:
+            shown = "unset"
+        else:
+            shown = f"`{default}`"
+        description = (info.description or "").replace("|", "\\|")
+        rows.append(f"| `PANDASYNC_{name.upper()}` | {shown} | {description} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(settings_reference(), end="")  # regenerates the table of docs/configuration.md

@@ -47,7 +47,7 @@ ORDER_LOCK_CLASS = 0x5053  # "PS"
 
 
 class UpstreamClient(Protocol):
-    """What a reconcile needs from PandaPon (``service.pandapon.client.PandaponClient``)."""
+    """What a reconcile needs from PandaPon (``service.pandapon.client.PandaPonClient``)."""
 
     async def order_detail(self, platform: Platform, order_id: str) -> OrderSnapshot: ...
 

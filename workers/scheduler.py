@@ -9,19 +9,24 @@ session advisory lock held while the job runs keeps a slow run from overlapping 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
-from prometheus_client import Counter, Histogram
+import dramatiq
+from prometheus_client import Counter, Gauge, Histogram
 from sqlalchemy import func, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from service.config import Settings
 from service.db import session_scope
-from service.ledger.models import JobRun
+from service.ledger.models import JobRun, Platform, SyncSource
+from workers.broker import reconcile_message
+from workers.sweeps import Enqueue, OrderLister, refresh, sweep
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +38,14 @@ JOB_SECONDS = Histogram(
     "Duration of a job run",
     ["job"],
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+)
+SWEEP_EXAMINED = Counter(
+    "pandasync_sweep_orders_examined_total", "Orders seen in order-list pages", ["platform"]
+)
+SWEEP_DRIFT = Gauge(
+    "pandasync_sweep_drift",
+    "Orders the last sweep found out of date (lost or late messages); should trend to 0",
+    ["platform"],
 )
 
 
@@ -60,9 +73,7 @@ async def claim(sessions: async_sessionmaker[AsyncSession], job: Job) -> bool:
         return (await session.execute(stmt)).scalar_one_or_none() is not None
 
 
-async def _finish(
-    sessions: async_sessionmaker[AsyncSession], job: Job, error: str | None
-) -> None:
+async def _finish(sessions: async_sessionmaker[AsyncSession], job: Job, error: str | None) -> None:
     async with session_scope(sessions) as session:
         await session.execute(
             text(
@@ -124,8 +135,72 @@ async def run_scheduler(
                 await run_claimed(engine, sessions, job)
             except Exception:  # the database may be away for a while: keep ticking
                 log.exception("could not claim job %s", job.name)
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=tick)
-        except TimeoutError:
-            pass
     log.info("scheduler stopped")
+
+
+def enqueue_with(broker: dramatiq.Broker) -> Enqueue:
+    """An ``Enqueue`` that sends reconcile messages on ``broker``."""
+
+    def enqueue(account_id: str, platform: Platform, order_id: str, source: SyncSource) -> None:
+        broker.enqueue(reconcile_message(account_id, platform.value, order_id, source=source.value))
+
+    return enqueue
+
+
+def default_jobs(
+    settings: Settings,
+    sessions: async_sessionmaker[AsyncSession],
+    client: OrderLister,
+    broker: dramatiq.Broker,
+    relay: Callable[[], Awaitable[object]] | None = None,
+) -> list[Job]:
+    """Sweep per platform, refresh, and the inbox relay, at their configured intervals."""
+    enqueue = enqueue_with(broker)
+    jobs: list[Job] = []
+    if settings.user_id:
+        account_id = settings.user_id
+        for platform in Platform:
+
+            async def run_sweep(platform: Platform = platform) -> object:
+                report = await sweep(
+                    sessions,
+                    client,
+                    enqueue,
+                    account_id,
+                    platform,
+                    lookback=timedelta(seconds=settings.sweep_lookback_s),
+                )
+                SWEEP_EXAMINED.labels(platform.value).inc(report.examined)
+                SWEEP_DRIFT.labels(platform.value).set(report.drift)
+                log.info(
+                    "sweep finished",
+                    extra={
+                        "platform": platform.value,
+                        "examined": report.examined,
+                        "drift": report.drift,
+                        "pages": report.pages,
+                    },
+                )
+                return report
+
+            jobs.append(
+                Job(
+                    f"sweep:{platform.value}",
+                    timedelta(seconds=settings.sweep_interval_s),
+                    run_sweep,
+                )
+            )
+    else:
+        log.warning("PANDASYNC_USER_ID is not set: no sweep (it needs the account to page)")
+
+    async def run_refresh() -> object:
+        return await refresh(
+            sessions, enqueue, stale_after=timedelta(hours=settings.refresh_stale_hours)
+        )
+
+    jobs.append(Job("refresh", timedelta(seconds=settings.refresh_interval_s), run_refresh))
+    if relay is not None:
+        jobs.append(Job("relay", timedelta(seconds=settings.relay_interval_s), relay))
+    return jobs

@@ -1,0 +1,184 @@
+"""The real processes of a deployment, for end-to-end tests and the soak.
+
+``Stack`` starts ``pandasync sandbox``, ``pandasync serve``, ``pandasync worker`` and (on
+request) ``pandasync scheduler`` as subprocesses on free ports, all on one test database and one
+Redis database, with the sandbox delivering its callbacks to the web role. Each process writes
+its log to a file under the test's temporary directory, shown when a test fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from service.sandbox.settings import DEV_ACCESS_KEY, DEV_ACCESS_SECRET, DEV_USER_ID
+
+PANDASYNC = str(Path(sys.executable).parent / "pandasync")
+START_TIMEOUT_S = 30.0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Role:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        log.close()
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def signal_group(self, sig: int) -> None:
+        """Signal the role's whole process group (a dramatiq worker has children)."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, sig)
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            # The role's main process only: a dramatiq parent forwards the signal to its
+            # children, and a child signalled twice exits at once instead of cleanly.
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.signal_group(signal.SIGKILL)
+                self.process.wait(5)
+        # A dramatiq worker's children may outlive a killed parent: sweep the group.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+
+    def kill(self) -> None:
+        """SIGKILL every process of the role, as a crash would."""
+        self.signal_group(signal.SIGKILL)
+        if self.process is not None:
+            self.process.wait(5)
+
+    def tail(self, lines: int = 60) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+@dataclass
+class Stack:
+    database_url: str
+    redis_url: str
+    workdir: Path
+    settings: Mapping[str, str] = field(default_factory=dict)
+    sandbox_settings: Mapping[str, str] = field(default_factory=dict)
+    web_port: int = field(default_factory=free_port)
+    sandbox_port: int = field(default_factory=free_port)
+    roles: dict[str, Role] = field(default_factory=dict)
+
+    @property
+    def web_url(self) -> str:
+        return f"http://127.0.0.1:{self.web_port}"
+
+    @property
+    def webhook_url(self) -> str:
+        return f"{self.web_url}/webhooks/pandapon"
+
+    @property
+    def sandbox_url(self) -> str:
+        return f"http://127.0.0.1:{self.sandbox_port}"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        base = {k: v for k, v in os.environ.items() if not k.startswith("PANDASYNC_")}
+        base.update(
+            {
+                "PANDASYNC_DATABASE_URL": self.database_url,
+                "PANDASYNC_BROKER_URL": self.redis_url,
+                "PANDASYNC_API_BASE_URL": self.sandbox_url,
+                "PANDASYNC_ACCESS_KEY": DEV_ACCESS_KEY,
+                "PANDASYNC_ACCESS_SECRET": DEV_ACCESS_SECRET,
+                "PANDASYNC_USER_ID": DEV_USER_ID,
+                "PANDASYNC_LOG_FORMAT": "json",
+                "PANDASYNC_WORKER_METRICS_PORT": "0",
+                "PANDASYNC_SCHEDULER_METRICS_PORT": "0",
+                "PANDASYNC_RELAY_INTERVAL_S": "0.5",
+                "PANDASYNC_RELAY_GRACE_S": "1",
+                "PANDASYNC_HTTP_READ_TIMEOUT_S": "2",
+                "PANDASYNC_UPSTREAM_RATE_LIMIT_RPS": "500",
+                **self.settings,
+                **extra,
+            }
+        )
+        return base
+
+    def add(self, name: str, argv: list[str], **extra_env: str) -> Role:
+        role = Role(name, argv, self.env(**extra_env), self.workdir / f"{name}.log")
+        self.roles[name] = role
+        return role
+
+    async def start(self, *, scheduler: bool = False, workers: int = 1) -> None:
+        sandbox_env = {
+            "PANDASYNC_SANDBOX_DELIVERY__WEBHOOK_URL": self.webhook_url,
+            **self.sandbox_settings,
+        }
+        self.add(
+            "sandbox", [PANDASYNC, "sandbox", "--port", str(self.sandbox_port)], **sandbox_env
+        ).start()
+        self.add("web", [PANDASYNC, "serve", "--port", str(self.web_port)]).start()
+        for n in range(workers):
+            self.add(
+                f"worker{n}", [PANDASYNC, "worker", "--processes", "1", "--threads", "4"]
+            ).start()
+        if scheduler:
+            self.add("scheduler", [PANDASYNC, "scheduler"]).start()
+        await self.wait_ready()
+
+    async def wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        async with httpx.AsyncClient(timeout=2.0) as http:
+            for url in (f"{self.sandbox_url}/_sandbox/health", f"{self.web_url}/readyz"):
+                while True:
+                    self._check_alive()
+                    try:
+                        if (await http.get(url)).status_code == 200:
+                            break
+                    except httpx.TransportError:
+                        pass
+                    if time.monotonic() > deadline:
+                        raise AssertionError(f"{url} not ready in time\n{self.logs()}")
+                    await asyncio.sleep(0.1)
+
+    def _check_alive(self) -> None:
+        dead = [r.name for r in self.roles.values() if not r.running]
+        if dead:
+            raise AssertionError(f"process(es) {dead} exited early\n{self.logs()}")
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {r.name} ---\n{r.tail()}" for r in self.roles.values())
+
+    def stop(self) -> None:
+        for role in reversed(list(self.roles.values())):
+            role.stop()

@@ -1,0 +1,125 @@
+"""The dramatiq actors. ``register(broker)`` declares them on an already configured broker.
+
+``reconcile`` is a plain (threaded) actor so it can read its own retry count; the work itself is
+a coroutine run on the worker process's event loop (dramatiq's AsyncIO middleware), where the
+process's engine, HTTP client and rate limiter live (``workers.runtime``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import dramatiq
+import structlog
+from dramatiq.asyncio import get_event_loop_thread
+from dramatiq.middleware import CurrentMessage
+from prometheus_client import Counter, Histogram
+
+from service.db import session_scope
+from service.ledger.models import Platform, SyncSource
+from service.pandapon.errors import PandaPonError
+from workers import policy
+from workers.broker import RECONCILE_ACTOR, RECONCILE_QUEUE, reconcile_message
+from workers.reconcile import Outcome, ReconcileRequest, reconcile_order
+from workers.runtime import get_runtime
+
+log = structlog.get_logger(__name__)
+
+# Another worker holds the order: look again shortly, as a new message (not a retry).
+BUSY_DELAY_MS = 250
+# Well above the upstream timeouts times the calls of one reconcile, well below dramatiq's 10 min.
+TIME_LIMIT_MS = 180_000
+
+RECONCILES = Counter(
+    "pandasync_reconcile_total", "Reconcile runs by outcome", ["platform", "source", "outcome"]
+)
+RECONCILE_SECONDS = Histogram(
+    "pandasync_reconcile_seconds",
+    "Duration of a reconcile run (lock, fetch, write)",
+    ["platform"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+
+
+async def run_reconcile(request: ReconcileRequest, retries: int) -> Outcome | policy.Decision:
+    """One attempt; upstream failures become a policy decision, recorded when final."""
+    runtime = await get_runtime()
+    try:
+        result = await reconcile_order(runtime.engine, runtime.sessions, runtime.client, request)
+    except Exception as error:
+        decision = policy.decide(error, retries)
+        if isinstance(decision, policy.Record):
+            async with session_scope(runtime.sessions) as session:
+                await policy.record_failure(session, request, error, decision.kind, retries + 1)
+        context = error.context() if isinstance(error, PandaPonError) else {}
+        log.warning(
+            "reconcile failed",
+            error=f"{type(error).__name__}: {error}",
+            decision=type(decision).__name__.lower(),
+            retries=retries,
+            **context,
+        )
+        return decision
+    return result.outcome
+
+
+def reconcile(
+    account_id: str,
+    platform: str,
+    order_id: str,
+    source: str = SyncSource.WEBHOOK.value,
+    inbox_id: int | None = None,
+    request_id: str | None = None,
+    refund_id: str | None = None,
+) -> str:
+    message = CurrentMessage.get_current_message()
+    retries = int(message.options.get("retries", 0)) if message else 0
+    request = ReconcileRequest(
+        account_id, Platform(platform), order_id, SyncSource(source), inbox_id, refund_id
+    )
+    loop = get_event_loop_thread()
+    if loop is None:
+        raise RuntimeError("the AsyncIO middleware is not running on this broker")
+    started = time.perf_counter()
+    with structlog.contextvars.bound_contextvars(
+        request_id=request_id, platform=platform, order_id=order_id, source=source
+    ):
+        outcome = loop.run_coroutine(run_reconcile(request, retries))
+        RECONCILE_SECONDS.labels(platform).observe(time.perf_counter() - started)
+        label = outcome.value if isinstance(outcome, Outcome) else type(outcome).__name__.lower()
+        RECONCILES.labels(platform, source, label).inc()
+        if isinstance(outcome, policy.Retry):
+            raise dramatiq.Retry(delay=outcome.delay_ms)
+        if outcome is Outcome.BUSY:
+            dramatiq.get_broker().enqueue(
+                reconcile_message(
+                    account_id,
+                    platform,
+                    order_id,
+                    source=source,
+                    inbox_id=inbox_id,
+                    request_id=request_id,
+                ),
+                delay=BUSY_DELAY_MS,
+            )
+        if isinstance(outcome, Outcome):
+            log.info("reconciled", outcome=outcome.value)
+        return label
+
+
+def register(broker: dramatiq.Broker) -> dramatiq.Actor[Any, Any]:
+    """Declare the actors on ``broker`` (call once per broker, after configuring it)."""
+    if not any(isinstance(m, CurrentMessage) for m in broker.middleware):
+        broker.add_middleware(CurrentMessage())
+    logging.getLogger("dramatiq.middleware.retries.Retries").setLevel(logging.WARNING)
+    declare = dramatiq.actor(
+        actor_name=RECONCILE_ACTOR,
+        queue_name=RECONCILE_QUEUE,
+        broker=broker,
+        max_retries=policy.MAX_RETRIES + 1,
+        time_limit=TIME_LIMIT_MS,
+    )
+    actor: dramatiq.Actor[Any, Any] = declare(reconcile)
+    return actor

@@ -1,0 +1,40 @@
+"""Entry module of the worker role: ``dramatiq workers.main`` (what ``pandasync worker`` runs).
+
+Configures the broker from settings *before* declaring the actors, releases each process's
+runtime at shutdown, and exports metrics through dramatiq's Prometheus middleware (one HTTP
+exposition for all worker processes, on ``WORKER_METRICS_PORT``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dramatiq
+from dramatiq.asyncio import get_event_loop_thread
+from dramatiq.middleware import Middleware
+
+from service.config import get_settings
+from service.logs import configure_logging
+from workers.actors import register
+from workers.broker import configure_broker
+from workers.runtime import close_runtime
+
+
+class ReleaseRuntime(Middleware):
+    """Close the process's engine and HTTP client while its event loop still runs."""
+
+    def before_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
+        loop = get_event_loop_thread()
+        if loop is not None:
+            loop.run_coroutine(close_runtime())
+
+
+settings = get_settings()
+configure_logging(settings.log_level, settings.log_format)
+broker = configure_broker(settings)
+if settings.worker_metrics_port:
+    from dramatiq.middleware.prometheus import Prometheus
+
+    broker.add_middleware(Prometheus())
+broker.add_middleware(ReleaseRuntime())
+reconcile = register(broker)

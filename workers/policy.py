@@ -1,0 +1,104 @@
+"""The retry policy, in one place.
+
+- Transient upstream errors (timeouts, connection errors, 5xx, 429) are retried with exponential
+  backoff and jitter; a 429's ``Retry-After`` is honoured as a floor. The shared rate limiter
+  waits instead of failing, so its waits never consume a retry.
+- Permanent errors (a refused request, a 4xx, a body we cannot understand) and auth errors are
+  not retried: they are recorded in ``sync_failures`` with the upstream ``requestId``, ``code``
+  and ``msg``, for ``pandasync replay`` once the cause is fixed.
+- Our own database being away (connection errors) is retried like a transient upstream error;
+  any other exception is a bug and is recorded at once, to be replayed after the fix.
+- When the retries are exhausted the failure is recorded too: a Postgres row outlives the
+  broker's dead-letter queue.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from sqlalchemy import func
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from service.ledger.models import FailureKind, SyncFailure
+from service.pandapon.errors import PandaPonError, TransientError, UpstreamRateLimited
+from workers.reconcile import ReconcileRequest
+
+MAX_RETRIES = 8
+MIN_BACKOFF_MS = 1_000
+MAX_BACKOFF_MS = 5 * 60_000
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    delay_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    kind: FailureKind
+
+
+Decision = Retry | Record
+
+
+def backoff_ms(retries: int) -> int:
+    """Exponential backoff with full jitter in its upper half: 1 s, 2 s, 4 s … capped at 5 min."""
+    ceiling = min(MAX_BACKOFF_MS, MIN_BACKOFF_MS << min(retries, 20))
+    return ceiling // 2 + random.randint(0, ceiling // 2)
+
+
+def is_transient(error: Exception) -> bool:
+    """Upstream trouble worth retrying, or our own database being briefly away."""
+    return isinstance(error, TransientError | OperationalError | InterfaceError | OSError)
+
+
+def decide(error: Exception, retries: int) -> Decision:
+    """What to do with ``error`` after ``retries`` earlier retries of the same message."""
+    if not is_transient(error):
+        return Record(FailureKind.PERMANENT)
+    if retries >= MAX_RETRIES:
+        return Record(FailureKind.EXHAUSTED)
+    delay = backoff_ms(retries)
+    if isinstance(error, UpstreamRateLimited) and error.retry_after is not None:
+        delay = max(delay, int(error.retry_after * 1000))
+    return Retry(delay)
+
+
+async def record_failure(
+    session: AsyncSession,
+    request: ReconcileRequest,
+    error: Exception,
+    kind: FailureKind,
+    attempts: int,
+) -> None:
+    """Open (or update) the order's failure row; at most one open row per order."""
+    upstream = error if isinstance(error, PandaPonError) else None
+    values = {
+        "account_id": request.account_id,
+        "platform": request.platform,
+        "order_id": request.order_id,
+        "kind": kind,
+        "source": request.source,
+        "error": f"{type(error).__name__}: {error}"[:4000],
+        "endpoint": upstream.endpoint if upstream else None,
+        "http_status": upstream.http_status if upstream else None,
+        "upstream_code": str(upstream.code) if upstream and upstream.code is not None else None,
+        "upstream_msg": upstream.msg if upstream else None,
+        "upstream_request_id": upstream.request_id if upstream else None,
+        "attempts": attempts,
+    }
+    stmt = insert(SyncFailure).values(**values)
+    await session.execute(
+        stmt.on_conflict_do_update(
+            index_elements=["account_id", "platform", "order_id"],
+            index_where=SyncFailure.resolved_at.is_(None),
+            set_={
+                **{k: stmt.excluded[k] for k in values if k not in ("account_id", "platform")},
+                "attempts": SyncFailure.attempts + stmt.excluded.attempts,
+                "last_failed_at": func.now(),
+            },
+        )
+    )
