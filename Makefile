@@ -9,8 +9,7 @@ install:
 	$(UV) sync --frozen
 
 run: install
-	$(RUN) pandasync migrate
-	$(RUN) pandasync serve
+	$(RUN) pandasync dev
 
 test: install
 	$(RUN) pytest

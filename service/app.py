@@ -106,8 +106,13 @@ def close_broker(broker: dramatiq.Broker) -> None:
         pool.disconnect()
 
 
-def create_app(settings: Settings | None = None) -> Starlette:
+def create_app(
+    settings: Settings | None = None, *, broker: dramatiq.Broker | None = None
+) -> Starlette:
+    """The web role's app. ``broker``: share one (``pandasync dev``'s in-process broker)
+    instead of building one from settings; the caller then owns it."""
     settings = settings or get_settings()
+    shared_broker = broker
     if not settings.database_url:
         raise RuntimeError("PANDASYNC_DATABASE_URL is not set (the CLI sets the embedded one)")
     database_url = settings.database_url
@@ -117,7 +122,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         engine = make_engine(database_url, settings, application_name="pandasync-web")
         sessions = make_sessionmaker(engine)
-        broker = make_broker(settings)
+        broker = shared_broker or make_broker(settings)
         broker.declare_queue(RECONCILE_QUEUE)
         handoff_sender = make_sender(broker, settings)
         # The relay sends rarely: a thread (its own, so it never waits behind the hand-off).
@@ -152,16 +157,17 @@ def create_app(settings: Settings | None = None) -> Starlette:
             relay_sender.close()
             await engine.dispose()
             try:
-                close_broker(broker)
+                if shared_broker is None:
+                    close_broker(broker)
             except Exception as error:
                 log.warning("broker.close_failed", error=describe_error(error))
 
     routes = [
-        Route(WEBHOOK_PATH, receiver.handle, methods=["POST"]),
+        Route(WEBHOOK_PATH, receiver, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ]
     if settings.webhook_token is not None:
-        routes.append(Route(WEBHOOK_PATH + "/{token}", receiver.handle, methods=["POST"]))
+        routes.append(Route(WEBHOOK_PATH + "/{token}", receiver, methods=["POST"]))
     return Starlette(routes=routes, middleware=[Middleware(RequestIdMiddleware)], lifespan=lifespan)

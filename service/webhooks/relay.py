@@ -20,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 
 import dramatiq
 import structlog
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.config import Settings
@@ -44,12 +44,14 @@ async def relay_once(
     sender: Sender | None = None,
     batch_size: int = RELAY_BATCH,
 ) -> int:
-    """Hand off every row left ``received`` for longer than the grace; return how many.
+    """Hand off every row left ``received`` for longer than the grace, and again every row
+    ``queued`` for longer than REQUEUE_AFTER_S without being processed; return how many.
 
     Stops early (returning what it sent so far) when the broker fails; raises on a database
     error. ``sender`` bounds the blocking broker calls; without one they run in a thread.
     """
     grace = timedelta(seconds=settings.relay_grace_s)
+    requeue_after = timedelta(seconds=settings.requeue_after_s)
     handed_off = 0
     while True:
         async with session_scope(sessions) as session:
@@ -63,10 +65,20 @@ async def relay_once(
                         WebhookInbox.request_id,
                     )
                     .where(
-                        WebhookInbox.state == InboxState.RECEIVED,
-                        WebhookInbox.received_at < func.now() - grace,
+                        or_(
+                            and_(
+                                WebhookInbox.state == InboxState.RECEIVED,
+                                WebhookInbox.received_at < func.now() - grace,
+                            ),
+                            # Handed off long ago and still not processed: the broker lost
+                            # it (Redis restarted without persistence, a worker was killed).
+                            and_(
+                                WebhookInbox.state == InboxState.QUEUED,
+                                WebhookInbox.queued_at < func.now() - requeue_after,
+                            ),
+                        )
                     )
-                    .order_by(WebhookInbox.received_at)
+                    .order_by(WebhookInbox.id)
                     .limit(batch_size)
                     .with_for_update(skip_locked=True)
                 )
