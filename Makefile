@@ -1,11 +1,12 @@
 # The newcomer's commands: `make run` and `make test`. `make check` is the static gate.
-UV ?= uv
+# uv from PATH, else the one pip installs (`make install` does, when neither is there).
+UV ?= $(shell command -v uv 2>/dev/null || echo python3 -m uv)
 RUN := $(UV) run --frozen
 
 .PHONY: install run test check lint format soak bench clean
 
 install:
-	@command -v $(UV) >/dev/null || python3 -m pip install --quiet "uv==0.13.8"
+	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet "uv==0.13.8"
 	$(UV) sync --frozen
 
 run: install

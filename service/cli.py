@@ -264,7 +264,8 @@ def dev(demo: bool, sandbox_port: int) -> None:
             lines += [
                 "",
                 "Send a signed test message (another terminal, same directory):",
-                f"  uv run pandasync send-test-message --platform {platform} --order-id {order_id}",
+                f"  {_self_command()} send-test-message --platform {platform} "
+                f"--order-id {order_id}",
             ]
         lines += [
             "",
@@ -276,6 +277,12 @@ def dev(demo: bool, sandbox_port: int) -> None:
 
     asyncio.run(run_dev(plan, broker, banner))
     click.echo("pandasync dev stopped")
+
+
+def _self_command() -> str:
+    """How to run this same ``pandasync`` again from another terminal."""
+    argv0 = sys.argv[0]
+    return argv0 if os.path.basename(argv0) == "pandasync" and os.path.isabs(argv0) else "pandasync"
 
 
 LEDGER_PEEK_SQL = "SELECT platform, order_id, status, total_amount, last_synced_at FROM orders"
@@ -437,12 +444,229 @@ def _account_id(settings: Settings) -> str:
 
 
 @main.command()
-@click.option("--since", required=True, help="YYYY-MM-DD")
-@click.option("--until", default=None, help="YYYY-MM-DD (default: now)")
+@click.option(
+    "--since", required=True, help="YYYY-MM-DD: from midnight in REPORTING_TIMEZONE (China time)."
+)
+@click.option(
+    "--until",
+    default=None,
+    help="YYYY-MM-DD, included: up to the next midnight (default: now; a rerun resumes).",
+)
 @click.option("--platform", type=click.Choice(["taobao", "1688"]), default=None)
-def backfill(since: str, until: str | None, platform: str | None) -> None:
-    """Page through the order lists and reconcile everything in a time range."""
-    _not_built("backfill")
+@click.option("--page-size", type=click.IntRange(1, 200), default=50, show_default=True)
+@click.option(
+    "--wait/--no-wait",
+    default=True,
+    show_default=True,
+    help="After paging, wait until the workers have synced (or failed) every queued order.",
+)
+@click.option(
+    "--stall-timeout",
+    type=click.FloatRange(min=1),
+    default=300.0,
+    show_default=True,
+    help="Stop waiting (exit 1) when nothing has synced for this many seconds.",
+)
+def backfill(
+    since: str,
+    until: str | None,
+    platform: str | None,
+    page_size: int,
+    wait: bool,
+    stall_timeout: float,
+) -> None:
+    """Page through the order lists and reconcile everything in a time range.
+
+    Modification times, by day: --since 2026-11-01 --until 2026-11-30 covers the orders modified
+    from 1 Nov 00:00 to 1 Dec 00:00 in REPORTING_TIMEZONE (Asia/Shanghai by default, the time
+    zone of PandaPon's order lists and of the report views). Reconciles go to the workers
+    through the broker; progress is saved after every page, so running the same command again
+    continues an unfinished run where it stopped (without --until it resumes the latest
+    unfinished run from the same day).
+    """
+    import asyncio
+    import time as clock
+    from datetime import date, timedelta
+    from zoneinfo import ZoneInfo
+
+    from service.ledger.models import Platform
+    from workers.broker import make_broker
+    from workers.runtime import WorkerRuntime
+    from workers.scheduler import enqueue_with
+    from workers.sweeps import (
+        BackfillProgress,
+        backfill_done_count,
+        backfill_failed_count,
+        unfinished_backfill_until,
+    )
+    from workers.sweeps import backfill as backfill_range
+
+    settings = _settings()
+    _configure_logging(settings)
+    _database_url(settings)
+    settings = _settings()
+    account_id = _account_id(settings)
+    if not settings.broker_url:
+        click.echo("pandasync backfill: needs PANDASYNC_BROKER_URL (the workers' broker)", err=True)
+        sys.exit(2)
+    zone = ZoneInfo(settings.reporting_timezone)
+
+    def day(value: str, option: str) -> datetime:
+        try:
+            parsed = date.fromisoformat(value)
+        except ValueError:
+            raise click.BadParameter(f"not a YYYY-MM-DD date: {value!r}", param_hint=option)
+        return datetime(parsed.year, parsed.month, parsed.day, tzinfo=zone)
+
+    since_at = day(since, "--since")
+    until_at = day(until, "--until") + timedelta(days=1) if until else None
+    if until_at is not None and until_at <= since_at:
+        raise click.BadParameter("must not be before --since", param_hint="--until")
+    platforms = [Platform(platform)] if platform else [Platform.TAOBAO, Platform.ALIBABA_1688]
+    fancy = sys.stdout.isatty()
+
+    class State:
+        def __init__(self) -> None:
+            self.run_id: int | None = None
+            self.pages = self.seen = self.queued = self.total = self.done = self.failed = 0
+            self.paged = False
+
+        def line(self, name: str) -> str:
+            return (
+                f"backfill {name}: pages {self.pages}, seen {self.seen}"
+                f"{f'/{self.total}' if self.total else ''}, queued {self.queued}, "
+                f"done {self.done}, failed {self.failed}"
+                f"{'' if self.paged else ' (paging)'}"
+            )
+
+    states = {p: State() for p in platforms}
+
+    async def run() -> int:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+        from rich.progress import TextColumn as Text
+
+        runtime = WorkerRuntime.build(settings)
+        broker = make_broker(settings)
+        enqueue = enqueue_with(broker)
+        bar = Progress(
+            Text("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            Text("{task.fields[stats]}"),
+            TimeElapsedColumn(),
+            disable=not fancy,
+        )
+        tasks = {p: bar.add_task(p.value, total=None, stats="") for p in platforms}
+        last_line = 0.0
+
+        def show(force: bool = False) -> None:
+            nonlocal last_line
+            for p, s in states.items():
+                bar.update(
+                    tasks[p],
+                    total=s.total or None,
+                    completed=s.done + s.failed,
+                    stats=f"seen {s.seen} queued {s.queued} done {s.done} failed {s.failed}",
+                )
+            now = clock.monotonic()
+            if not fancy and (force or now - last_line >= 2.0):
+                last_line = now
+                for p, s in states.items():
+                    click.echo(s.line(p.value))
+
+        async def refresh_counts() -> None:
+            for s in states.values():
+                if s.run_id is not None:
+                    done, _ = await backfill_done_count(runtime.sessions, s.run_id)
+                    s.done = done
+                    s.failed = await backfill_failed_count(runtime.sessions, s.run_id)
+
+        async def ticker() -> None:
+            while True:
+                await asyncio.sleep(0.5)
+                await refresh_counts()
+                show()
+
+        def on_page(progress: BackfillProgress) -> None:
+            s = states[progress.platform]
+            s.run_id, s.pages, s.seen = progress.run_id, progress.pages_done, progress.orders_seen
+            s.queued, s.total = progress.orders_queued, max(progress.total, progress.orders_seen)
+            s.paged = progress.finished
+
+        try:
+            with bar:
+                tick = asyncio.create_task(ticker())
+                try:
+                    for p in platforms:
+                        end = until_at or await unfinished_backfill_until(
+                            runtime.sessions, account_id, p, since_at
+                        )
+                        end = end or datetime.now(UTC).replace(microsecond=0)
+                        await backfill_range(
+                            runtime.sessions,
+                            runtime.client,
+                            enqueue,
+                            account_id,
+                            p,
+                            since_at,
+                            end,
+                            page_size=page_size,
+                            on_page=on_page,
+                        )
+                    if not wait:
+                        return 0
+                    last_change, last_counts = clock.monotonic(), (-1, -1)
+                    while True:
+                        await refresh_counts()
+                        counts = (
+                            sum(s.done for s in states.values()),
+                            sum(s.failed for s in states.values()),
+                        )
+                        if all(s.done + s.failed >= s.seen for s in states.values()):
+                            break
+                        if counts != last_counts:
+                            last_change, last_counts = clock.monotonic(), counts
+                        elif clock.monotonic() - last_change > stall_timeout:
+                            show(force=True)
+                            click.echo(
+                                f"pandasync backfill: nothing synced for {stall_timeout:.0f} s; "
+                                "the queued orders stay queued (see `pandasync status`)",
+                                err=True,
+                            )
+                            return 1
+                        await asyncio.sleep(0.5)
+                finally:
+                    tick.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await tick
+                    await refresh_counts()
+                    show(force=True)
+        finally:
+            await runtime.aclose()
+            broker.close()
+        return 1 if any(s.failed for s in states.values()) else 0
+
+    import contextlib
+
+    try:
+        code = asyncio.run(run())
+    except Exception as error:  # an operator command: say what failed, exit non-zero
+        click.echo(f"pandasync backfill: {type(error).__name__}: {error}", err=True)
+        click.echo("run the same command again to continue where it stopped", err=True)
+        sys.exit(1)
+    if code:
+        failed = sum(s.failed for s in states.values())
+        if failed:
+            click.echo(
+                f"pandasync backfill: {failed} order(s) failed to sync; see `pandasync status`, "
+                "then `pandasync replay`",
+                err=True,
+            )
+        sys.exit(code)
+    click.echo(
+        "backfill finished: "
+        + ", ".join(f"{p.value} {s.seen} order(s), {s.done} synced" for p, s in states.items())
+    )
 
 
 @main.command()

@@ -15,14 +15,14 @@ import dramatiq
 import structlog
 from dramatiq.asyncio import get_event_loop_thread
 from dramatiq.middleware import CurrentMessage
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from service.db import session_scope
 from service.ledger.models import Platform, SyncSource
 from service.pandapon.errors import PandaPonError
 from workers import policy
 from workers.broker import RECONCILE_ACTOR, RECONCILE_QUEUE, reconcile_message
-from workers.reconcile import Outcome, ReconcileRequest, reconcile_order
+from workers.reconcile import Outcome, ReconcileRequest, count_open_failures, reconcile_order
 from workers.runtime import get_runtime
 
 log = structlog.get_logger(__name__)
@@ -34,6 +34,11 @@ TIME_LIMIT_MS = 180_000
 
 RECONCILES = Counter(
     "pandasync_reconcile_total", "Reconcile runs by outcome", ["platform", "source", "outcome"]
+)
+FAILURES_OPEN = Gauge(
+    "pandasync_sync_failures_open",
+    "Orders whose last sync failed and that no sync has fixed since (sync_failures)",
+    multiprocess_mode="mostrecent",
 )
 RECONCILE_SECONDS = Histogram(
     "pandasync_reconcile_seconds",
@@ -53,6 +58,7 @@ async def run_reconcile(request: ReconcileRequest, retries: int) -> Outcome | po
         if isinstance(decision, policy.Record):
             async with session_scope(runtime.sessions) as session:
                 await policy.record_failure(session, request, error, decision.kind, retries + 1)
+                FAILURES_OPEN.set(await count_open_failures(session))
         context = error.context() if isinstance(error, PandaPonError) else {}
         log.warning(
             "reconcile failed",
@@ -62,6 +68,9 @@ async def run_reconcile(request: ReconcileRequest, retries: int) -> Outcome | po
             **context,
         )
         return decision
+    if result.failures_resolved:
+        async with runtime.sessions() as session:
+            FAILURES_OPEN.set(await count_open_failures(session))
     return result.outcome
 
 

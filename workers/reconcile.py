@@ -80,6 +80,7 @@ class ReconcileRequest:
 class ReconcileResult:
     outcome: Outcome
     write: WriteResult | None = None
+    failures_resolved: int = 0
 
 
 def order_lock_key(account_id: str, platform: Platform, order_id: str) -> int:
@@ -185,16 +186,16 @@ async def reconcile_order(
                 source=request.source,
                 inbox_id=request.inbox_id,
             )
-            await resolve_failures(session, request)
+            resolved = await resolve_failures(session, request)
     if result.stale:
-        return ReconcileResult(Outcome.STALE, result)
+        return ReconcileResult(Outcome.STALE, result, resolved)
     changed = result.created or result.status_changed or result.price_changed or result.new_events
-    return ReconcileResult(Outcome.WRITTEN if changed else Outcome.UNCHANGED, result)
+    return ReconcileResult(Outcome.WRITTEN if changed else Outcome.UNCHANGED, result, resolved)
 
 
-async def resolve_failures(session: AsyncSession, request: ReconcileRequest) -> None:
-    """A successful sync closes the order's open failure, if it had one."""
-    await session.execute(
+async def resolve_failures(session: AsyncSession, request: ReconcileRequest) -> int:
+    """A successful sync closes the order's open failure, if it had one; returns how many."""
+    result = await session.execute(
         update(SyncFailure)
         .where(
             SyncFailure.account_id == request.account_id,
@@ -204,4 +205,17 @@ async def resolve_failures(session: AsyncSession, request: ReconcileRequest) -> 
         )
         .values(resolved_at=func.now())
         .execution_options(synchronize_session=False)
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+async def count_open_failures(session: AsyncSession) -> int:
+    return int(
+        (
+            await session.execute(
+                select(func.count())
+                .select_from(SyncFailure)
+                .where(SyncFailure.resolved_at.is_(None))
+            )
+        ).scalar_one()
     )

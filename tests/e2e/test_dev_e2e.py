@@ -43,11 +43,11 @@ def test_dev_starts_from_nothing_takes_a_message_and_stops_cleanly(tmp_path: Pat
             [PANDASYNC, "dev"], cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT
         )
     try:
-        send = _wait_for_line(process, log, r"uv run (pandasync send-test-message .+)$")
+        send = _wait_for_line(process, log, r"^\s+(\S*pandasync send-test-message .+)$")
         peek = _wait_for_line(process, log, r"^\s+(\S+/psql .+)$")
         argv = shlex.split(send.group(1))
         sent = subprocess.run(
-            [PANDASYNC, *argv[1:]],
+            argv,
             cwd=tmp_path,
             env=env,
             capture_output=True,
