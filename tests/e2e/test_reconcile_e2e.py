@@ -147,6 +147,25 @@ async def run_command(stack: Stack, *args: str) -> subprocess.CompletedProcess[s
     )
 
 
+async def settle_queue(stack: Stack) -> None:
+    """Wait out the relay's grace, then until no reconcile is waiting in Redis."""
+    import redis.asyncio as aioredis
+
+    await asyncio.sleep(3)
+    client = aioredis.Redis.from_url(stack.redis_url)
+    try:
+        for _ in range(100):
+            waiting = await client.llen("pandasync:reconcile") + await client.llen(
+                "pandasync:reconcile.DQ"
+            )
+            if waiting == 0:
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1)  # the message a worker may hold
+    finally:
+        await client.aclose()
+
+
 async def send_signed(http: httpx.AsyncClient, url: str, message: dict[str, Any]) -> int:
     body = json.dumps(message, ensure_ascii=False).encode()
     headers = {**signed_headers(CREDENTIALS), "content-type": "application/json"}
@@ -310,6 +329,9 @@ async def test_a_permanent_error_is_recorded_and_replay_clears_it(stack: Stack) 
         assert failure["kind"] == "permanent"
         assert failure["upstream_code"] == "404"
         assert failure["endpoint"] == "alibaba_order_detail"
+        # Let any second hand-off of the message (relay) run and fail too before the order
+        # appears upstream, so only the replay can fix it.
+        await settle_queue(stack)
 
         # The order appears upstream; the operator replays.
         await sb.create_order("1688", LINES, order_id=ghost_id)
