@@ -1,0 +1,78 @@
+"""Lost and late callbacks: one sweep of the scheduler brings the ledger back to the truth."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from service.sandbox.remote import SandboxRemote
+from service.sandbox.settings import DEV_USER_ID
+from tests.conftest import to_asyncpg_dsn
+from tests.support.ledger_truth import ledger_mismatches, wait_for_ledger
+from tests.support.stack import PANDASYNC, Stack
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+async def stack(fresh_database_url: str, clean_redis: str, tmp_path: Path) -> AsyncIterator[Stack]:
+    running = Stack(
+        fresh_database_url,
+        clean_redis,
+        tmp_path,
+        # A sweep every few seconds; the relay never re-sends (so only the sweep can repair).
+        settings={"PANDASYNC_SWEEP_INTERVAL_S": "4", "PANDASYNC_REQUEUE_AFTER_S": "3600"},
+    )
+    try:
+        await running.start(scheduler=True)
+        yield running
+    finally:
+        running.stop()
+        print(running.logs())
+
+
+async def test_dropped_and_late_callbacks_are_repaired_by_the_sweep(stack: Stack) -> None:
+    async with SandboxRemote(stack.sandbox_url) as sb:
+        await sb.configure_delivery(
+            drop=0.05,
+            delay=0.03,
+            delay_s=3.0,
+            duplicate=0.2,
+            reorder=0.2,
+            max_retries=2,
+            retry_interval_s=0.2,
+        )
+        await sb.scenario(orders=60, steps=5, seed=5)
+        await sb.drain(within_s=30)
+        callbacks = await sb.callbacks()
+        truths = await sb.orders()
+    assert callbacks["states"].get("dropped", 0) > 0, callbacks["states"]
+
+    # Wait for a sweep that started after the last change, then for its reconciles.
+    await wait_for_ledger(stack.database_url, DEV_USER_ID, truths, within_s=90)
+    assert await ledger_mismatches(stack.database_url, DEV_USER_ID, truths) == []
+    conn = await asyncpg.connect(to_asyncpg_dsn(stack.database_url))
+    try:
+        repaired = await conn.fetchval(
+            "SELECT count(*) FROM order_status_history WHERE source = 'sweep'"
+        )
+    finally:
+        await conn.close()
+    assert repaired > 0  # changes whose callback was lost, written by the sweep
+    status = await asyncio.to_thread(
+        subprocess.run,
+        [PANDASYNC, "status"],
+        env=stack.env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert status.returncode == 0, status.stderr
+    assert "last sweep taobao" in status.stdout
+    assert "last sweep 1688" in status.stdout
+    assert "open failures:        0" in status.stdout
