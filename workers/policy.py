@@ -1,7 +1,10 @@
 """The retry policy, in one place.
 
-- Transient upstream errors (timeouts, connection errors, 5xx, 429) are retried with exponential
-  backoff and jitter; a 429's ``Retry-After`` is honoured as a floor. The shared rate limiter
+- A transient error of one upstream call (timeout, connection error, 5xx, a 429 asking for a
+  short wait) is first retried in place, twice, after a short pause (``call_with_retries``): a
+  blip costs one more call, not a whole reconcile.
+- Still failing, the reconcile is retried as a message with exponential backoff and jitter; a
+  429's ``Retry-After`` is honoured as a floor. The shared rate limiter
   waits instead of failing, so its waits never consume a retry.
 - Permanent errors (a refused request, a 4xx, a body we cannot understand) and auth errors are
   not retried: they are recorded in ``sync_failures`` with the upstream ``requestId``, ``code``
@@ -14,8 +17,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
 
 from sqlalchemy import func
 from sqlalchemy.dialects.postgresql import insert
@@ -24,8 +30,14 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.ledger.models import FailureKind, SyncFailure
 from service.pandapon.errors import PandaPonError, TransientError, UpstreamRateLimited
-from workers.reconcile import ReconcileRequest
 
+if TYPE_CHECKING:
+    from workers.reconcile import ReconcileRequest
+
+T = TypeVar("T")
+
+CALL_BACKOFF_S = (0.2, 0.5)  # pauses before the in-place retries of one upstream call
+MAX_INLINE_RETRY_AFTER_S = 5.0  # a longer Retry-After gives the message back instead
 MAX_RETRIES = 8
 MIN_BACKOFF_MS = 1_000
 MAX_BACKOFF_MS = 5 * 60_000
@@ -48,6 +60,20 @@ def backoff_ms(retries: int) -> int:
     """Exponential backoff with full jitter in its upper half: 1 s, 2 s, 4 s … capped at 5 min."""
     ceiling = min(MAX_BACKOFF_MS, MIN_BACKOFF_MS << min(retries, 20))
     return ceiling // 2 + random.randint(0, ceiling // 2)
+
+
+async def call_with_retries(call: Callable[[], Awaitable[T]]) -> T:
+    """Run one upstream call, retrying it in place on a transient error (see the docstring)."""
+    for pause in CALL_BACKOFF_S:
+        try:
+            return await call()
+        except TransientError as error:
+            if isinstance(error, UpstreamRateLimited) and error.retry_after is not None:
+                if error.retry_after > MAX_INLINE_RETRY_AFTER_S:
+                    raise
+                pause = max(pause, error.retry_after)
+            await asyncio.sleep(pause)
+    return await call()
 
 
 def is_transient(error: Exception) -> bool:

@@ -12,7 +12,8 @@ The job, in order:
 4. Write everything in ONE transaction (``service.ledger.write``), resolve any open sync
    failure of the order, and mark the inbox rows received before the fetch as processed.
 
-Upstream errors are not handled here: they propagate to the retry policy (``workers.policy``).
+Each upstream call goes through ``workers.policy.call_with_retries``; what still fails propagates
+to the message-level retry policy (``workers.policy.decide``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import Protocol
 
 from sqlalchemy import func, select, text, update
@@ -41,6 +43,7 @@ from service.ledger.models import (
 )
 from service.ledger.write import OrderTruth, WriteResult, write_order
 from service.pandapon.models import OrderSnapshot, RefundSnapshot, ShipmentSnapshot
+from workers.policy import call_with_retries
 
 # The first key of the two-int advisory lock form: keeps our locks apart from anyone else's.
 ORDER_LOCK_CLASS = 0x5053  # "PS"
@@ -171,11 +174,15 @@ async def reconcile_order(
             ).scalar_one()
             await session.rollback()  # no transaction stays open across the fetch
 
-        snapshot = await client.order_detail(request.platform, request.order_id)
-        shipments = await client.logistics(request.platform, snapshot)
+        platform = request.platform
+        snapshot = await call_with_retries(lambda: client.order_detail(platform, request.order_id))
+        shipments = await call_with_retries(lambda: client.logistics(platform, snapshot))
         async with sessions() as session:
             refund_ids = await _refund_ids_to_fetch(session, request, snapshot)
-        refunds = [await client.refund_detail(request.platform, rid) for rid in refund_ids]
+        refunds = [
+            await call_with_retries(partial(client.refund_detail, platform, refund_id))
+            for refund_id in refund_ids
+        ]
 
         truth = OrderTruth(snapshot, shipments, refunds, fetched_at=fetched_at)
         async with session_scope(sessions) as session:

@@ -51,3 +51,52 @@ def test_exhausted_retries_are_recorded() -> None:
 )
 def test_permanent_and_unknown_errors_are_recorded_at_once(error: Exception) -> None:
     assert policy.decide(error, 0) == policy.Record(FailureKind.PERMANENT)
+
+
+async def test_a_transient_blip_is_retried_in_place() -> None:
+    calls: list[int] = []
+
+    async def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise UpstreamServerError("503")
+        return "ok"
+
+    assert await policy.call_with_retries(flaky) == "ok"
+    assert len(calls) == 3
+
+
+async def test_in_place_retries_give_up_and_leave_the_rest_to_the_message() -> None:
+    calls: list[int] = []
+
+    async def down() -> str:
+        calls.append(1)
+        raise UpstreamTimeout("read timeout")
+
+    with pytest.raises(UpstreamTimeout):
+        await policy.call_with_retries(down)
+    assert len(calls) == len(policy.CALL_BACKOFF_S) + 1
+
+
+async def test_a_long_retry_after_is_not_waited_for_in_place() -> None:
+    calls: list[int] = []
+
+    async def limited() -> str:
+        calls.append(1)
+        raise UpstreamRateLimited("slow down", retry_after=60)
+
+    with pytest.raises(UpstreamRateLimited):
+        await policy.call_with_retries(limited)
+    assert len(calls) == 1
+
+
+async def test_permanent_errors_are_not_retried_in_place() -> None:
+    calls: list[int] = []
+
+    async def rejected() -> str:
+        calls.append(1)
+        raise UpstreamRejected("code 404", code=404)
+
+    with pytest.raises(UpstreamRejected):
+        await policy.call_with_retries(rejected)
+    assert len(calls) == 1
