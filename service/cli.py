@@ -485,6 +485,7 @@ def backfill(
     unfinished run from the same day).
     """
     import asyncio
+    import contextlib
     import time as clock
     from datetime import date, timedelta
     from zoneinfo import ZoneInfo
@@ -502,20 +503,15 @@ def backfill(
     from workers.sweeps import backfill as backfill_range
 
     settings = _settings()
-    _configure_logging(settings)
-    _database_url(settings)
-    settings = _settings()
-    account_id = _account_id(settings)
-    if not settings.broker_url:
-        click.echo("pandasync backfill: needs PANDASYNC_BROKER_URL (the workers' broker)", err=True)
-        sys.exit(2)
     zone = ZoneInfo(settings.reporting_timezone)
 
     def day(value: str, option: str) -> datetime:
         try:
             parsed = date.fromisoformat(value)
         except ValueError:
-            raise click.BadParameter(f"not a YYYY-MM-DD date: {value!r}", param_hint=option)
+            raise click.BadParameter(
+                f"not a YYYY-MM-DD date: {value!r}", param_hint=option
+            ) from None
         return datetime(parsed.year, parsed.month, parsed.day, tzinfo=zone)
 
     since_at = day(since, "--since")
@@ -523,6 +519,13 @@ def backfill(
     if until_at is not None and until_at <= since_at:
         raise click.BadParameter("must not be before --since", param_hint="--until")
     platforms = [Platform(platform)] if platform else [Platform.TAOBAO, Platform.ALIBABA_1688]
+    _configure_logging(settings)
+    _database_url(settings)
+    settings = _settings()
+    account_id = _account_id(settings)
+    if not settings.broker_url:
+        click.echo("pandasync backfill: needs PANDASYNC_BROKER_URL (the workers' broker)", err=True)
+        sys.exit(2)
     fancy = sys.stdout.isatty()
 
     class State:
@@ -645,8 +648,6 @@ def backfill(
             await runtime.aclose()
             broker.close()
         return 1 if any(s.failed for s in states.values()) else 0
-
-    import contextlib
 
     try:
         code = asyncio.run(run())

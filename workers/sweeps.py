@@ -33,6 +33,7 @@ from service.ledger.models import (
     Platform,
     RefundState,
     SweepCursor,
+    SyncFailure,
     SyncSource,
 )
 from service.pandapon.models import OrderListPage, OrderSnapshot
@@ -197,6 +198,7 @@ class BackfillProgress:
     orders_seen: int
     orders_queued: int
     finished: bool
+    total: int = 0  # orders in the range, as the last page's total said
 
 
 async def backfill(
@@ -249,7 +251,9 @@ async def backfill(
                     finished_at=func.now() if finished else None,
                 )
             )
-        progress = BackfillProgress(run_id, platform, page_no, seen, queued, finished)
+        progress = BackfillProgress(
+            run_id, platform, page_no, seen, queued, finished, total=page.total
+        )
         if on_page:
             on_page(progress)
         if finished:
@@ -278,3 +282,47 @@ async def backfill_done_count(
         ).scalar_one()
         total = (await session.execute(select(func.count()).where(in_range))).scalar_one()
     return int(done), int(total)
+
+
+async def unfinished_backfill_until(
+    sessions: async_sessionmaker[AsyncSession],
+    account_id: str,
+    platform: Platform,
+    since: datetime,
+) -> datetime | None:
+    """The end of the latest unfinished run from ``since`` (to resume one started "until now")."""
+    async with sessions() as session:
+        until: datetime | None = (
+            await session.execute(
+                select(BackfillRun.until)
+                .where(
+                    BackfillRun.account_id == account_id,
+                    BackfillRun.platform == platform,
+                    BackfillRun.since == since,
+                    BackfillRun.finished_at.is_(None),
+                )
+                .order_by(BackfillRun.id.desc())
+                .limit(1)
+            )
+        ).scalar_one_or_none()
+    return until
+
+
+async def backfill_failed_count(sessions: async_sessionmaker[AsyncSession], run_id: int) -> int:
+    """Open sync failures of backfill reconciles on the run's platform since it started."""
+    async with sessions() as session:
+        run = await session.get(BackfillRun, run_id)
+        if run is None:
+            return 0
+        failed = (
+            await session.execute(
+                select(func.count()).where(
+                    SyncFailure.account_id == run.account_id,
+                    SyncFailure.platform == run.platform,
+                    SyncFailure.source == SyncSource.BACKFILL,
+                    SyncFailure.resolved_at.is_(None),
+                    SyncFailure.last_failed_at >= run.started_at,
+                )
+            )
+        ).scalar_one()
+    return int(failed)

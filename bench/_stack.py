@@ -1,0 +1,90 @@
+"""Shared by the freshness and backfill benchmarks: a scratch database, a flushed Redis db,
+and the real processes (``tests.support.stack.Stack``) with workers sized for a benchmark."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+from tests.support.stack import PANDASYNC, Stack
+
+DEFAULT_SERVER = "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
+
+
+def asyncpg_dsn(url: str) -> str:
+    return url.replace("postgresql+asyncpg://", "postgresql://", 1)
+
+
+def with_database(url: str, name: str) -> str:
+    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
+
+
+async def admin(server_url: str, *statements: str) -> None:
+    conn = await asyncpg.connect(asyncpg_dsn(with_database(server_url, "postgres")))
+    try:
+        for statement in statements:
+            await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+def server_url(given: str | None) -> str:
+    return given or os.environ.get("PANDASYNC_TEST_DATABASE_URL") or DEFAULT_SERVER
+
+
+def create_database(server: str, prefix: str) -> tuple[str, str]:
+    """A fresh migrated database: (name, url)."""
+    from service.cli import run_migrations
+
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    asyncio.run(admin(server, f'CREATE DATABASE "{name}"'))
+    url = with_database(server, name)
+    run_migrations(url)
+    return name, url
+
+
+def drop_database(server: str, name: str) -> None:
+    asyncio.run(admin(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def flush_redis(url: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        client.flushdb()
+    finally:
+        client.close()
+
+
+class BenchStack(Stack):
+    """``Stack`` with ``worker_processes`` x ``worker_threads`` reconcile workers."""
+
+    def __init__(
+        self,
+        database_url: str,
+        redis_url: str,
+        workdir: Path,
+        *,
+        settings: dict[str, str],
+        worker_processes: int,
+        worker_threads: int,
+    ) -> None:
+        super().__init__(database_url, redis_url, workdir, settings=settings)
+        self.worker_processes = worker_processes
+        self.worker_threads = worker_threads
+
+    async def start(self, *, scheduler: bool = False, workers: int = 1) -> None:
+        self.web_ports = [self.web_port]  # read by wait_ready in newer versions of Stack
+        sandbox_env = {"PANDASYNC_SANDBOX_DELIVERY__WEBHOOK_URL": self.webhook_url}
+        port = str(self.sandbox_port)
+        self.add("sandbox", [PANDASYNC, "sandbox", "--port", port], **sandbox_env).start()
+        self.add("web", [PANDASYNC, "serve", "--port", str(self.web_port)]).start()
+        argv = [PANDASYNC, "worker", "--processes", str(self.worker_processes)]
+        self.add("worker", [*argv, "--threads", str(self.worker_threads)]).start()
+        await self.wait_ready()

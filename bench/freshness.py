@@ -1,0 +1,342 @@
+"""Freshness benchmark: time from a callback to the ledger, with the real processes.
+
+    .venv/bin/python -m bench.freshness            # small: 200 msg/s for 5 s
+    .venv/bin/python -m bench.freshness --large    # 200 msg/s for 60 s
+
+``pandasync sandbox``, ``pandasync serve`` and ``pandasync worker`` (Redis broker) run as
+subprocesses (``tests.support.stack``) on a scratch database and a flushed Redis db. The sandbox
+adds ``--latency`` (default 50 ms) to every query endpoint and delivers no callbacks of its own.
+The orders exist beforehand (awaiting payment, not in the ledger). Then, at ``--rate`` messages
+per second, the bench pays one order in the sandbox and sends the signed status-change callback
+for it to the web role, as PandaPon would; ``--duplicates`` of them (20 %) are sent a second
+time 0-50 ms later (same envelope, fresh nonce: a PandaPon retry).
+
+Freshness of a message: from the moment its first copy is sent to the moment a poller (every
+5 ms, its own connection) sees the order's ledger row committed with status ``paid``, i.e. the
+ledger reflects the message. Upstream calls come from the sandbox's call counts.
+
+Baseline, same run: the upstream round trip itself, the median of direct
+``PandaPonClient.order_detail`` calls to the same sandbox with the same latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+
+from bench._stack import (
+    BenchStack,
+    asyncpg_dsn,
+    create_database,
+    drop_database,
+    flush_redis,
+    server_url,
+)
+from service.pandapon.signer import Credentials, signed_headers
+from service.sandbox.remote import SandboxRemote
+from service.sandbox.settings import DEV_ACCESS_KEY, DEV_ACCESS_SECRET, DEV_USER_ID
+
+CREDENTIALS = Credentials(DEV_ACCESS_KEY, DEV_ACCESS_SECRET, DEV_USER_ID)
+POLL_S = 0.005
+WARMUP = 50
+DETAIL = ("taobao_order_detail", "alibaba_order_detail")
+
+
+def envelope(platform: str, order_id: str) -> bytes:
+    if platform == "taobao":
+        message_type = "TAOBAO_ORDER_BUYER_VIEW_ORDER_STATUS_CHANGE"
+        body: dict[str, Any] = {"salesOrderId": order_id, "subOrders": []}
+    else:
+        message_type = "1688_ORDER_BUYER_VIEW_ORDER_STATUS_CHANGE"
+        body = {"baseInfo": {"idOfStr": order_id}}
+    return json.dumps(
+        {
+            "messageType": message_type,
+            "messageBody": body,
+            "messagePlatform": 0 if platform == "taobao" else 1,
+            "timestamp": str(int(time.time() * 1000)),
+        }
+    ).encode()
+
+
+async def baseline_round_trip(sandbox_url: str, order: dict[str, Any], calls: int) -> float:
+    """Median ms of a direct order-detail call (no limiter, no database)."""
+    from service.config import load_settings
+    from service.ledger.models import Platform
+    from service.pandapon.client import PandaPonClient, make_http_client
+
+    settings = load_settings(
+        api_base_url=sandbox_url,
+        access_key=DEV_ACCESS_KEY,
+        access_secret=DEV_ACCESS_SECRET,
+        user_id=DEV_USER_ID,
+        database_url=None,
+        broker_url=None,
+    )
+    times = []
+    async with make_http_client(settings) as http:
+        client = PandaPonClient(settings, http)
+        for _ in range(calls + 2):
+            started = time.perf_counter()
+            await client.order_detail(Platform(order["platform"]), order["order_id"])
+            times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times[2:])  # the first two open the connection
+
+
+class Poller:
+    """Watches the ledger for orders becoming ``paid``; records when it first sees each."""
+
+    def __init__(self, database_url: str) -> None:
+        self.database_url = database_url
+        self.waiting: set[str] = set()
+        self.seen: dict[str, float] = {}
+        self.stop = asyncio.Event()
+        self.expected = 0
+        self.all_seen = asyncio.Event()
+
+    async def run(self) -> None:
+        conn = await asyncpg.connect(asyncpg_dsn(self.database_url))
+        try:
+            while not self.stop.is_set():
+                if self.waiting:
+                    rows = await conn.fetch(
+                        "SELECT order_id FROM orders WHERE status = 'paid' "
+                        "AND order_id = ANY($1::text[])",
+                        list(self.waiting),
+                    )
+                    now = time.perf_counter()
+                    for row in rows:
+                        self.seen[row["order_id"]] = now
+                        self.waiting.discard(row["order_id"])
+                    if self.expected and len(self.seen) >= self.expected:
+                        self.all_seen.set()
+                await asyncio.sleep(POLL_S)
+        finally:
+            await conn.close()
+
+
+async def measure(stack: BenchStack, args: argparse.Namespace) -> dict[str, Any]:
+    count = args.rate * args.duration
+    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+    control = httpx.AsyncClient(timeout=60.0, trust_env=False, limits=limits)
+    async with control, SandboxRemote(stack.sandbox_url, control) as sb:
+        await sb.configure_delivery(drop=1.0)  # the bench sends the callbacks itself
+        made = time.perf_counter()
+        for start in range(0, count + 1 + WARMUP, 5000):
+            await sb.scenario(orders=min(5000, count + 1 + WARMUP - start), steps=0)
+        orders = await sb.orders()
+        print(
+            f"sandbox: {len(orders)} orders awaiting payment in {time.perf_counter() - made:.1f} s"
+        )
+        probe, orders = orders[0], orders[1:]
+        await sb.set_faults({"*": {"latency_s": args.latency}})
+        base_ms = await baseline_round_trip(stack.sandbox_url, probe, 30)
+        await sb.reset_calls()
+
+        poller = Poller(stack.database_url)
+        poll_task = asyncio.create_task(poller.run())
+        sent_at: dict[str, float] = {}
+        rng = random.Random(1)
+        duplicates = 0
+        pay_ms: list[float] = []
+        post_ms: list[float] = []
+        errors: list[str] = []
+        async with httpx.AsyncClient(timeout=10, limits=limits, trust_env=False) as web:
+
+            async def post(body: bytes) -> None:
+                headers = {**signed_headers(CREDENTIALS), "content-type": "application/json"}
+                response = await web.post(stack.webhook_url, content=body, headers=headers)
+                if response.status_code != 200:
+                    errors.append(f"{response.status_code} {response.text[:200]}")
+
+            async def one(order: dict[str, Any], duplicate: bool) -> None:
+                started = time.perf_counter()
+                await sb.pay(order["platform"], order["order_id"])
+                body = envelope(order["platform"], order["order_id"])
+                sent_at[order["order_id"]] = time.perf_counter()
+                pay_ms.append((sent_at[order["order_id"]] - started) * 1000)
+                poller.waiting.add(order["order_id"])
+                await post(body)
+                post_ms.append((time.perf_counter() - sent_at[order["order_id"]]) * 1000)
+                if duplicate:
+                    await asyncio.sleep(rng.uniform(0, 0.05))
+                    await post(body)
+
+            # Warm-up (not counted): worker processes boot, connections open.
+            warm, orders = orders[:WARMUP], orders[WARMUP:]
+            poller.expected = len(warm)
+            await asyncio.gather(*(one(order, False) for order in warm))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(poller.all_seen.wait(), args.settle)
+            sent_at.clear()
+            poller.seen.clear()
+            poller.expected = 0
+            poller.all_seen.clear()
+            pay_ms.clear()
+            post_ms.clear()
+            await sb.reset_calls()
+            warm_ids = [o["order_id"] for o in warm]
+
+            tasks = []
+            began = time.perf_counter()
+            for n, order in enumerate(orders[:count]):
+                delay = began + n / args.rate - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                duplicate = rng.random() < args.duplicates
+                duplicates += duplicate
+                tasks.append(asyncio.create_task(one(order, duplicate)))
+            await asyncio.gather(*tasks)
+            send_s = time.perf_counter() - began
+            poller.expected = len(sent_at)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(poller.all_seen.wait(), args.settle)
+        poller.stop.set()
+        await poll_task
+        calls = await sb.calls()
+    conn = await asyncpg.connect(asyncpg_dsn(stack.database_url))
+    try:
+        stages = await conn.fetchrow(
+            "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM "
+            "queued_at - received_at)) * 1000 AS queue_ms, "
+            "percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM "
+            "processed_at - queued_at)) * 1000 AS process_ms, count(*) AS rows "
+            "FROM webhook_inbox WHERE order_id <> ALL($1::text[])",
+            warm_ids,
+        )
+    finally:
+        await conn.close()
+    latencies = sorted((poller.seen[o] - sent_at[o]) * 1000 for o in poller.seen)
+    return {
+        "messages": len(sent_at),
+        "duplicates": duplicates,
+        "send_s": send_s,
+        "latencies": latencies,
+        "missing": len(sent_at) - len(poller.seen),
+        "errors": errors,
+        "calls": calls,
+        "base_ms": base_ms,
+        "stages": dict(stages),
+        "pay_ms": statistics.median(pay_ms),
+        "post_ms": statistics.median(post_ms),
+    }
+
+
+def percentile(values: list[float], share: float) -> float:
+    return values[min(len(values) - 1, round(share * (len(values) - 1)))]
+
+
+def report(result: dict[str, Any], args: argparse.Namespace) -> str:
+    lat, base = result["latencies"], result["base_ms"]
+    messages, dups = result["messages"], result["duplicates"]
+    detail = sum(result["calls"].get(name, 0) for name in DETAIL)
+    upstream = sum(result["calls"].values())
+    p50, p99 = statistics.median(lat), percentile(lat, 0.99)
+    lines = [
+        f"freshness: {messages} messages at {args.rate}/s ({messages / result['send_s']:.0f}/s "
+        f"achieved) + {dups} duplicates ({dups / messages:.0%}); upstream latency "
+        f"{args.latency * 1000:.0f} ms on every endpoint; worker {args.worker_processes} "
+        f"process(es) x {args.worker_threads} threads; upstream limit {args.rate_limit:.0f}/s; "
+        f"load average {', '.join(f'{x:.1f}' for x in os.getloadavg())}",
+        "",
+        f"{'':<40} {'ms':>9} {'x baseline':>11}",
+        f"{'baseline: one upstream detail call':<40} {base:>9.1f} {1.0:>11.2f}",
+        f"{'callback -> ledger p50':<40} {p50:>9.1f} {p50 / base:>11.2f}",
+        f"{'callback -> ledger p90':<40} {percentile(lat, 0.9):>9.1f} "
+        f"{percentile(lat, 0.9) / base:>11.2f}",
+        f"{'callback -> ledger p99':<40} {p99:>9.1f} {p99 / base:>11.2f}",
+        f"{'callback -> ledger max':<40} {lat[-1]:>9.1f} {lat[-1] / base:>11.2f}",
+        f"(median sandbox change call {result['pay_ms']:.1f} ms, webhook answer "
+        f"{result['post_ms']:.1f} ms; inbox medians: received -> queued "
+        f"{result['stages']['queue_ms'] or 0:.1f} ms, queued -> processed "
+        f"{result['stages']['process_ms'] or 0:.1f} ms, {result['stages']['rows']} rows)",
+        "",
+        f"upstream detail calls per message: {detail / messages:.3f} "
+        f"({detail} calls / {messages} messages; per request sent incl. duplicates: "
+        f"{detail / (messages + dups):.3f})",
+        f"all upstream calls per message:    {upstream / messages:.3f} "
+        + json.dumps({k: v for k, v in sorted(result["calls"].items()) if v}),
+        "",
+        f"targets: p50 <= 250 ms {'ok' if p50 <= 250 else 'MISSED'}, "
+        f"p99 <= 2000 ms {'ok' if p99 <= 2000 else 'MISSED'}, "
+        f"detail calls/message <= 1.2 {'ok' if detail / messages <= 1.2 else 'MISSED'}",
+    ]
+    if result["missing"]:
+        lines.append(f"INVALID: {result['missing']} message(s) never reached the ledger")
+    if result["errors"]:
+        lines.append(
+            f"INVALID: {len(result['errors'])} non-200 answers, e.g. {result['errors'][0]}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.freshness", description=__doc__)
+    parser.add_argument("--large", action="store_true", help="60 s instead of 5 s")
+    parser.add_argument("--rate", type=int, default=200, help="messages per second")
+    parser.add_argument("--duration", type=int, help="seconds of sending (default 5; large 60)")
+    parser.add_argument("--duplicates", type=float, default=0.2)
+    parser.add_argument("--latency", type=float, default=0.05, help="upstream latency, seconds")
+    parser.add_argument("--worker-processes", type=int, default=2)
+    parser.add_argument("--worker-threads", type=int, default=16)
+    parser.add_argument(
+        "--rate-limit",
+        type=float,
+        default=5000.0,
+        help="PANDASYNC_UPSTREAM_RATE_LIMIT_RPS: far above the calls made, never the bottleneck",
+    )
+    parser.add_argument("--settle", type=float, default=30.0, help="max wait after sending, s")
+    parser.add_argument("--database-url", help="postgresql+asyncpg://… server for a scratch db")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/10", help="flushed!")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory and logs")
+    args = parser.parse_args(argv)
+    args.duration = args.duration or (60 if args.large else 5)
+
+    server = server_url(args.database_url)
+    workdir = Path(tempfile.mkdtemp(prefix="pandasync-bench-freshness-"))
+    flush_redis(args.redis_url)
+    name, database_url = create_database(server, "pandasync_bench_fresh")
+    stack = BenchStack(
+        database_url,
+        args.redis_url,
+        workdir,
+        settings={
+            "PANDASYNC_UPSTREAM_RATE_LIMIT_RPS": str(args.rate_limit),
+            "PANDASYNC_HTTP_MAX_CONNECTIONS": "100",
+            "PANDASYNC_LOG_LEVEL": "WARNING",
+        },
+        worker_processes=args.worker_processes,
+        worker_threads=args.worker_threads,
+    )
+    try:
+        asyncio.run(stack.start())
+        result = asyncio.run(measure(stack, args))
+        print()
+        print(report(result, args))
+        return 0 if not result["missing"] and not result["errors"] else 1
+    finally:
+        stack.stop()
+        drop_database(server, name)
+        flush_redis(args.redis_url)
+        if args.keep:
+            print(f"logs: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
