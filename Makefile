@@ -15,6 +15,12 @@ run: install
 test: install
 	$(RUN) pytest
 
+# The chaos soak at full size (tests/soak, docs/reliability.md); `make test` runs it small.
+SOAK_ORDERS ?= 20000
+soak: install
+	PANDASYNC_SOAK_ORDERS=$(SOAK_ORDERS) \
+	  PANDASYNC_SOAK_TIMEOUT_S=$${PANDASYNC_SOAK_TIMEOUT_S:-10800} $(RUN) pytest tests/soak -m soak
+
 check: install
 	$(RUN) ruff check .
 	$(RUN) ruff format --check .

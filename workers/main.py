@@ -11,7 +11,7 @@ from typing import Any
 
 import dramatiq
 from dramatiq.asyncio import get_event_loop_thread
-from dramatiq.middleware import Middleware
+from dramatiq.middleware import AsyncIO, Middleware
 
 from service.config import get_settings
 from service.logs import configure_logging
@@ -21,9 +21,11 @@ from workers.runtime import close_runtime
 
 
 class ReleaseRuntime(Middleware):
-    """Close the process's engine and HTTP client while its event loop still runs."""
+    """Close the process's engine and HTTP client once its worker threads have finished (a
+    reconcile in flight must not lose its client), while the event loop still runs: this
+    middleware sits before AsyncIO, whose own ``after_worker_shutdown`` stops the loop."""
 
-    def before_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
+    def after_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
         loop = get_event_loop_thread()
         if loop is not None:
             loop.run_coroutine(close_runtime())
@@ -36,5 +38,5 @@ if settings.worker_metrics_port:
     from dramatiq.middleware.prometheus import Prometheus
 
     broker.add_middleware(Prometheus())
-broker.add_middleware(ReleaseRuntime())
+broker.add_middleware(ReleaseRuntime(), before=AsyncIO)
 reconcile = register(broker)

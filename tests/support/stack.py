@@ -98,6 +98,8 @@ class Stack:
     web_port: int = field(default_factory=free_port)
     sandbox_port: int = field(default_factory=free_port)
     roles: dict[str, Role] = field(default_factory=dict)
+    # Ports of every web role: ``web_port`` first, then those of ``start(webs=N)``'s others.
+    web_ports: list[int] = field(default_factory=list)
 
     @property
     def web_url(self) -> str:
@@ -139,7 +141,10 @@ class Stack:
         self.roles[name] = role
         return role
 
-    async def start(self, *, scheduler: bool = False, workers: int = 1) -> None:
+    async def start(self, *, scheduler: bool = False, workers: int = 1, webs: int = 1) -> None:
+        """Start the roles; ``webs`` > 1 adds web roles ``web1``… on ports of their own (the
+        sandbox still delivers to ``webhook_url`` unless ``sandbox_settings`` say otherwise)."""
+        self.web_ports = [self.web_port, *(free_port() for _ in range(webs - 1))]
         sandbox_env = {
             "PANDASYNC_SANDBOX_DELIVERY__WEBHOOK_URL": self.webhook_url,
             **self.sandbox_settings,
@@ -147,7 +152,9 @@ class Stack:
         self.add(
             "sandbox", [PANDASYNC, "sandbox", "--port", str(self.sandbox_port)], **sandbox_env
         ).start()
-        self.add("web", [PANDASYNC, "serve", "--port", str(self.web_port)]).start()
+        for n, port in enumerate(self.web_ports):
+            name = f"web{n}" if n else "web"
+            self.add(name, [PANDASYNC, "serve", "--port", str(port)]).start()
         for n in range(workers):
             self.add(
                 f"worker{n}", [PANDASYNC, "worker", "--processes", "1", "--threads", "4"]
@@ -159,7 +166,9 @@ class Stack:
     async def wait_ready(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
         async with httpx.AsyncClient(timeout=2.0) as http:
-            for url in (f"{self.sandbox_url}/_sandbox/health", f"{self.web_url}/readyz"):
+            ports = self.web_ports or [self.web_port]
+            web_ready = [f"http://127.0.0.1:{port}/readyz" for port in ports]
+            for url in (f"{self.sandbox_url}/_sandbox/health", *web_ready):
                 while True:
                     self._check_alive()
                     try:
