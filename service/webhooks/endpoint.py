@@ -13,19 +13,22 @@ The order of the checks is the order of their cost, and nothing is written befor
 
 Every other failure is caught and answered 503 (the message was not stored, so PandaPon's
 retry is the right outcome); nothing a client sends reaches Starlette's 500 handler.
+
+The receiver is a plain ASGI endpoint (no Request object): it reads the body from
+``receive`` itself, which is also what lets it stop reading at the limit.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
 from collections.abc import Iterable
 
 import structlog
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from service.config import Settings
 from service.ledger.models import InboxState
@@ -104,10 +107,15 @@ class Receiver:
     def attach(self, writer: InboxWriter | None) -> None:
         self._writer = writer
 
-    async def handle(self, request: Request) -> Response:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A plain ASGI endpoint: the body is read straight from ``receive``, with the limit."""
+        response = await self.handle(scope, receive)
+        await response(scope, receive, send)
+
+    async def handle(self, scope: Scope, receive: Receive) -> Response:
         metrics.RECEIVED.inc()
         try:
-            return await self._handle(request)
+            return await self._handle(scope, receive)
         except WebhookError as error:
             metrics.rejected(error.reason)
             log.warning(
@@ -122,8 +130,8 @@ class Receiver:
             log.exception("webhook.internal_error")
             return _error(StoreUnavailable("internal_error"))
 
-    async def _handle(self, request: Request) -> Response:
-        headers = header_map(request.scope["headers"])
+    async def _handle(self, scope: Scope, receive: Receive) -> Response:
+        headers = header_map(scope["headers"])
         declared = headers.get("content-length")
         if declared is not None and declared.isdigit():
             if int(declared) == 0:
@@ -132,13 +140,13 @@ class Receiver:
                 raise PayloadTooLarge("payload_too_large", f"body over {self._max_body} bytes")
         if not is_json_media_type(headers.get("content-type")):
             raise UnsupportedMediaType("unsupported_media_type", "send application/json")
-        body = await self._read_body(request)
+        body = await self._read_body(receive)
         if not body.strip():
             return self._probe()
         document = decode_json(body)
         if is_probe(document):
             return self._probe()
-        verified = self._verifier.verify(headers, request.path_params.get("token"))
+        verified = self._verifier.verify(headers, scope.get("path_params", {}).get("token"))
         envelope = parse_envelope(document)
         account_id = self._account_id(headers.get(HEADER_USER_ID))
         routable = envelope.platform is not None and envelope.order_id is not None
@@ -153,7 +161,7 @@ class Receiver:
             pushed_at=envelope.pushed_at,
             raw_body=body,
             headers_json=headers_json(headers),
-            request_id=request_id_of(request.scope),
+            request_id=request_id_of(scope),
             state=InboxState.RECEIVED if routable else InboxState.IGNORED,
             nonce=verified.nonce,
         )
@@ -191,17 +199,21 @@ class Receiver:
         log.info("webhook.probe")
         return _ok()
 
-    async def _read_body(self, request: Request) -> bytes:
+    async def _read_body(self, receive: Receive) -> bytes:
         """The body, refusing it as soon as it goes over the limit (the rest is never read)."""
         chunks: list[bytes] = []
         size = 0
-        async with contextlib.aclosing(request.stream()) as stream:
-            async for chunk in stream:
-                size += len(chunk)
-                if size > self._max_body:
-                    raise PayloadTooLarge("payload_too_large", f"body over {self._max_body} bytes")
-                chunks.append(chunk)
-        return b"".join(chunks)
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnect()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self._max_body:
+                raise PayloadTooLarge("payload_too_large", f"body over {self._max_body} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
 
     def _account_id(self, header_user_id: str | None) -> str:
         if self._user_id:

@@ -1,15 +1,19 @@
 """From the committed inbox to the broker, off the request's critical path.
 
 After a batch commits, the writer hands its new rows to ``Handoff``, which sends one reconcile
-message per row and then marks the rows ``queued``. The request has already been answered:
+message per order and then marks the rows ``queued``. The request has already been answered:
 a broker that is down or slow only leaves rows ``received``, where the relay (``relay.py``)
 finds them later. A row can therefore be sent twice (a slow send overtaken by the relay, or a
 crash between send and mark); reconcile is idempotent and coalesced, so that costs nothing but
 a message.
 
-Broker clients are blocking (redis-py, pika), so every call runs on one daemon thread
-(``BrokerSender``), one call at a time and each awaited with a bound: a broker that hangs ties
-up that thread, never the event loop, and further sends are refused at once until it returns.
+How the sends run (``make_sender``):
+
+- the in-process broker (StubBroker) only appends to a queue: ``InlineSender``, on the loop;
+- a real broker's client blocks and is CPU-heavy: the hand-off uses ``ProcessSender`` (a
+  helper process) and the relay ``BrokerSender`` (a daemon thread). Both allow one call at a
+  time, each awaited with a bound: a hanging broker ties up the helper, never the event loop,
+  and further sends are refused at once (rows stay for the relay) until it answers.
 """
 
 from __future__ import annotations
@@ -50,6 +54,9 @@ SEND_TIMEOUT_S = 5.0
 # Rows waiting for a send beyond this are left to the relay instead of piling up in memory.
 MAX_WAITING = 20_000
 SEND_BATCH = 500
+# Marking rows 'queued' is batched across sends (see Handoff._run).
+MARK_EVERY_S = 0.2
+MARK_AT_ROWS = 2000
 
 
 class BrokerBusy(Exception):
@@ -169,6 +176,7 @@ def _serve_broker(conn: Connection, settings: Settings) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops it, by closing the pipe
     broker = make_broker(settings)
     broker.declare_queue(RECONCILE_QUEUE)
+    conn.send((READY, [], None))
     try:
         while True:
             try:
@@ -182,6 +190,11 @@ def _serve_broker(conn: Connection, settings: Settings) -> None:
         pool = getattr(getattr(broker, "client", None), "connection_pool", None)
         if pool is not None:
             pool.disconnect()
+
+
+READY = 0  # the helper's first message; batches are numbered from 1
+# A helper is a new interpreter importing the broker stack: allow for a slow start.
+HELPER_START_TIMEOUT_S = 60.0
 
 
 class BrokerFailed(Exception):
@@ -206,6 +219,7 @@ class ProcessSender:
         self._reply: asyncio.Future[tuple[list[int], str | None]] | None = None
         self._process: BaseProcess | None = None
         self._conn: Connection | None = None
+        self._ready = asyncio.Event()
         self._start()
 
     def _start(self) -> None:
@@ -221,6 +235,7 @@ class ProcessSender:
         child.close()
         self._conn = parent
         self._waiting_for = None
+        self._ready.clear()
         asyncio.get_running_loop().add_reader(parent.fileno(), self._on_readable)
 
     def _on_readable(self) -> None:
@@ -232,7 +247,9 @@ class ProcessSender:
             self._stop(conn)
             self._settle(([], "the broker helper process exited"))
             return
-        if sequence == self._waiting_for:
+        if sequence == READY:
+            self._ready.set()
+        elif sequence == self._waiting_for:
             self._waiting_for = None
             self._settle((sent, error))
         # An answer to a batch already given up on: its rows are the relay's now.
@@ -254,22 +271,39 @@ class ProcessSender:
         if self._waiting_for is not None:
             return [], BrokerBusy("the previous batch has not been answered")
         if self._conn is None or self._process is None or not self._process.is_alive():
-            if self._conn is not None:
-                self._stop(self._conn)
-            self._start()
-        assert self._conn is not None
+            self._restart()
+        if not self._ready.is_set():
+            try:
+                await asyncio.wait_for(self._ready.wait(), HELPER_START_TIMEOUT_S)
+            except TimeoutError as slow_start:
+                return [], slow_start
+        conn = self._conn
+        if conn is None:  # the helper exited while starting
+            return [], BrokerFailed("the broker helper process exited")
         self._sequence += 1
         self._waiting_for = self._sequence
         self._reply = asyncio.get_running_loop().create_future()
         try:
-            self._conn.send((self._sequence, list(items)))
+            conn.send((self._sequence, list(items)))
             sent, error = await asyncio.wait_for(asyncio.shield(self._reply), self._timeout_s)
         except TimeoutError as timeout:
             return [], timeout
         except (OSError, ValueError) as broken:
-            self._stop(self._conn)
+            if self._conn is conn:
+                self._stop(conn)
             return [], broken
         return sent, None if error is None else BrokerFailed(error)
+
+    def _restart(self) -> None:
+        log.warning("handoff.helper_restarted")
+        if self._conn is not None:
+            self._stop(self._conn)
+        if self._process is not None:
+            if self._process.is_alive():
+                self._process.kill()
+            self._process.join()
+            self._process.close()
+        self._start()
 
     def close(self) -> None:
         if self._conn is not None:
@@ -350,16 +384,28 @@ class Handoff:
         self._wakeup.set()
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        to_mark: list[int] = []
+        last_mark = loop.time()
         while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            while self._waiting:
-                count = min(len(self._waiting), SEND_BATCH)
-                batch = [self._waiting.popleft() for _ in range(count)]
-                await self._send(batch)
-            self._idle.set()
+            if not self._waiting:
+                if to_mark:
+                    await self._mark(to_mark)
+                    to_mark = []
+                self._idle.set()
+                await self._wakeup.wait()
+                self._wakeup.clear()
+                continue
+            count = min(len(self._waiting), SEND_BATCH)
+            to_mark += await self._send([self._waiting.popleft() for _ in range(count)])
+            # Under load, one UPDATE for several batches: a row's 'queued' can wait, the
+            # relay only looks at rows older than RELAY_GRACE_S.
+            if len(to_mark) >= MARK_AT_ROWS or loop.time() - last_mark >= MARK_EVERY_S:
+                await self._mark(to_mark)
+                to_mark = []
+                last_mark = loop.time()
 
-    async def _send(self, batch: list[PendingReconcile]) -> None:
+    async def _send(self, batch: list[PendingReconcile]) -> list[int]:
         sent, error = await self._sender.send(batch)
         if sent:
             metrics.HANDOFF_SENT.inc(len(sent))
@@ -370,8 +416,9 @@ class Handoff:
             else:
                 metrics.HANDOFF_FAILED.inc(unsent)
             log.warning("handoff.broker_failed", error=describe_error(error), left_for_relay=unsent)
-        if not sent:
-            return
+        return sent
+
+    async def _mark(self, sent: list[int]) -> None:
         try:
             async with asyncio.timeout(self._db_timeout_s):
                 held = await self._connections.acquire()

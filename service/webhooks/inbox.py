@@ -138,6 +138,10 @@ LEFT JOIN stored ON stored.dedupe_key = input.dedupe_key
 """
 
 
+# Bodies may be up to MAX_BODY_BYTES each: keep one statement's parameters bounded too.
+MAX_BATCH_BYTES = 8 * 1024 * 1024
+
+
 def batch_arguments(rows: Sequence[InboxRow]) -> tuple[list[Any], ...]:
     """STORE_BATCH's fourteen array parameters, in order."""
     return (
@@ -254,7 +258,8 @@ class InboxWriter:
     def _take_batch(self) -> list[_Entry]:
         batch: list[_Entry] = []
         deferred: list[_Entry] = []
-        while self._pending and len(batch) < self._max_batch:
+        size = 0
+        while self._pending and len(batch) < self._max_batch and size < MAX_BATCH_BYTES:
             entry = self._pending.popleft()
             if entry.future.done():  # its request gave up before the write began
                 continue
@@ -266,6 +271,7 @@ class InboxWriter:
             if nonce:
                 self._nonces_in_flight.add(nonce)
             batch.append(entry)
+            size += len(entry.row.raw_body)
         self._pending.extendleft(reversed(deferred))
         return batch
 

@@ -152,3 +152,32 @@ async def test_broker_then_database_outage_loses_nothing(
     reached = {m.kwargs["inbox_id"] for m in messages}
     assert {r["id"] for r in rows} <= reached
     assert {m.args[2] for m in messages} == set(stored)
+
+
+async def test_hand_off_survives_its_helper_process_dying(
+    fresh_database_url: str, own_redis: str
+) -> None:
+    import multiprocessing
+    import os
+    import signal
+
+    settings = receiver_settings(fresh_database_url, broker_url=own_redis, relay_grace_s=600)
+
+    async def all_queued() -> bool:
+        rows = await fetch(fresh_database_url, "SELECT state FROM webhook_inbox")
+        return bool(rows) and {r["state"] for r in rows} == {"queued"}
+
+    async with serving(create_app(settings)) as url, httpx.AsyncClient(base_url=url) as client:
+        first = await client.post(WEBHOOK, content=encode(taobao_status()), headers=signed())
+        assert first.status_code == 200
+        await eventually(all_queued, "the first message handed off")
+        [helper] = [p for p in multiprocessing.active_children() if p.name == "pandasync-broker"]
+        assert helper.pid is not None
+        os.kill(helper.pid, signal.SIGKILL)
+        helper.join()
+        second = await client.post(WEBHOOK, content=encode(taobao_status()), headers=signed())
+        assert second.status_code == 200
+        # Not the relay (its grace is ten minutes): a new helper sends it.
+        await eventually(all_queued, "the second message handed off")
+    messages = await asyncio.to_thread(drain_reconciles, own_redis)
+    assert len(messages) == 2

@@ -27,7 +27,7 @@ async def count(url: str, table: str) -> int:
     return int(rows[0]["n"])
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], what: str, within_s: float = 30) -> None:
+async def eventually(check: Callable[[], Awaitable[bool]], what: str, within_s: float = 60) -> None:
     """Poll ``check()`` until it holds; fail if it never does within a generous bound.
 
     The bound only stops a broken run from hanging: no test asserts how long anything took.
