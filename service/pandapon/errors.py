@@ -22,6 +22,8 @@ auth failure, envelope 429 and 5xx as transient (``AUTH_CODES``, ``TRANSIENT_COD
 
 from __future__ import annotations
 
+from typing import Any
+
 AUTH_CODES = frozenset({401, 403})
 RATE_LIMIT_CODE = 429
 
@@ -92,25 +94,8 @@ class UpstreamRateLimited(TransientError):
 
     outcome = "rate_limited"
 
-    def __init__(
-        self,
-        message: str,
-        *,
-        retry_after: float | None = None,
-        endpoint: str | None = None,
-        http_status: int | None = None,
-        request_id: str | None = None,
-        code: int | None = None,
-        msg: str | None = None,
-    ) -> None:
-        super().__init__(
-            message,
-            endpoint=endpoint,
-            http_status=http_status,
-            request_id=request_id,
-            code=code,
-            msg=msg,
-        )
+    def __init__(self, message: str, *, retry_after: float | None = None, **context: Any) -> None:
+        super().__init__(message, **context)
         self.retry_after = retry_after
 
     def context(self) -> dict[str, object]:
@@ -138,25 +123,8 @@ class MalformedResponse(PermanentError):
 
     outcome = "malformed"
 
-    def __init__(
-        self,
-        message: str,
-        *,
-        field: str | None = None,
-        endpoint: str | None = None,
-        http_status: int | None = None,
-        request_id: str | None = None,
-        code: int | None = None,
-        msg: str | None = None,
-    ) -> None:
-        super().__init__(
-            message,
-            endpoint=endpoint,
-            http_status=http_status,
-            request_id=request_id,
-            code=code,
-            msg=msg,
-        )
+    def __init__(self, message: str, *, field: str | None = None, **context: Any) -> None:
+        super().__init__(message, **context)
         self.field = field
 
     def context(self) -> dict[str, object]:
