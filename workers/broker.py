@@ -11,6 +11,7 @@ the actors (``reconcile_message``).
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import dramatiq
 from dramatiq.brokers.stub import StubBroker
@@ -30,13 +31,27 @@ def make_broker(settings: Settings) -> dramatiq.Broker:
     elif url.startswith(("redis://", "rediss://")):
         from dramatiq.brokers.redis import RedisBroker
 
-        broker = RedisBroker(url=url, namespace="pandasync")  # type: ignore[no-untyped-call]
+        broker = RedisBroker(url=with_socket_timeouts(url), namespace="pandasync")  # type: ignore[no-untyped-call]
     else:
         from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
         broker = RabbitmqBroker(url=url)
     broker.add_middleware(AsyncIO())
     return broker
+
+
+# A Redis that hangs (rather than refusing) must not block a sender or a worker forever.
+# dramatiq's consumers poll without blocking commands, so a plain socket timeout is safe.
+REDIS_SOCKET_TIMEOUTS = {"socket_timeout": "10", "socket_connect_timeout": "5"}
+
+
+def with_socket_timeouts(url: str) -> str:
+    """``url`` with socket timeouts added, unless it sets its own."""
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    for name, value in REDIS_SOCKET_TIMEOUTS.items():
+        query.setdefault(name, value)
+    return urlunsplit(parts._replace(query=urlencode(query)))
 
 
 def configure_broker(settings: Settings) -> dramatiq.Broker:
