@@ -19,6 +19,7 @@ from service.ledger.models import (
     WebhookInbox,
 )
 from workers.broker import RECONCILE_QUEUE, reconcile_message
+from workers.reconcile import count_open_failures
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,9 +105,7 @@ async def gather_status(
                 ).where(WebhookInbox.state.in_(open_states))
             )
         ).one()
-        failures = (
-            await session.execute(select(func.count()).where(SyncFailure.resolved_at.is_(None)))
-        ).scalar_one()
+        failures = await count_open_failures(session)
         sweeps = (
             await session.execute(select(SweepCursor).order_by(SweepCursor.platform))
         ).scalars()

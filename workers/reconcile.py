@@ -30,7 +30,7 @@ from typing import Protocol
 from sqlalchemy import func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from service.db import session_scope
+from service.db import rowcount, session_scope
 from service.ledger.models import (
     InboxState,
     Order,
@@ -213,7 +213,7 @@ async def resolve_failures(session: AsyncSession, request: ReconcileRequest) -> 
         .values(resolved_at=func.now())
         .execution_options(synchronize_session=False)
     )
-    return int(getattr(result, "rowcount", 0) or 0)
+    return rowcount(result)
 
 
 async def count_open_failures(session: AsyncSession) -> int:

@@ -24,6 +24,7 @@ from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from service.db import rowcount
 from service.ledger.models import (
     InboxState,
     Order,
@@ -442,4 +443,4 @@ async def _mark_inbox_processed(session: AsyncSession, account_id: str, truth: O
         .values(state=InboxState.PROCESSED, processed_at=func.now())
         .execution_options(synchronize_session=False)
     )
-    return int(getattr(result, "rowcount", 0) or 0)
+    return rowcount(result)

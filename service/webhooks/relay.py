@@ -24,7 +24,7 @@ from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.config import Settings
-from service.db import session_scope
+from service.db import rowcount, session_scope
 from service.ledger.models import InboxState, WebhookInbox, WebhookNonce
 from service.webhooks import metrics
 from service.webhooks.handoff import PendingReconcile, Sender, send_reconciles
@@ -132,7 +132,7 @@ async def purge_nonces(sessions: async_sessionmaker[AsyncSession], settings: Set
         result = await session.execute(
             delete(WebhookNonce).where(WebhookNonce.seen_at < func.now() - window)
         )
-    purged = int(getattr(result, "rowcount", 0) or 0)
+    purged = rowcount(result)
     metrics.NONCES_PURGED.inc(purged)
     return purged
 

@@ -17,13 +17,11 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-import asyncpg
 import pytest
 
 from service.sandbox.remote import SandboxRemote
 from service.sandbox.settings import DEV_USER_ID
-from tests.conftest import to_asyncpg_dsn
-from tests.support.ledger_truth import wait_for_ledger
+from tests.support.ledger_truth import fetch, wait_for_ledger
 from tests.support.stack import PANDASYNC, Stack
 
 pytestmark = pytest.mark.e2e
@@ -92,14 +90,6 @@ async def wait_exit(process: subprocess.Popen[bytes], log: Path, within_s: float
         process.kill()
         output = await asyncio.to_thread(log.read_text)
         raise AssertionError(f"backfill did not finish\n{output}") from None
-
-
-async def fetch(database_url: str, query: str, *args: Any) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(to_asyncpg_dsn(database_url))
-    try:
-        return list(await conn.fetch(query, *args))
-    finally:
-        await conn.close()
 
 
 async def test_backfill_brings_every_order_into_the_ledger(stack: Stack, tmp_path: Path) -> None:

@@ -23,8 +23,7 @@ import pytest
 from service.pandapon.signer import Credentials, signed_headers
 from service.sandbox.remote import SandboxRemote
 from service.sandbox.settings import DEV_ACCESS_KEY, DEV_ACCESS_SECRET, DEV_USER_ID
-from tests.conftest import to_asyncpg_dsn
-from tests.support.ledger_truth import ledger_mismatches, wait_for_ledger
+from tests.support.ledger_truth import fetch, ledger_mismatches, wait_for_ledger
 from tests.support.stack import PANDASYNC, Stack
 
 pytestmark = pytest.mark.e2e
@@ -54,14 +53,6 @@ async def stack(
     finally:
         running.stop()
         print(running.logs())  # shown by pytest when the test failed
-
-
-async def fetch(database_url: str, query: str, *args: Any) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(to_asyncpg_dsn(database_url))
-    try:
-        return list(await conn.fetch(query, *args))
-    finally:
-        await conn.close()
 
 
 async def live_an_order_through_every_kind_of_message(sb: SandboxRemote, platform: str) -> None:

@@ -115,6 +115,15 @@ async def order_mismatches(
     return problems
 
 
+async def fetch(database_url: str, query: str, *args: Any) -> list[asyncpg.Record]:
+    """Run one query on its own connection (tests read the ledger through plain SQL)."""
+    conn = await asyncpg.connect(to_asyncpg_dsn(database_url))
+    try:
+        return list(await conn.fetch(query, *args))
+    finally:
+        await conn.close()
+
+
 async def ledger_mismatches(
     database_url: str, account_id: str, truths: list[dict[str, Any]]
 ) -> list[str]:
