@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import psutil
 
 from tests.support.stack import PANDASYNC, Stack
 
@@ -88,3 +90,61 @@ class BenchStack(Stack):
         argv = [PANDASYNC, "worker", "--processes", str(self.worker_processes)]
         self.add("worker", [*argv, "--threads", str(self.worker_threads)]).start()
         await self.wait_ready()
+
+
+class CpuMeter:
+    """CPU seconds (user + system) spent by each role's process tree between ``start`` and
+    ``stop``: where a benchmark's machine time goes, per message. ``postgres`` is every server
+    process, ``bench`` this process (the load generator)."""
+
+    def __init__(self, roots: Mapping[str, int]) -> None:
+        self.roots = dict(roots)
+        self._before: dict[int, tuple[str, float]] = {}
+
+    def _sample(self) -> dict[int, tuple[str, float]]:
+        sample: dict[int, tuple[str, float]] = {}
+        procs: list[tuple[str, psutil.Process]] = []
+        for role, pid in self.roots.items():
+            try:
+                root = psutil.Process(pid)
+                procs += [(role, p) for p in [root, *root.children(recursive=True)]]
+            except psutil.NoSuchProcess:
+                continue
+        procs.append(("bench", psutil.Process()))  # after the roles: they are its children
+        procs += _postgres_processes()
+        for role, proc in procs:
+            try:
+                times = proc.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            sample.setdefault(proc.pid, (role, times.user + times.system))
+        return sample
+
+    def start(self) -> None:
+        self._before = self._sample()
+
+    def stop(self) -> dict[str, float]:
+        spent: dict[str, float] = {}
+        for pid, (role, seconds) in self._sample().items():
+            started = self._before.get(pid, (role, 0.0))[1]
+            spent[role] = spent.get(role, 0.0) + max(0.0, seconds - started)
+        return spent
+
+
+def _postgres_processes() -> list[tuple[str, psutil.Process]]:
+    found = []
+    for proc in psutil.process_iter(["name"]):
+        if proc.info["name"] in ("postgres", "postmaster"):
+            found.append(("postgres", proc))
+    return found
+
+
+def cpu_lines(spent: Mapping[str, float], messages: int) -> list[str]:
+    """``role: N ms of CPU per message`` lines, largest first, and the total."""
+    lines = [
+        f"  {role:<10} {seconds * 1000 / messages:7.2f} ms/message  ({seconds:.1f} s)"
+        for role, seconds in sorted(spent.items(), key=lambda kv: -kv[1])
+    ]
+    total = sum(spent.values())
+    lines.append(f"  {'all':<10} {total * 1000 / messages:7.2f} ms/message  ({total:.1f} s)")
+    return lines

@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy.engine import Result
 from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
@@ -40,9 +41,12 @@ def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
 
 
 @asynccontextmanager
-async def session_scope(factory: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
-    """A unit of work: commit once on success, roll back on any error."""
-    async with factory() as session:
+async def session_scope(
+    factory: async_sessionmaker[AsyncSession], *, bind: AsyncConnection | None = None
+) -> AsyncIterator[AsyncSession]:
+    """A unit of work: commit once on success, roll back on any error. ``bind``: run it on
+    that connection (a job that already holds one) instead of one from the pool."""
+    async with factory(**({"bind": bind} if bind is not None else {})) as session:
         try:
             yield session
             await session.commit()

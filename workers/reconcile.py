@@ -27,8 +27,13 @@ from datetime import datetime
 from functools import partial
 from typing import Protocol
 
-from sqlalchemy import func, select, text, update
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy import CompoundSelect, bindparam, func, select, text, union, update
+from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+)
 
 from service.db import rowcount, session_scope
 from service.ledger.models import (
@@ -47,6 +52,10 @@ from workers.policy import call_with_retries
 
 # The first key of the two-int advisory lock form: keeps our locks apart from anyone else's.
 ORDER_LOCK_CLASS = 0x5053  # "PS"
+# Postgres' default level, for the write transaction after the lock's autocommit statements.
+TRANSACTIONAL = "READ COMMITTED"
+# An inbox row in one of these states was covered by a fetch that started after it arrived.
+_COVERED = frozenset({InboxState.PROCESSED.value, InboxState.IGNORED.value})
 
 
 class UpstreamClient(Protocol):
@@ -92,37 +101,84 @@ def order_lock_key(account_id: str, platform: Platform, order_id: str) -> int:
     return digest - (1 << 32) if digest >= (1 << 31) else digest
 
 
+@dataclass(frozen=True, slots=True)
+class LockedOrder:
+    """The order's lock is held on ``conn`` (autocommit) until the block ends."""
+
+    conn: AsyncConnection
+    fetched_at: datetime  # the database clock once the lock was taken
+    inbox_state: str | None  # the state of the request's inbox row, if it names one
+
+
+# Lock, clock and the coalescing check in ONE round trip (the worker's cost is round trips).
+# The inbox state is read from the statement's snapshot: at worst a row committed as processed
+# a moment ago reads as queued, which costs one redundant (idempotent) reconcile.
+_LOCK_AND_LOOK = text(
+    "SELECT pg_try_advisory_lock(:lock_class, :lock_key) AS acquired, "
+    "clock_timestamp() AS now, "
+    "(SELECT state FROM webhook_inbox WHERE id = :inbox_id) AS inbox_state"
+)
+_UNLOCK = text("SELECT pg_advisory_unlock(:lock_class, :lock_key)")
+
+
 @asynccontextmanager
-async def order_lock(engine: AsyncEngine, request: ReconcileRequest) -> AsyncIterator[bool]:
-    """Hold the order's advisory lock for the block; yields False when another worker has it."""
-    key = order_lock_key(request.account_id, request.platform, request.order_id)
+async def order_lock(
+    engine: AsyncEngine, request: ReconcileRequest
+) -> AsyncIterator[LockedOrder | None]:
+    """Hold the order's advisory lock for the block on one connection, which the block may use
+    for its own statements; yields None when another worker has the lock."""
+    params = {
+        "lock_class": ORDER_LOCK_CLASS,
+        "lock_key": order_lock_key(request.account_id, request.platform, request.order_id),
+    }
     async with engine.connect() as conn:
-        autocommit = await conn.execution_options(isolation_level="AUTOCOMMIT")
-        acquired = bool(
-            (
-                await autocommit.execute(
-                    text("SELECT pg_try_advisory_lock(:c, :k)"), {"c": ORDER_LOCK_CLASS, "k": key}
-                )
-            ).scalar_one()
-        )
+        await set_isolation(conn, "AUTOCOMMIT")
+        row = (await conn.execute(_LOCK_AND_LOOK, {**params, "inbox_id": request.inbox_id})).one()
+        if not row.acquired:
+            yield None
+            return
         try:
-            yield acquired
+            yield LockedOrder(conn, row.now, row.inbox_state)
         finally:
-            if acquired:
-                await autocommit.execute(
-                    text("SELECT pg_advisory_unlock(:c, :k)"), {"c": ORDER_LOCK_CLASS, "k": key}
-                )
+            try:
+                await set_isolation(conn, "AUTOCOMMIT")
+                await conn.execute(_UNLOCK, params)
+            except BaseException:
+                # A connection that may still hold the lock must not go back to the pool.
+                await conn.invalidate()
+                raise
 
 
-async def _already_covered(session: AsyncSession, inbox_id: int) -> bool:
-    state = (
-        await session.execute(select(WebhookInbox.state).where(WebhookInbox.id == inbox_id))
-    ).scalar_one_or_none()
-    return state in (InboxState.PROCESSED, InboxState.IGNORED)
+async def set_isolation(conn: AsyncConnection, level: str) -> None:
+    """Switch ``conn`` between autocommit and transactions. SQLAlchemy keeps a transaction
+    object even in autocommit; ending it first costs nothing on the server."""
+    await conn.rollback()
+    await conn.execution_options(isolation_level=level)
+
+
+_OPEN_REFUND_IDS: CompoundSelect[str | None] = union(
+    # Refund messages not yet covered by a fetch...
+    select(WebhookInbox.refund_id).where(
+        WebhookInbox.account_id == bindparam("account_id"),
+        WebhookInbox.platform == bindparam("platform"),
+        WebhookInbox.order_id == bindparam("order_id"),
+        WebhookInbox.refund_id.is_not(None),
+        WebhookInbox.state.in_([InboxState.RECEIVED, InboxState.QUEUED]),
+    ),
+    # ...and refunds the ledger holds as still open.
+    select(Refund.refund_id)
+    .join(Order, Order.id == Refund.order_pk)
+    .where(
+        Order.account_id == bindparam("account_id"),
+        Order.platform == bindparam("platform"),
+        Order.order_id == bindparam("order_id"),
+        Refund.status.in_([RefundStatus.REQUESTED, RefundStatus.UNKNOWN]),
+    ),
+)
 
 
 async def _refund_ids_to_fetch(
-    session: AsyncSession, request: ReconcileRequest, snapshot: OrderSnapshot
+    conn: AsyncConnection, request: ReconcileRequest, snapshot: OrderSnapshot
 ) -> list[str]:
     """Refund messages not yet covered, refunds the order names, and open ones in the ledger."""
     ids: dict[str, None] = {}
@@ -130,30 +186,14 @@ async def _refund_ids_to_fetch(
         ids[request.refund_id] = None
     for refund_id in snapshot.refund_ids:
         ids[refund_id] = None
-    from_inbox = await session.execute(
-        select(WebhookInbox.refund_id)
-        .where(
-            WebhookInbox.account_id == request.account_id,
-            WebhookInbox.platform == request.platform,
-            WebhookInbox.order_id == request.order_id,
-            WebhookInbox.refund_id.is_not(None),
-            WebhookInbox.state.in_([InboxState.RECEIVED, InboxState.QUEUED]),
-        )
-        .distinct()
-    )
-    open_in_ledger = await session.execute(
-        select(Refund.refund_id)
-        .join(Order, Order.id == Refund.order_pk)
-        .where(
-            Order.account_id == request.account_id,
-            Order.platform == request.platform,
-            Order.order_id == request.order_id,
-            Refund.status.in_([RefundStatus.REQUESTED, RefundStatus.UNKNOWN]),
-        )
-    )
-    for refund_id in [*from_inbox.scalars(), *open_in_ledger.scalars()]:
-        if refund_id:
-            ids[refund_id] = None
+    key = {
+        "account_id": request.account_id,
+        "platform": request.platform,
+        "order_id": request.order_id,
+    }
+    for found in (await conn.execute(_OPEN_REFUND_IDS, key)).scalars():
+        if found:
+            ids[found] = None
     return list(ids)
 
 
@@ -163,29 +203,25 @@ async def reconcile_order(
     client: UpstreamClient,
     request: ReconcileRequest,
 ) -> ReconcileResult:
-    async with order_lock(engine, request) as acquired:
-        if not acquired:
+    async with order_lock(engine, request) as locked:
+        if locked is None:
             return ReconcileResult(Outcome.BUSY)
-        async with sessions() as session:
-            if request.inbox_id is not None and await _already_covered(session, request.inbox_id):
-                return ReconcileResult(Outcome.COALESCED)
-            fetched_at: datetime = (
-                await session.execute(select(func.clock_timestamp()))
-            ).scalar_one()
-            await session.rollback()  # no transaction stays open across the fetch
+        if request.inbox_id is not None and locked.inbox_state in _COVERED:
+            return ReconcileResult(Outcome.COALESCED)
 
         platform = request.platform
         snapshot = await call_with_retries(lambda: client.order_detail(platform, request.order_id))
         shipments = await call_with_retries(lambda: client.logistics(platform, snapshot))
-        async with sessions() as session:
-            refund_ids = await _refund_ids_to_fetch(session, request, snapshot)
+        refund_ids = await _refund_ids_to_fetch(locked.conn, request, snapshot)
         refunds = [
             await call_with_retries(partial(client.refund_detail, platform, refund_id))
             for refund_id in refund_ids
         ]
 
-        truth = OrderTruth(snapshot, shipments, refunds, fetched_at=fetched_at)
-        async with session_scope(sessions) as session:
+        truth = OrderTruth(snapshot, shipments, refunds, fetched_at=locked.fetched_at)
+        # The write is one transaction on the lock's connection (no second connection per job).
+        await set_isolation(locked.conn, TRANSACTIONAL)
+        async with session_scope(sessions, bind=locked.conn) as session:
             result = await write_order(
                 session,
                 request.account_id,
@@ -200,20 +236,27 @@ async def reconcile_order(
     return ReconcileResult(Outcome.WRITTEN if changed else Outcome.UNCHANGED, result, resolved)
 
 
+_RESOLVE_FAILURES = (
+    update(SyncFailure)
+    .where(
+        SyncFailure.account_id == bindparam("of_account"),
+        SyncFailure.platform == bindparam("of_platform"),
+        SyncFailure.order_id == bindparam("of_order"),
+        SyncFailure.resolved_at.is_(None),
+    )
+    .values(resolved_at=func.now())
+)
+
+
 async def resolve_failures(session: AsyncSession, request: ReconcileRequest) -> int:
     """A successful sync closes the order's open failure, if it had one; returns how many."""
-    result = await session.execute(
-        update(SyncFailure)
-        .where(
-            SyncFailure.account_id == request.account_id,
-            SyncFailure.platform == request.platform,
-            SyncFailure.order_id == request.order_id,
-            SyncFailure.resolved_at.is_(None),
-        )
-        .values(resolved_at=func.now())
-        .execution_options(synchronize_session=False)
-    )
-    return rowcount(result)
+    conn = await session.connection()
+    params = {
+        "of_account": request.account_id,
+        "of_platform": request.platform,
+        "of_order": request.order_id,
+    }
+    return rowcount(await conn.execute(_RESOLVE_FAILURES, params))
 
 
 async def count_open_failures(session: AsyncSession) -> int:

@@ -10,6 +10,10 @@
 - shipment events are inserted only when new (their natural key is ``event_key``);
 - the order's inbox rows received before the fetch started are marked processed: the fetch
   covers them. Rows received later stay open and cause one more reconcile.
+
+Every statement is built once, at import, with bind parameters, and runs as Core on the
+session's connection: building and caching SQLAlchemy constructs per call was half of a
+worker's CPU per reconcile (``bench/freshness.py`` prints it).
 """
 
 from __future__ import annotations
@@ -20,9 +24,9 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
-from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import Boolean, DateTime, bindparam, case, exists, func, or_, select, update
+from sqlalchemy.dialects.postgresql import Insert, insert
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from service.db import rowcount
 from service.ledger.models import (
@@ -79,6 +83,156 @@ def _is_newer(
     return stored_modified_at is None or modified is None or modified >= stored_modified_at
 
 
+# --- the statements -------------------------------------------------------------------------
+
+_ORDER_KEY = (
+    Order.account_id == bindparam("account_id"),
+    Order.platform == bindparam("platform"),
+    Order.order_id == bindparam("order_id"),
+)
+_LOCK_ORDER = (
+    select(
+        Order.id,
+        Order.snapshot_at,
+        Order.upstream_modified_at,
+        Order.status,
+        Order.raw_status,
+        Order.currency,
+        *(getattr(Order, name) for name in _AMOUNT_FIELDS),
+    )
+    .where(*_ORDER_KEY)
+    .with_for_update()
+)
+_INSERT_ORDER = (
+    insert(Order)
+    .values(last_synced_at=func.now())
+    .on_conflict_do_nothing(constraint="uq_orders_account_id_platform_order_id")
+    .returning(Order.id)
+)
+_UPDATE_ORDER = (
+    update(Order).where(Order.id == bindparam("order_pk")).values(last_synced_at=func.now())
+)
+_INSERT_STATUS_CHANGE = insert(OrderStatusHistory)
+_INSERT_PRICE_CHANGE = insert(OrderPriceChange)
+
+
+def _upsert(stmt: Insert, constraint: str, updated: Sequence[str], where: Any = None) -> Insert:
+    """``stmt`` ON CONFLICT (``constraint``) DO UPDATE the ``updated`` columns from the row
+    that was proposed."""
+    return stmt.on_conflict_do_update(
+        constraint=constraint,
+        set_={name: stmt.excluded[name] for name in updated},
+        where=where,
+    )
+
+
+_UPSERT_LINES = _upsert(
+    insert(OrderLine),
+    "uq_order_lines_order_pk_line_id",
+    ("product_id", "sku_id", "title", "quantity", "unit_price", "amount", "raw_status", "raw"),
+)
+_UPSERT_SHIPMENT = _upsert(
+    insert(Shipment).values(last_synced_at=func.now()),
+    "uq_shipments_order_pk_tracking_number",
+    (
+        "line_id",
+        "carrier",
+        "carrier_code",
+        "raw_status",
+        "first_event_at",
+        "last_event_at",
+        "delivered_at",
+        "raw",
+        "last_synced_at",
+    ),
+).returning(Shipment.id)
+_INSERT_EVENTS = (
+    insert(ShipmentEvent)
+    .on_conflict_do_nothing(constraint="uq_shipment_events_shipment_id_event_key")
+    .returning(ShipmentEvent.id)
+)
+_proposed_refund = insert(Refund).excluded
+_UPSERT_REFUND = _upsert(
+    insert(Refund).values(last_synced_at=func.now()),
+    "uq_refunds_account_id_platform_refund_id",
+    (
+        "order_pk",
+        "line_id",
+        "status",
+        "raw_status",
+        "currency",
+        "amount",
+        "reason",
+        "requested_at",
+        "resolved_at",
+        "upstream_modified_at",
+        "raw",
+        "last_synced_at",
+    ),
+    # An after-sales record read earlier must not overwrite a later one.
+    where=or_(
+        Refund.upstream_modified_at.is_(None),
+        _proposed_refund.upstream_modified_at.is_(None),
+        Refund.upstream_modified_at <= _proposed_refund.upstream_modified_at,
+    ),
+)
+
+# Which refund status decides the order's refund state, strongest first: an open request wins,
+# then a refund, then a rejection; otherwise (none, or only cancelled ones) NONE.
+_REFUND_STATE_PRECEDENCE = (
+    (RefundStatus.REQUESTED, RefundState.REQUESTED),
+    (RefundStatus.REFUNDED, RefundState.REFUNDED),
+    (RefundStatus.REJECTED, RefundState.REJECTED),
+)
+_of_order = Refund.order_pk == bindparam("order_pk")
+_parcels = Shipment.order_pk == bindparam("order_pk")
+# The order's refund state, refunded amount and shipping times, derived from its stored
+# refunds and shipments in one statement.
+_SUMMARIZE_ORDER = (
+    update(Order)
+    .where(Order.id == bindparam("order_pk"))
+    .values(
+        refund_state=case(
+            *[
+                (exists().where(_of_order, Refund.status == status), state.value)
+                for status, state in _REFUND_STATE_PRECEDENCE
+            ],
+            else_=RefundState.NONE.value,
+        ),
+        refunded_amount=select(func.coalesce(func.sum(Refund.amount), Decimal(0)))
+        .where(_of_order, Refund.status == RefundStatus.REFUNDED)
+        .scalar_subquery(),
+        shipped_at=func.coalesce(
+            bindparam("shipped_at", type_=DateTime(timezone=True)),
+            select(func.min(Shipment.first_event_at)).where(_parcels).scalar_subquery(),
+        ),
+        delivered_at=case(
+            (
+                bindparam("all_delivered", type_=Boolean),
+                select(func.max(Shipment.delivered_at)).where(_parcels).scalar_subquery(),
+            ),
+            else_=None,
+        ),
+    )
+)
+
+_MARK_INBOX_PROCESSED = (
+    update(WebhookInbox)
+    .where(
+        # (Bind names of an UPDATE's WHERE must differ from its table's column names.)
+        WebhookInbox.account_id == bindparam("of_account"),
+        WebhookInbox.platform == bindparam("of_platform"),
+        WebhookInbox.order_id == bindparam("of_order"),
+        WebhookInbox.state.in_([InboxState.RECEIVED, InboxState.QUEUED]),
+        WebhookInbox.received_at <= bindparam("fetched_at"),
+    )
+    .values(state=InboxState.PROCESSED, processed_at=func.now())
+)
+
+
+# --- the write --------------------------------------------------------------------------------
+
+
 async def write_order(
     session: AsyncSession,
     account_id: str,
@@ -87,31 +241,23 @@ async def write_order(
     source: SyncSource,
     inbox_id: int | None = None,
 ) -> WriteResult:
+    conn = await session.connection()
     snap = truth.order
-    existing = (
-        await session.execute(
-            select(Order)
-            .where(
-                Order.account_id == account_id,
-                Order.platform == snap.platform,
-                Order.order_id == snap.order_id,
-            )
-            .with_for_update()
-        )
-    ).scalar_one_or_none()
+    key = {"account_id": account_id, "platform": snap.platform, "order_id": snap.order_id}
+    existing = (await conn.execute(_LOCK_ORDER, key)).one_or_none()
 
     if existing is not None and not _is_newer(
         existing.snapshot_at, existing.upstream_modified_at, truth
     ):
-        processed = await _mark_inbox_processed(session, account_id, truth)
+        processed = await _mark_inbox_processed(conn, account_id, truth)
         return WriteResult(existing.id, False, True, False, False, 0, processed)
 
     values = _order_values(account_id, truth)
-    # Plain copies: the ORM UPDATE below refreshes ``existing`` in place.
-    before = {
-        name: getattr(existing, name) if existing else None
-        for name in ("status", "raw_status", "currency", *_AMOUNT_FIELDS)
-    }
+    before: dict[str, Any] = (
+        dict(existing._mapping)
+        if existing is not None
+        else dict.fromkeys(("status", "raw_status", "currency", *_AMOUNT_FIELDS))
+    )
     status_changed = existing is None or (
         before["status"] != snap.status or before["raw_status"] != snap.raw_status
     )
@@ -120,64 +266,59 @@ async def write_order(
     )
 
     if existing is None:
-        order_pk = (
-            await session.execute(
-                insert(Order)
-                .values(**values)
-                .on_conflict_do_nothing(constraint="uq_orders_account_id_platform_order_id")
-                .returning(Order.id)
-            )
-        ).scalar_one_or_none()
+        order_pk = (await conn.execute(_INSERT_ORDER, values)).scalar_one_or_none()
         if order_pk is None:
             # Another writer created it between our SELECT and INSERT: lock it and start over.
             return await write_order(session, account_id, truth, source=source, inbox_id=inbox_id)
     else:
         order_pk = existing.id
-        await session.execute(
-            update(Order)
-            .where(Order.id == order_pk)
-            .values(**values)
-            .execution_options(synchronize_session=False)
-        )
+        await conn.execute(_UPDATE_ORDER, {**values, "order_pk": order_pk})
 
+    change = {
+        "account_id": account_id,
+        "order_pk": order_pk,
+        "upstream_modified_at": snap.modified_at,
+        "source": source,
+        "inbox_id": inbox_id,
+    }
     if status_changed:
-        session.add(
-            OrderStatusHistory(
-                account_id=account_id,
-                order_pk=order_pk,
-                from_status=before["status"],
-                to_status=snap.status,
-                from_raw_status=before["raw_status"],
-                to_raw_status=snap.raw_status,
-                upstream_modified_at=snap.modified_at,
-                source=source,
-                inbox_id=inbox_id,
-            )
+        await conn.execute(
+            _INSERT_STATUS_CHANGE,
+            {
+                **change,
+                "from_status": before["status"],
+                "to_status": snap.status,
+                "from_raw_status": before["raw_status"],
+                "to_raw_status": snap.raw_status,
+            },
         )
     if price_changed:
-        session.add(
-            OrderPriceChange(
-                account_id=account_id,
-                order_pk=order_pk,
-                currency=snap.currency,
-                old_total_amount=before["total_amount"],
-                new_total_amount=snap.total_amount,
-                old_product_amount=before["product_amount"],
-                new_product_amount=snap.product_amount,
-                old_shipping_fee=before["shipping_fee"],
-                new_shipping_fee=snap.shipping_fee,
-                upstream_modified_at=snap.modified_at,
-                source=source,
-                inbox_id=inbox_id,
-            )
+        await conn.execute(
+            _INSERT_PRICE_CHANGE,
+            {
+                **change,
+                "currency": snap.currency,
+                "old_total_amount": before["total_amount"],
+                "new_total_amount": snap.total_amount,
+                "old_product_amount": before["product_amount"],
+                "new_product_amount": snap.product_amount,
+                "old_shipping_fee": before["shipping_fee"],
+                "new_shipping_fee": snap.shipping_fee,
+            },
         )
 
-    await _upsert_lines(session, account_id, order_pk, snap)
-    new_events = await _upsert_shipments(session, account_id, order_pk, truth)
-    await _upsert_refunds(session, account_id, order_pk, truth)
-    await _summarize_order(session, order_pk, truth)
-    processed = await _mark_inbox_processed(session, account_id, truth)
-    await session.flush()
+    await _upsert_lines(conn, account_id, order_pk, snap)
+    new_events = await _upsert_shipments(conn, account_id, order_pk, truth)
+    await _upsert_refunds(conn, account_id, order_pk, truth)
+    await conn.execute(
+        _SUMMARIZE_ORDER,
+        {
+            "order_pk": order_pk,
+            "shipped_at": snap.shipped_at,
+            "all_delivered": bool(truth.shipments) and all(s.delivered for s in truth.shipments),
+        },
+    )
+    processed = await _mark_inbox_processed(conn, account_id, truth)
     return WriteResult(
         order_pk,
         existing is None,
@@ -212,12 +353,11 @@ def _order_values(account_id: str, truth: OrderTruth) -> dict[str, Any]:
         else None,
         "raw": snap.raw,
         "snapshot_at": truth.fetched_at,
-        "last_synced_at": func.now(),
     }
 
 
 async def _upsert_lines(
-    session: AsyncSession, account_id: str, order_pk: int, snap: OrderSnapshot
+    conn: AsyncConnection, account_id: str, order_pk: int, snap: OrderSnapshot
 ) -> None:
     if not snap.lines:
         return
@@ -237,89 +377,50 @@ async def _upsert_lines(
         }
         for line in snap.lines
     ]
-    stmt = insert(OrderLine).values(rows)
-    await session.execute(
-        stmt.on_conflict_do_update(
-            constraint="uq_order_lines_order_pk_line_id",
-            set_={
-                name: stmt.excluded[name]
-                for name in (
-                    "product_id",
-                    "sku_id",
-                    "title",
-                    "quantity",
-                    "unit_price",
-                    "amount",
-                    "raw_status",
-                    "raw",
-                )
-            },
-        )
-    )
+    await conn.execute(_UPSERT_LINES, rows)
 
 
 async def _upsert_shipments(
-    session: AsyncSession, account_id: str, order_pk: int, truth: OrderTruth
+    conn: AsyncConnection, account_id: str, order_pk: int, truth: OrderTruth
 ) -> int:
     new_events = 0
     for parcel in truth.shipments:
         times = [e.event_at for e in parcel.events if e.event_at is not None]
-        stmt = insert(Shipment).values(
-            account_id=account_id,
-            order_pk=order_pk,
-            tracking_number=parcel.tracking_number,
-            line_id=parcel.line_id,
-            carrier=parcel.carrier,
-            carrier_code=parcel.carrier_code,
-            raw_status=parcel.raw_status,
-            first_event_at=min(times, default=None),
-            last_event_at=max(times, default=None),
-            delivered_at=max(times, default=None) if parcel.delivered else None,
-            raw=parcel.raw,
-            last_synced_at=func.now(),
-        )
         shipment_id = (
-            await session.execute(
-                stmt.on_conflict_do_update(
-                    constraint="uq_shipments_order_pk_tracking_number",
-                    set_={
-                        name: stmt.excluded[name]
-                        for name in (
-                            "line_id",
-                            "carrier",
-                            "carrier_code",
-                            "raw_status",
-                            "first_event_at",
-                            "last_event_at",
-                            "delivered_at",
-                            "raw",
-                            "last_synced_at",
-                        )
-                    },
-                ).returning(Shipment.id)
+            await conn.execute(
+                _UPSERT_SHIPMENT,
+                {
+                    "account_id": account_id,
+                    "order_pk": order_pk,
+                    "tracking_number": parcel.tracking_number,
+                    "line_id": parcel.line_id,
+                    "carrier": parcel.carrier,
+                    "carrier_code": parcel.carrier_code,
+                    "raw_status": parcel.raw_status,
+                    "first_event_at": min(times, default=None),
+                    "last_event_at": max(times, default=None),
+                    "delivered_at": max(times, default=None) if parcel.delivered else None,
+                    "raw": parcel.raw,
+                },
             )
         ).scalar_one()
         if not parcel.events:
             continue
-        inserted = await session.execute(
-            insert(ShipmentEvent)
-            .values(
-                [
-                    {
-                        "account_id": account_id,
-                        "shipment_id": shipment_id,
-                        "event_key": event.event_key,
-                        "event_at": event.event_at,
-                        "status": event.status,
-                        "description": event.description,
-                        "location": event.location,
-                        "raw": event.raw,
-                    }
-                    for event in _unique_events(parcel)
-                ]
-            )
-            .on_conflict_do_nothing(constraint="uq_shipment_events_shipment_id_event_key")
-            .returning(ShipmentEvent.id)
+        inserted = await conn.execute(
+            _INSERT_EVENTS,
+            [
+                {
+                    "account_id": account_id,
+                    "shipment_id": shipment_id,
+                    "event_key": event.event_key,
+                    "event_at": event.event_at,
+                    "status": event.status,
+                    "description": event.description,
+                    "location": event.location,
+                    "raw": event.raw,
+                }
+                for event in _unique_events(parcel)
+            ],
         )
         new_events += len(inserted.all())
     return new_events
@@ -334,113 +435,47 @@ def _unique_events(parcel: ShipmentSnapshot) -> list[Any]:
 
 
 async def _upsert_refunds(
-    session: AsyncSession, account_id: str, order_pk: int, truth: OrderTruth
+    conn: AsyncConnection, account_id: str, order_pk: int, truth: OrderTruth
 ) -> None:
     for refund in truth.refunds:
-        stmt = insert(Refund).values(
-            account_id=account_id,
-            platform=refund.platform,
-            refund_id=refund.refund_id,
-            order_pk=order_pk,
-            line_id=refund.line_id,
-            status=refund.status,
-            raw_status=refund.raw_status,
-            currency=refund.currency,
-            amount=refund.amount,
-            reason=refund.reason,
-            requested_at=refund.requested_at,
-            resolved_at=refund.resolved_at,
-            upstream_modified_at=refund.modified_at,
-            raw=refund.raw,
-            last_synced_at=func.now(),
-        )
-        excluded = stmt.excluded
-        await session.execute(
-            stmt.on_conflict_do_update(
-                constraint="uq_refunds_account_id_platform_refund_id",
-                set_={
-                    name: excluded[name]
-                    for name in (
-                        "order_pk",
-                        "line_id",
-                        "status",
-                        "raw_status",
-                        "currency",
-                        "amount",
-                        "reason",
-                        "requested_at",
-                        "resolved_at",
-                        "upstream_modified_at",
-                        "raw",
-                        "last_synced_at",
-                    )
-                },
-                # An after-sales record read earlier must not overwrite a later one.
-                where=or_(
-                    Refund.upstream_modified_at.is_(None),
-                    excluded.upstream_modified_at.is_(None),
-                    Refund.upstream_modified_at <= excluded.upstream_modified_at,
-                ),
-            )
+        await conn.execute(
+            _UPSERT_REFUND,
+            {
+                "account_id": account_id,
+                "platform": refund.platform,
+                "refund_id": refund.refund_id,
+                "order_pk": order_pk,
+                "line_id": refund.line_id,
+                "status": refund.status,
+                "raw_status": refund.raw_status,
+                "currency": refund.currency,
+                "amount": refund.amount,
+                "reason": refund.reason,
+                "requested_at": refund.requested_at,
+                "resolved_at": refund.resolved_at,
+                "upstream_modified_at": refund.modified_at,
+                "raw": refund.raw,
+            },
         )
 
 
 def refund_state_of(statuses: Sequence[RefundStatus]) -> RefundState:
-    """The order's refund summary: an open request wins, then a refund, then a rejection."""
-    if RefundStatus.REQUESTED in statuses:
-        return RefundState.REQUESTED
-    if RefundStatus.REFUNDED in statuses:
-        return RefundState.REFUNDED
-    if RefundStatus.REJECTED in statuses:
-        return RefundState.REJECTED
+    """The order's refund summary from its refunds' statuses (what ``_SUMMARIZE_ORDER``
+    computes in SQL)."""
+    for status, state in _REFUND_STATE_PRECEDENCE:
+        if status in statuses:
+            return state
     return RefundState.NONE
 
 
-async def _summarize_order(session: AsyncSession, order_pk: int, truth: OrderTruth) -> None:
-    """Derive the order's refund state, refunded amount and shipping times from stored rows."""
-    await session.flush()
-    refunds = (
-        await session.execute(
-            select(Refund.status, Refund.amount).where(Refund.order_pk == order_pk)
-        )
-    ).all()
-    refunded = sum(
-        (amount or Decimal(0) for status, amount in refunds if status == RefundStatus.REFUNDED),
-        Decimal(0),
-    )
-    shipped = (
-        await session.execute(
-            select(func.min(Shipment.first_event_at), func.max(Shipment.delivered_at)).where(
-                Shipment.order_pk == order_pk
-            )
-        )
-    ).one()
-    all_delivered = truth.shipments and all(s.delivered for s in truth.shipments)
-    await session.execute(
-        update(Order)
-        .where(Order.id == order_pk)
-        .values(
-            refund_state=refund_state_of([status for status, _ in refunds]),
-            refunded_amount=refunded,
-            shipped_at=truth.order.shipped_at or shipped[0],
-            delivered_at=shipped[1] if all_delivered else None,
-        )
-    )
-
-
-async def _mark_inbox_processed(session: AsyncSession, account_id: str, truth: OrderTruth) -> int:
-    result = await session.execute(
-        update(WebhookInbox)
-        .where(
-            and_(
-                WebhookInbox.account_id == account_id,
-                WebhookInbox.platform == truth.order.platform,
-                WebhookInbox.order_id == truth.order.order_id,
-                WebhookInbox.state.in_([InboxState.RECEIVED, InboxState.QUEUED]),
-                WebhookInbox.received_at <= truth.fetched_at,
-            )
-        )
-        .values(state=InboxState.PROCESSED, processed_at=func.now())
-        .execution_options(synchronize_session=False)
+async def _mark_inbox_processed(conn: AsyncConnection, account_id: str, truth: OrderTruth) -> int:
+    result = await conn.execute(
+        _MARK_INBOX_PROCESSED,
+        {
+            "of_account": account_id,
+            "of_platform": truth.order.platform,
+            "of_order": truth.order.order_id,
+            "fetched_at": truth.fetched_at,
+        },
     )
     return rowcount(result)
