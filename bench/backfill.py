@@ -100,7 +100,7 @@ async def fill(sb: SandboxRemote, orders: int, steps: int) -> float:
 
 
 async def raw_paging(sandbox_url: str, since: datetime, until: datetime, page_size: int) -> Any:
-    """Orders per second of a bare order-list loop (both platforms), and the orders listed."""
+    """A bare order-list loop over both platforms: (orders listed, pages, seconds)."""
     from service.config import load_settings
     from service.ledger.models import Platform
     from service.pandapon.client import PandaPonClient, make_http_client
@@ -113,7 +113,7 @@ async def raw_paging(sandbox_url: str, since: datetime, until: datetime, page_si
         database_url=None,
         broker_url=None,
     )
-    listed = 0
+    listed = pages = 0
     async with make_http_client(settings) as http:
         client = PandaPonClient(settings, http)
         started = time.perf_counter()
@@ -121,11 +121,12 @@ async def raw_paging(sandbox_url: str, since: datetime, until: datetime, page_si
             page_no = 1
             while True:
                 page = await client.order_page(platform, page_no, page_size, since, until)
+                pages += 1
                 listed += len(page.orders)
                 if not page.orders or page_no * page_size >= page.total:
                     break
                 page_no += 1
-        return listed, time.perf_counter() - started
+        return listed, pages, time.perf_counter() - started
 
 
 async def fetch(database_url: str, query: str) -> list[asyncpg.Record]:
@@ -136,6 +137,9 @@ async def fetch(database_url: str, query: str) -> list[asyncpg.Record]:
         await conn.close()
 
 
+SEEN = "SELECT coalesce(sum(orders_seen), 0) AS seen FROM backfill_runs"
+
+
 def run(args: argparse.Namespace, stack: BenchStack, workdir: Path) -> int:
     today = datetime.now(CHINA).date()
     since_day, until_day = today - timedelta(days=1), today + timedelta(days=1)
@@ -143,18 +147,18 @@ def run(args: argparse.Namespace, stack: BenchStack, workdir: Path) -> int:
     until = datetime(until_day.year, until_day.month, until_day.day, tzinfo=CHINA)
     until += timedelta(days=1)
 
-    async def prepare() -> tuple[float, int, float, dict[str, int]]:
+    async def prepare() -> tuple[float, int, int, float]:
         async with (
             httpx.AsyncClient(timeout=600.0, trust_env=False) as http,
             SandboxRemote(stack.sandbox_url, http) as sb,
         ):
             await sb.configure_delivery(drop=1.0)
             fill_s = await fill(sb, args.orders, args.steps)
-            listed, raw_s = await raw_paging(stack.sandbox_url, since, until, args.page_size)
+            listed, pages, raw_s = await raw_paging(stack.sandbox_url, since, until, args.page_size)
             await sb.reset_calls()
-            return fill_s, listed, raw_s, {}
+            return fill_s, listed, pages, raw_s
 
-    fill_s, listed, raw_s, _ = asyncio.run(prepare())
+    fill_s, listed, pages, raw_s = asyncio.run(prepare())
     print(f"sandbox: {args.orders} orders made in {fill_s:.1f} s; raw paging listed {listed}")
 
     peaks = PeakRss()
@@ -169,6 +173,23 @@ def run(args: argparse.Namespace, stack: BenchStack, workdir: Path) -> int:
     with log.open("ab") as out:
         process = subprocess.Popen(argv, env=stack.env(), stdout=out, stderr=subprocess.STDOUT)
     peaks.roots["backfill"] = process.pid
+    killed_at = None
+    if args.kill_half:
+        # SIGKILL the command once it has listed half the orders, then run it again: it must
+        # resume from its backfill_runs rows (the order-list calls show any page asked twice).
+        while process.poll() is None:
+            (row,) = asyncio.run(fetch(stack.database_url, SEEN))
+            if row["seen"] >= args.orders // 2:
+                process.kill()
+                process.wait()
+                killed_at = int(row["seen"])
+                with log.open("ab") as out:
+                    process = subprocess.Popen(
+                        argv, env=stack.env(), stdout=out, stderr=subprocess.STDOUT
+                    )
+                peaks.roots["backfill"] = process.pid
+                break
+            time.sleep(0.2)
     try:
         code = process.wait(args.timeout)
     except subprocess.TimeoutExpired:
@@ -209,6 +230,15 @@ def run(args: argparse.Namespace, stack: BenchStack, workdir: Path) -> int:
         f"upstream limit {args.rate_limit:.0f}/s, worker {args.worker_processes} process(es) x "
         f"{args.worker_threads} threads; load average {load}",
         f"exit code {code}; {seen} listed, {ledger} orders in the ledger in {total_s:.1f} s",
+        *(
+            [
+                f"killed (SIGKILL) after {killed_at} orders listed and run again: "
+                f"{list_calls} order-list calls for {pages} pages "
+                f"({list_calls - pages} asked again)"
+            ]
+            if killed_at is not None
+            else []
+        ),
         "",
         f"{'':<52} {'orders/s':>9} {'x baseline':>11}",
         f"{'baseline: raw order-list paging (no db, no broker)':<52} {raw_rate:>9.0f} {1.0:>11.2f}",
@@ -245,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate-limit", type=float, default=200.0, help="upstream requests/s")
     parser.add_argument("--worker-processes", type=int, default=2)
     parser.add_argument("--worker-threads", type=int, default=8)
+    parser.add_argument(
+        "--kill-half", action="store_true", help="SIGKILL the command half way, run it again"
+    )
     parser.add_argument("--timeout", type=float, help="max seconds for the backfill command")
     parser.add_argument("--database-url", help="postgresql+asyncpg://… server for a scratch db")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/10", help="flushed!")

@@ -467,6 +467,11 @@ def _account_id(settings: Settings) -> str:
     show_default=True,
     help="Stop waiting (exit 1) when nothing has synced for this many seconds.",
 )
+@click.option(
+    "--again",
+    is_flag=True,
+    help="Page a range that an earlier command finished once more (default: skip it).",
+)
 def backfill(
     since: str,
     until: str | None,
@@ -474,6 +479,7 @@ def backfill(
     page_size: int,
     wait: bool,
     stall_timeout: float,
+    again: bool,
 ) -> None:
     """Page through the order lists and reconcile everything in a time range.
 
@@ -482,7 +488,8 @@ def backfill(
     zone of PandaPon's order lists and of the report views). Reconciles go to the workers
     through the broker; progress is saved after every page, so running the same command again
     continues an unfinished run where it stopped (without --until it resumes the latest
-    unfinished run from the same day).
+    unfinished run from the same day) and does not list again a platform it had finished;
+    --again pages a finished range once more.
     """
     import asyncio
     import contextlib
@@ -600,12 +607,12 @@ def backfill(
             with bar:
                 tick = asyncio.create_task(ticker())
                 try:
+                    end = until_at or await unfinished_backfill_until(
+                        runtime.sessions, account_id, platforms, since_at
+                    )
+                    end = end or datetime.now(UTC).replace(microsecond=0)
                     for p in platforms:
-                        end = until_at or await unfinished_backfill_until(
-                            runtime.sessions, account_id, p, since_at
-                        )
-                        end = end or datetime.now(UTC).replace(microsecond=0)
-                        await backfill_range(
+                        progress = await backfill_range(
                             runtime.sessions,
                             runtime.client,
                             enqueue,
@@ -615,7 +622,13 @@ def backfill(
                             end,
                             page_size=page_size,
                             on_page=on_page,
+                            again=again,
                         )
+                        if progress.already_finished:
+                            click.echo(
+                                f"backfill {p.value}: this range was paged already "
+                                f"({progress.orders_seen} orders); --again pages it again"
+                            )
                     if not wait:
                         return 0
                     last_change, last_counts = clock.monotonic(), (-1, -1)

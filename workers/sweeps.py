@@ -199,6 +199,7 @@ class BackfillProgress:
     orders_queued: int
     finished: bool
     total: int = 0  # orders in the range, as the last page's total said
+    already_finished: bool = False  # an earlier command paged this range: nothing was listed
 
 
 async def backfill(
@@ -212,21 +213,43 @@ async def backfill(
     *,
     page_size: int = PAGE_SIZE,
     on_page: Callable[[BackfillProgress], None] | None = None,
+    again: bool = False,
 ) -> BackfillProgress:
-    """Page through ``[since, until)`` and reconcile every order; resumes an unfinished run."""
+    """Page through ``[since, until)`` and reconcile every order.
+
+    The latest run of the same range decides: unfinished, it is resumed from its next page;
+    finished, nothing is paged again (a command killed while the other platform was paging,
+    or while it waited for the workers, must not list this one twice) unless ``again``.
+    """
     async with session_scope(sessions) as session:
         run = (
             await session.execute(
-                select(BackfillRun).where(
+                select(BackfillRun)
+                .where(
                     BackfillRun.account_id == account_id,
                     BackfillRun.platform == platform,
                     BackfillRun.since == since,
                     BackfillRun.until == until,
-                    BackfillRun.finished_at.is_(None),
                 )
+                .order_by(BackfillRun.id.desc())
+                .limit(1)
             )
         ).scalar_one_or_none()
-        if run is None:
+        if run is not None and run.finished_at is not None and not again:
+            done = BackfillProgress(
+                run.id,
+                platform,
+                run.next_page - 1,
+                run.orders_seen,
+                run.orders_queued,
+                finished=True,
+                total=run.orders_seen,
+                already_finished=True,
+            )
+            if on_page:
+                on_page(done)
+            return done
+        if run is None or run.finished_at is not None:
             run = BackfillRun(account_id=account_id, platform=platform, since=since, until=until)
             session.add(run)
             await session.flush()
@@ -287,17 +310,19 @@ async def backfill_done_count(
 async def unfinished_backfill_until(
     sessions: async_sessionmaker[AsyncSession],
     account_id: str,
-    platform: Platform,
+    platforms: Sequence[Platform],
     since: datetime,
 ) -> datetime | None:
-    """The end of the latest unfinished run from ``since`` (to resume one started "until now")."""
+    """The end of the latest unfinished run from ``since`` on any of ``platforms``: a command
+    started "until now" and interrupted resumes that range on every platform (one range per
+    command, so the platforms it had finished are not paged again)."""
     async with sessions() as session:
         until: datetime | None = (
             await session.execute(
                 select(BackfillRun.until)
                 .where(
                     BackfillRun.account_id == account_id,
-                    BackfillRun.platform == platform,
+                    BackfillRun.platform.in_(platforms),
                     BackfillRun.since == since,
                     BackfillRun.finished_at.is_(None),
                 )

@@ -12,7 +12,13 @@ from service.db import make_sessionmaker, session_scope
 from service.ledger.models import BackfillRun, Order, OrderStatus, Platform, SweepCursor, SyncSource
 from service.ledger.write import OrderTruth, write_order
 from service.pandapon.models import OrderListPage, OrderSnapshot
-from workers.sweeps import backfill, backfill_done_count, refresh, sweep
+from workers.sweeps import (
+    backfill,
+    backfill_done_count,
+    refresh,
+    sweep,
+    unfinished_backfill_until,
+)
 
 ACCOUNT = "acct"
 NOW = datetime.now(UTC)
@@ -188,4 +194,65 @@ async def test_backfill_resumes_after_an_interruption_without_redoing_pages(
     assert await backfill_done_count(sessions, progress.run_id) == (0, 0)
     async with engine.connect() as conn:
         assert (await conn.execute(text("SELECT count(*) FROM orders"))).scalar_one() == 0
+    await engine.dispose()
+
+
+async def test_a_finished_range_is_not_paged_again_unless_asked(fresh_database_url: str) -> None:
+    engine = create_async_engine(fresh_database_url)
+    sessions = make_sessionmaker(engine)
+    since, until = NOW - timedelta(days=30), NOW
+    orders = [snap(f"f{i:02d}", NOW - timedelta(days=1, minutes=i)) for i in range(6)]
+    upstream, sent = ListedOrders(orders), Recorder()
+    first = await backfill(
+        sessions, upstream, sent, ACCOUNT, Platform.TAOBAO, since, until, page_size=4
+    )
+    assert upstream.pages == [1, 2]
+    assert len(sent.sent) == 6
+
+    # The same command again (say, killed while the other platform paged): nothing is listed.
+    rerun = await backfill(
+        sessions, upstream, sent, ACCOUNT, Platform.TAOBAO, since, until, page_size=4
+    )
+    assert upstream.pages == [1, 2]
+    assert len(sent.sent) == 6
+    assert rerun.already_finished
+    assert rerun.run_id == first.run_id
+    assert (rerun.orders_seen, rerun.pages_done) == (6, 2)
+
+    again = await backfill(
+        sessions, upstream, sent, ACCOUNT, Platform.TAOBAO, since, until, page_size=4, again=True
+    )
+    assert upstream.pages == [1, 2, 1, 2]
+    assert len(sent.sent) == 12
+    assert not again.already_finished
+    assert again.run_id != first.run_id
+    await engine.dispose()
+
+
+async def test_a_range_started_until_now_resumes_on_every_platform(
+    fresh_database_url: str,
+) -> None:
+    """One command pages every platform over one range: the end of the interrupted one."""
+    engine = create_async_engine(fresh_database_url)
+    sessions = make_sessionmaker(engine)
+    since, until = NOW - timedelta(days=3), NOW - timedelta(minutes=5)
+    async with session_scope(sessions) as session:
+        session.add_all(
+            [
+                BackfillRun(
+                    account_id=ACCOUNT,
+                    platform=Platform.TAOBAO,
+                    since=since,
+                    until=until,
+                    finished_at=NOW,
+                ),
+                BackfillRun(
+                    account_id=ACCOUNT, platform=Platform.ALIBABA_1688, since=since, until=until
+                ),
+            ]
+        )
+    both = [Platform.TAOBAO, Platform.ALIBABA_1688]
+    assert await unfinished_backfill_until(sessions, ACCOUNT, both, since) == until
+    assert await unfinished_backfill_until(sessions, ACCOUNT, [Platform.TAOBAO], since) is None
+    assert await unfinished_backfill_until(sessions, ACCOUNT, both, since - timedelta(1)) is None
     await engine.dispose()
