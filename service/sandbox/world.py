@@ -267,6 +267,11 @@ class World:
         self._taobao_lines: dict[str, tuple[WorldOrder, WorldLine]] = {}
         self._ids: set[str] = set()
         self._listeners: list[Listener] = []
+        # The order list of the last range asked for, until the next change: a backfill pages
+        # one range hundreds of times, and listing means a scan and a sort of every order.
+        self._version = 0
+        self._listing: tuple[tuple[Platform, datetime, datetime, int], list[WorldOrder]] | None
+        self._listing = None
 
     # --- queries ------------------------------------------------------------------------------
 
@@ -298,8 +303,13 @@ class World:
         self, platform: Platform, start: datetime, end: datetime
     ) -> list[WorldOrder]:
         """Orders modified in [start, end], oldest change first (a stable order for paging)."""
+        key = (platform, start, end, self._version)
+        if self._listing is not None and self._listing[0] == key:
+            return self._listing[1]
         found = [o for o in self.orders(platform) if start <= o.modified_at <= end]
-        return sorted(found, key=lambda o: (o.modified_at, o.order_id))
+        found.sort(key=lambda o: (o.modified_at, o.order_id))
+        self._listing = (key, found)
+        return found
 
     # --- changes ------------------------------------------------------------------------------
 
@@ -575,6 +585,7 @@ class World:
         """Stamp a change: now, or one second after the last change if that is not later."""
         now = max(self._now(), order.modified_at + timedelta(seconds=1))
         order.modified_at = now
+        self._version += 1
         return now
 
     def _new_id(self, digits: int, prefix: str = "") -> str:
@@ -587,5 +598,6 @@ class World:
 
     def _emit(self, kind: ChangeKind, order: WorldOrder, refund: WorldRefund | None = None) -> None:
         change = Change(kind, order, refund)
+        self._version += 1
         for listener in self._listeners:
             listener(change)
