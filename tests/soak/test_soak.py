@@ -48,7 +48,7 @@ from tests.soak.traffic import (
 from tests.support.ledger_truth import expected_refund_state, ledger_mismatches
 from tests.support.stack import Stack
 
-ORDERS = int(os.environ.get("PANDASYNC_SOAK_ORDERS", "500"))  # CI: see docs/reliability.md
+ORDERS = int(os.environ.get("PANDASYNC_SOAK_ORDERS", "2000"))  # CI: see docs/reliability.md
 SEED = int(os.environ.get("PANDASYNC_SOAK_SEED", "9"))
 LANES = 8  # orders living at once
 BAD_RATE_PER_S = 12.0
