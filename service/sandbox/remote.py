@@ -55,9 +55,22 @@ class SandboxRemote:
         if self._own:
             await self._http.aclose()
 
-    async def _call(self, method: str, path: str, payload: Any = None, **params: str) -> Any:
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        payload: Any = None,
+        *,
+        params: dict[str, str] | None = None,
+        wait_s: float | None = None,
+    ) -> Any:
+        """One control call; ``wait_s``: the server may take that long to answer on purpose."""
         response = await self._http.request(
-            method, f"{self.base_url}{PREFIX}{path}", json=payload, params=params or None
+            method,
+            f"{self.base_url}{PREFIX}{path}",
+            json=payload,
+            params=params or None,
+            timeout=httpx.USE_CLIENT_DEFAULT if wait_s is None else wait_s + 30.0,
         )
         if response.status_code >= 400:
             try:
@@ -99,7 +112,7 @@ class SandboxRemote:
 
     async def orders(self, platform: Platform | str | None = None) -> list[dict[str, Any]]:
         params = {"platform": _p(platform)} if platform else {}
-        result: list[dict[str, Any]] = (await self._call("GET", "/orders", **params))["orders"]
+        result: list[dict[str, Any]] = (await self._call("GET", "/orders", params=params))["orders"]
         return result
 
     async def _act(
@@ -230,12 +243,12 @@ class SandboxRemote:
 
     async def callbacks(self, *, with_body: bool = False, limit: int = 1000) -> dict[str, Any]:
         params = {"limit": str(limit), **({"with_body": "1"} if with_body else {})}
-        result: dict[str, Any] = await self._call("GET", "/callbacks", **params)
+        result: dict[str, Any] = await self._call("GET", "/callbacks", params=params)
         return result
 
     async def drain(self, within_s: float = 10.0) -> dict[str, Any]:
         """Wait until every callback has been delivered or given up (``drained`` says which)."""
         result: dict[str, Any] = await self._call(
-            "POST", "/callbacks/drain", {"within_s": within_s}
+            "POST", "/callbacks/drain", {"within_s": within_s}, wait_s=within_s
         )
         return result
