@@ -3,10 +3,14 @@ and the real processes (``tests.support.stack.Stack``) with workers sized for a 
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
+import shutil
+import tempfile
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -90,6 +94,38 @@ class BenchStack(Stack):
         argv = [PANDASYNC, "worker", "--processes", str(self.worker_processes)]
         self.add("worker", [*argv, "--threads", str(self.worker_threads)]).start()
         await self.wait_ready()
+
+
+@contextmanager
+def running_stack(
+    args: argparse.Namespace, kind: str, settings: Mapping[str, str]
+) -> Iterator[tuple[BenchStack, Path]]:
+    """A started ``BenchStack`` on a scratch database and a flushed Redis db, sized by the
+    bench's ``--worker-processes``/``--worker-threads``, and its work directory; everything
+    is dropped afterwards (the directory kept with ``--keep``)."""
+    server = server_url(args.database_url)
+    workdir = Path(tempfile.mkdtemp(prefix=f"pandasync-bench-{kind}-"))
+    flush_redis(args.redis_url)
+    name, database_url = create_database(server, f"pandasync_bench_{kind}")
+    stack = BenchStack(
+        database_url,
+        args.redis_url,
+        workdir,
+        settings={**settings, "PANDASYNC_LOG_LEVEL": "WARNING"},
+        worker_processes=args.worker_processes,
+        worker_threads=args.worker_threads,
+    )
+    try:
+        asyncio.run(stack.start())
+        yield stack, workdir
+    finally:
+        stack.stop()
+        drop_database(server, name)
+        flush_redis(args.redis_url)
+        if args.keep:
+            print(f"logs: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 class CpuMeter:

@@ -25,10 +25,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from datetime import datetime, timedelta
@@ -43,10 +41,7 @@ import psutil
 from bench._stack import (
     BenchStack,
     asyncpg_dsn,
-    create_database,
-    drop_database,
-    flush_redis,
-    server_url,
+    running_stack,
 )
 from service.sandbox.remote import SandboxRemote
 from service.sandbox.settings import DEV_ACCESS_KEY, DEV_ACCESS_SECRET, DEV_USER_ID
@@ -286,32 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     args.orders = args.orders or (100_000 if args.large else 5_000)
     args.timeout = args.timeout or 300.0 + args.orders / 5  # bounded even when slow
 
-    server = server_url(args.database_url)
-    workdir = Path(tempfile.mkdtemp(prefix="pandasync-bench-backfill-"))
-    flush_redis(args.redis_url)
-    name, database_url = create_database(server, "pandasync_bench_backfill")
-    stack = BenchStack(
-        database_url,
-        args.redis_url,
-        workdir,
-        settings={
-            "PANDASYNC_UPSTREAM_RATE_LIMIT_RPS": str(args.rate_limit),
-            "PANDASYNC_LOG_LEVEL": "WARNING",
-        },
-        worker_processes=args.worker_processes,
-        worker_threads=args.worker_threads,
-    )
-    try:
-        asyncio.run(stack.start())
+    limit = {"PANDASYNC_UPSTREAM_RATE_LIMIT_RPS": str(args.rate_limit)}
+    with running_stack(args, "backfill", limit) as (stack, workdir):
         return run(args, stack, workdir)
-    finally:
-        stack.stop()
-        drop_database(server, name)
-        flush_redis(args.redis_url)
-        if args.keep:
-            print(f"logs: {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

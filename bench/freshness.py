@@ -27,12 +27,9 @@ import contextlib
 import json
 import os
 import random
-import shutil
 import statistics
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -43,10 +40,7 @@ from bench._stack import (
     CpuMeter,
     asyncpg_dsn,
     cpu_lines,
-    create_database,
-    drop_database,
-    flush_redis,
-    server_url,
+    running_stack,
 )
 from service.pandapon.signer import Credentials, signed_headers
 from service.sandbox.remote import SandboxRemote
@@ -334,36 +328,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.duration = args.duration or (60 if args.large else 5)
 
-    server = server_url(args.database_url)
-    workdir = Path(tempfile.mkdtemp(prefix="pandasync-bench-freshness-"))
-    flush_redis(args.redis_url)
-    name, database_url = create_database(server, "pandasync_bench_fresh")
-    stack = BenchStack(
-        database_url,
-        args.redis_url,
-        workdir,
-        settings={
-            "PANDASYNC_UPSTREAM_RATE_LIMIT_RPS": str(args.rate_limit),
-            "PANDASYNC_HTTP_MAX_CONNECTIONS": "100",
-            "PANDASYNC_LOG_LEVEL": "WARNING",
-        },
-        worker_processes=args.worker_processes,
-        worker_threads=args.worker_threads,
-    )
-    try:
-        asyncio.run(stack.start())
+    settings = {
+        "PANDASYNC_UPSTREAM_RATE_LIMIT_RPS": str(args.rate_limit),
+        "PANDASYNC_HTTP_MAX_CONNECTIONS": "100",
+    }
+    with running_stack(args, "fresh", settings) as (stack, _):
         result = asyncio.run(measure(stack, args))
         print()
         print(report(result, args))
         return 0 if not result["missing"] and not result["errors"] else 1
-    finally:
-        stack.stop()
-        drop_database(server, name)
-        flush_redis(args.redis_url)
-        if args.keep:
-            print(f"logs: {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":
