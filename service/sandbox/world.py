@@ -269,9 +269,9 @@ class World:
         self._listeners: list[Listener] = []
         # The order list of the last range asked for, until the next change: a backfill pages
         # one range hundreds of times, and listing means a scan and a sort of every order.
+        # Every change that moves an order in a listing (creation, a new modified time) emits.
         self._version = 0
-        self._listing: tuple[tuple[Platform, datetime, datetime, int], list[WorldOrder]] | None
-        self._listing = None
+        self._listing: tuple[tuple[Any, ...], list[WorldOrder]] | None = None
 
     # --- queries ------------------------------------------------------------------------------
 
@@ -585,7 +585,6 @@ class World:
         """Stamp a change: now, or one second after the last change if that is not later."""
         now = max(self._now(), order.modified_at + timedelta(seconds=1))
         order.modified_at = now
-        self._version += 1
         return now
 
     def _new_id(self, digits: int, prefix: str = "") -> str:
