@@ -110,7 +110,7 @@ class LockedOrder:
     inbox_state: str | None  # the state of the request's inbox row, if it names one
 
 
-# Lock, clock and the coalescing check in ONE round trip (the worker's cost is round trips).
+# Lock, clock and the coalescing check in ONE round trip (each costs a turn of the worker loop).
 # The inbox state is read from the statement's snapshot: at worst a row committed as processed
 # a moment ago reads as queued, which costs one redundant (idempotent) reconcile.
 _LOCK_AND_LOOK = text(
