@@ -46,7 +46,13 @@ from service.ledger.models import (
     SyncSource,
     WebhookInbox,
 )
-from service.ledger.write import OrderTruth, WriteResult, write_order
+from service.ledger.write import (
+    OrderTruth,
+    WriteResult,
+    order_params,
+    rows_of_order,
+    write_order,
+)
 from service.pandapon.models import OrderSnapshot, RefundSnapshot, ShipmentSnapshot
 from workers.policy import call_with_retries
 
@@ -239,9 +245,7 @@ async def reconcile_order(
 _RESOLVE_FAILURES = (
     update(SyncFailure)
     .where(
-        SyncFailure.account_id == bindparam("of_account"),
-        SyncFailure.platform == bindparam("of_platform"),
-        SyncFailure.order_id == bindparam("of_order"),
+        *rows_of_order(SyncFailure),
         SyncFailure.resolved_at.is_(None),
     )
     .values(resolved_at=func.now())
@@ -251,11 +255,7 @@ _RESOLVE_FAILURES = (
 async def resolve_failures(session: AsyncSession, request: ReconcileRequest) -> int:
     """A successful sync closes the order's open failure, if it had one; returns how many."""
     conn = await session.connection()
-    params = {
-        "of_account": request.account_id,
-        "of_platform": request.platform,
-        "of_order": request.order_id,
-    }
+    params = order_params(request.account_id, request.platform, request.order_id)
     return rowcount(await conn.execute(_RESOLVE_FAILURES, params))
 
 

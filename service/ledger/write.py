@@ -24,7 +24,18 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Boolean, DateTime, bindparam, case, exists, func, or_, select, update
+from sqlalchemy import (
+    Boolean,
+    ColumnElement,
+    DateTime,
+    bindparam,
+    case,
+    exists,
+    func,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects.postgresql import Insert, insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
@@ -36,6 +47,7 @@ from service.ledger.models import (
     OrderPriceChange,
     OrderStatus,
     OrderStatusHistory,
+    Platform,
     Refund,
     RefundState,
     RefundStatus,
@@ -216,13 +228,26 @@ _SUMMARIZE_ORDER = (
     )
 )
 
+
+def rows_of_order(model: Any) -> tuple[ColumnElement[bool], ...]:
+    """The WHERE of an UPDATE of one order's rows in a table keyed by account, platform and
+    order id; its parameters come from ``order_params``. (The bind names of an UPDATE's WHERE
+    must differ from its table's column names.)"""
+    return (
+        model.account_id == bindparam("of_account"),
+        model.platform == bindparam("of_platform"),
+        model.order_id == bindparam("of_order"),
+    )
+
+
+def order_params(account_id: str, platform: Platform, order_id: str) -> dict[str, Any]:
+    return {"of_account": account_id, "of_platform": platform, "of_order": order_id}
+
+
 _MARK_INBOX_PROCESSED = (
     update(WebhookInbox)
     .where(
-        # (Bind names of an UPDATE's WHERE must differ from its table's column names.)
-        WebhookInbox.account_id == bindparam("of_account"),
-        WebhookInbox.platform == bindparam("of_platform"),
-        WebhookInbox.order_id == bindparam("of_order"),
+        *rows_of_order(WebhookInbox),
         WebhookInbox.state.in_([InboxState.RECEIVED, InboxState.QUEUED]),
         WebhookInbox.received_at <= bindparam("fetched_at"),
     )
@@ -472,9 +497,7 @@ async def _mark_inbox_processed(conn: AsyncConnection, account_id: str, truth: O
     result = await conn.execute(
         _MARK_INBOX_PROCESSED,
         {
-            "of_account": account_id,
-            "of_platform": truth.order.platform,
-            "of_order": truth.order.order_id,
+            **order_params(account_id, truth.order.platform, truth.order.order_id),
             "fetched_at": truth.fetched_at,
         },
     )
