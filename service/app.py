@@ -29,7 +29,7 @@ from starlette.routing import Route
 from service.config import Settings, get_settings
 from service.db import make_engine, make_sessionmaker
 from service.webhooks.endpoint import Receiver
-from service.webhooks.handoff import BrokerSender, Handoff, InlineSender, Sender, make_sender
+from service.webhooks.handoff import BrokerSender, Handoff, InlineSender, make_sender
 from service.webhooks.inbox import InboxWriter, describe_error
 from service.webhooks.relay import run_relay
 from service.webhooks.request_ids import RequestIdMiddleware
@@ -126,7 +126,7 @@ def create_app(
         broker.declare_queue(RECONCILE_QUEUE)
         handoff_sender = make_sender(broker, settings)
         # The relay sends rarely: a thread (its own, so it never waits behind the hand-off).
-        relay_sender: Sender = (
+        relay_sender: BrokerSender | InlineSender = (
             handoff_sender if isinstance(handoff_sender, InlineSender) else BrokerSender(broker)
         )
         timeout_s = settings.inbox_write_timeout_ms / 1000

@@ -158,8 +158,9 @@ class Settings(BaseSettings):
     requeue_after_s: PositiveFloat = Field(
         default=300.0,
         description=(
-            "A handed-off message still unprocessed after this long is handed off again "
-            "(the broker lost it: a restart without persistence, a killed worker)."
+            "A handed-off message not processed once the broker's queue has moved this far "
+            "past it is handed off again (the broker lost it: a restart without persistence, "
+            "a killed worker)."
         ),
     )
     sweep_interval_s: PositiveFloat = Field(

@@ -172,3 +172,21 @@ def clean_redis(redis_url: str) -> Iterator[str]:
     yield redis_url
     client.flushdb()
     client.close()
+
+
+# Not the shared test database (15): worker processes of other tests consume the reconcile
+# queue there, and a test using this one must see every message it caused.
+OWN_REDIS_DB = 13
+
+
+@pytest.fixture
+def own_redis(redis_url: str) -> Iterator[str]:
+    """A Redis database no worker consumes, emptied before and after the test."""
+    import redis
+
+    url = urlunsplit(urlsplit(redis_url)._replace(path=f"/{OWN_REDIS_DB}"))
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    yield url
+    client.flushdb()
+    client.close()

@@ -10,6 +10,7 @@ the actors (``reconcile_message``).
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -78,3 +79,58 @@ def reconcile_message(
         kwargs={"source": source, "inbox_id": inbox_id, "request_id": request_id},
         options={},
     )
+
+
+def queue_depth(broker: dramatiq.Broker | None) -> int | None:
+    """Messages waiting in the reconcile queue (Redis only; None when it cannot be read)."""
+    from dramatiq.brokers.redis import RedisBroker
+
+    if not isinstance(broker, RedisBroker):
+        return None
+    full_name = f"{broker.namespace}:{RECONCILE_QUEUE}"
+    try:
+        return int(broker.client.llen(full_name)) + int(broker.client.llen(f"{full_name}.DQ"))
+    except Exception:  # a status command must still print the database half
+        return None
+
+
+# What ``oldest_waiting`` answers when messages wait but their age cannot be read: as old as
+# anything, so nothing is taken for lost while the broker still holds work.
+AGE_UNKNOWN = datetime.min.replace(tzinfo=UTC)
+
+# One round trip, atomic: the head of the queue (a message id) and that message's data.
+_REDIS_HEAD = """
+local id = redis.call('lindex', KEYS[1], 0)
+if not id then return nil end
+return {id, redis.call('hget', KEYS[2], id) or ''}
+"""
+
+
+def oldest_waiting(broker: dramatiq.Broker, queue_name: str = RECONCILE_QUEUE) -> datetime | None:
+    """When the oldest message still waiting in ``queue_name`` was enqueued; None if none waits.
+
+    Messages fetched by a worker (in flight, or held for a delayed retry) are not waiting.
+    Blocking. A broker that cannot tell the age answers ``AGE_UNKNOWN`` while anything waits.
+    """
+    from dramatiq.brokers.redis import RedisBroker
+
+    data: bytes | None = None
+    if isinstance(broker, StubBroker):
+        waiting = broker.queues[queue_name]
+        with waiting.mutex:
+            if not waiting.queue:
+                return None
+            data = waiting.queue[0]
+    elif isinstance(broker, RedisBroker):
+        full_name = f"{broker.namespace}:{queue_name}"
+        head = broker.client.eval(_REDIS_HEAD, 2, full_name, f"{full_name}.msgs")
+        if head is None:
+            return None
+        data = head[1] or None
+    elif hasattr(broker, "get_queue_message_counts"):  # RabbitmqBroker: counts, no ages
+        ready, _delayed, _dead = broker.get_queue_message_counts(queue_name)
+        if ready == 0:
+            return None
+    if data is None:
+        return AGE_UNKNOWN
+    return dramatiq.Message.decode(data).message_datetime

@@ -18,7 +18,7 @@ from service.ledger.models import (
     SyncSource,
     WebhookInbox,
 )
-from workers.broker import RECONCILE_QUEUE, reconcile_message
+from workers.broker import queue_depth, reconcile_message
 from workers.reconcile import count_open_failures
 
 
@@ -116,17 +116,3 @@ async def gather_status(
     return Status(
         int(backlog), int(unqueued), oldest, int(failures), queue_depth(broker), sweep_rows
     )
-
-
-def queue_depth(broker: dramatiq.Broker | None) -> int | None:
-    """Messages waiting in the reconcile queue (Redis only; None when it cannot be read)."""
-    client = getattr(broker, "client", None)
-    namespace = getattr(broker, "namespace", None)
-    if client is None or namespace is None:
-        return None
-    try:
-        return int(client.llen(f"{namespace}:{RECONCILE_QUEUE}")) + int(
-            client.llen(f"{namespace}:{RECONCILE_QUEUE}.DQ")
-        )
-    except Exception:  # a status command must still print the database half
-        return None

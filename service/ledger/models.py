@@ -331,6 +331,9 @@ class WebhookInbox(Base):
             "ix_webhook_inbox_unqueued", "received_at", postgresql_where=text("state = 'received'")
         ),
         Index(
+            "ix_webhook_inbox_handed_off", "queued_at", postgresql_where=text("state = 'queued'")
+        ),
+        Index(
             "ix_webhook_inbox_open_by_order",
             "account_id",
             "platform",

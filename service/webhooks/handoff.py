@@ -167,6 +167,9 @@ class InlineSender:
     ) -> tuple[list[int], BaseException | None]:
         return send_reconciles(self.broker, items)
 
+    async def call(self, fn: Callable[[], T]) -> T:
+        return fn()
+
     def close(self) -> None:
         pass
 

@@ -75,6 +75,10 @@ RELAY_HANDED_OFF = Counter(
     "pandasync_relay_handed_off_total",
     "Inbox rows the relay found not handed off and sent to the broker.",
 )
+RELAY_HANDED_OFF_AGAIN = Counter(
+    "pandasync_relay_handed_off_again_total",
+    "Inbox rows handed off once, never processed, and sent again: the broker lost them.",
+)
 RELAY_FAILURES = Counter(
     "pandasync_relay_failures_total", "Relay passes that stopped on a broker or database error."
 )

@@ -8,6 +8,12 @@ way) and marks it ``queued``, in batches, each batch one transaction holding its
 without sending a row twice. It runs in the web role's lifespan (``run_relay``) and is meant
 to be called by the scheduler too.
 
+A row ``queued`` but still not processed REQUEUE_AFTER_S after its hand-off is sent again only
+once the broker's queue has moved on: when nothing waits there, or the oldest message waiting
+was enqueued REQUEUE_AFTER_S after the row was handed off. Its message was then lost (Redis
+restarted without persistence) rather than still waiting behind a backlog; sending every
+waiting row again would only deepen that backlog, each pass.
+
 The same loop deletes signature nonces older than twice the tolerance: a request that old is
 refused by its timestamp before its nonce matters.
 """
@@ -20,15 +26,21 @@ from datetime import UTC, datetime, timedelta
 
 import dramatiq
 import structlog
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, delete, false, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.config import Settings
 from service.db import rowcount, session_scope
 from service.ledger.models import InboxState, WebhookInbox, WebhookNonce
 from service.webhooks import metrics
-from service.webhooks.handoff import PendingReconcile, Sender, send_reconciles
+from service.webhooks.handoff import (
+    BrokerSender,
+    InlineSender,
+    PendingReconcile,
+    send_reconciles,
+)
 from service.webhooks.inbox import describe_error
+from workers.broker import AGE_UNKNOWN, oldest_waiting
 
 log = structlog.get_logger("pandasync.relay")
 
@@ -41,17 +53,17 @@ async def relay_once(
     broker: dramatiq.Broker,
     settings: Settings,
     *,
-    sender: Sender | None = None,
+    sender: BrokerSender | InlineSender | None = None,
     batch_size: int = RELAY_BATCH,
 ) -> int:
     """Hand off every row left ``received`` for longer than the grace, and again every row
-    ``queued`` for longer than REQUEUE_AFTER_S without being processed; return how many.
+    ``queued`` whose message the broker no longer holds (see above); return how many.
 
     Stops early (returning what it sent so far) when the broker fails; raises on a database
     error. ``sender`` bounds the blocking broker calls; without one they run in a thread.
     """
     grace = timedelta(seconds=settings.relay_grace_s)
-    requeue_after = timedelta(seconds=settings.requeue_after_s)
+    lost = await _lost_in_broker(broker, sender, timedelta(seconds=settings.requeue_after_s))
     handed_off = 0
     while True:
         async with session_scope(sessions) as session:
@@ -63,6 +75,7 @@ async def relay_once(
                         WebhookInbox.platform,
                         WebhookInbox.order_id,
                         WebhookInbox.request_id,
+                        WebhookInbox.state,
                     )
                     .where(
                         or_(
@@ -70,12 +83,7 @@ async def relay_once(
                                 WebhookInbox.state == InboxState.RECEIVED,
                                 WebhookInbox.received_at < func.now() - grace,
                             ),
-                            # Handed off long ago and still not processed: the broker lost
-                            # it (Redis restarted without persistence, a worker was killed).
-                            and_(
-                                WebhookInbox.state == InboxState.QUEUED,
-                                WebhookInbox.queued_at < func.now() - requeue_after,
-                            ),
+                            lost,
                         )
                     )
                     .order_by(WebhookInbox.id)
@@ -83,6 +91,7 @@ async def relay_once(
                     .with_for_update(skip_locked=True)
                 )
             ).all()
+            again = sum(r.state is InboxState.QUEUED for r in rows)
             items = [
                 PendingReconcile(r.id, r.account_id, r.platform.value, r.order_id, r.request_id)
                 for r in rows
@@ -109,6 +118,9 @@ async def relay_once(
                 )
         handed_off += len(sent)
         metrics.RELAY_HANDED_OFF.inc(len(sent))
+        if again:
+            log.warning("relay.handed_off_again", rows=again)
+            metrics.RELAY_HANDED_OFF_AGAIN.inc(again)
         if error is not None:
             metrics.RELAY_FAILURES.inc()
             log.warning(
@@ -123,6 +135,29 @@ async def relay_once(
     if handed_off:
         log.info("relay.handed_off", rows=handed_off)
     return handed_off
+
+
+async def _lost_in_broker(
+    broker: dramatiq.Broker,
+    sender: BrokerSender | InlineSender | None,
+    requeue_after: timedelta,
+) -> ColumnElement[bool]:
+    """The condition on ``queued`` rows whose message the broker no longer holds."""
+    try:
+        if sender is not None:
+            waiting_since = await sender.call(lambda: oldest_waiting(broker))
+        else:
+            waiting_since = await asyncio.to_thread(oldest_waiting, broker)
+    except Exception as error:  # unreachable or busy: the sends would fail too; next pass
+        log.warning("relay.broker_unreadable", error=describe_error(error))
+        return false()
+    if waiting_since is AGE_UNKNOWN:
+        return false()
+    moved_on = func.now() if waiting_since is None else func.least(func.now(), waiting_since)
+    return and_(
+        WebhookInbox.state == InboxState.QUEUED,
+        WebhookInbox.queued_at < moved_on - requeue_after,
+    )
 
 
 async def purge_nonces(sessions: async_sessionmaker[AsyncSession], settings: Settings) -> int:
@@ -158,7 +193,7 @@ async def run_relay(
     broker: dramatiq.Broker,
     settings: Settings,
     *,
-    sender: Sender | None = None,
+    sender: BrokerSender | InlineSender | None = None,
 ) -> None:
     """Relay, measure the backlog and purge old nonces every RELAY_INTERVAL_S, until cancelled."""
     last_purge = float("-inf")

@@ -11,8 +11,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import Counter
-from collections.abc import Iterator
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -29,22 +28,6 @@ from workers.broker import RECONCILE_QUEUE, make_broker
 pytestmark = pytest.mark.redis
 
 SENDERS = 4
-# Not the shared test database (15): worker processes of other tests consume the reconcile
-# queue there, and this test must see every message it caused.
-OWN_REDIS_DB = 13
-
-
-@pytest.fixture
-def own_redis(redis_url: str) -> Iterator[str]:
-    """A Redis database of this test's own, emptied before and after."""
-    import redis
-
-    url = urlunsplit(urlsplit(redis_url)._replace(path=f"/{OWN_REDIS_DB}"))
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    yield url
-    client.flushdb()
-    client.close()
 
 
 def drain_reconciles(redis_url: str) -> list[MessageProxy]:

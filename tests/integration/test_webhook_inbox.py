@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -23,6 +24,7 @@ from service.webhooks.relay import measure_backlog, purge_nonces, relay_once
 from tests.conftest import to_asyncpg_dsn
 from tests.support.webhook_checks import count, fetch, sample
 from tests.support.webhook_requests import receiver_settings
+from workers.broker import reconcile_message
 
 
 def row(**changes: object) -> InboxRow:
@@ -206,10 +208,13 @@ async def insert_rows(url: str, *, age_s: float, n: int, **values: object) -> li
             }
             columns = ", ".join(fields)
             params = ", ".join(f"${i}" for i in range(1, len(fields) + 1))
+            # A 'queued' row was handed off when it was received.
+            handed_off = "at" if fields["state"] == "queued" else "NULL"
             ids.append(
                 await conn.fetchval(
-                    f"INSERT INTO webhook_inbox ({columns}, received_at) VALUES ({params}, "
-                    f"now() - make_interval(secs => {age_s})) RETURNING id",
+                    f"WITH t AS (SELECT now() - make_interval(secs => {age_s}) AS at) "
+                    f"INSERT INTO webhook_inbox ({columns}, received_at, queued_at) "
+                    f"SELECT {params}, at, {handed_off} FROM t RETURNING id",
                     *fields.values(),
                 )
             )
@@ -266,6 +271,43 @@ async def test_relay_sends_one_reconcile_per_order(db: Db) -> None:
     # The newest row of the burst names the message; all three are closed by it.
     assert max(burst) in {m.kwargs["inbox_id"] for m in messages}
     assert set((await states(db.url)).values()) == {"queued"}
+
+
+def enqueued_ago(broker: StubBroker, age_s: float) -> None:
+    """A reconcile waiting in the broker since ``age_s`` ago: the head of a backlog."""
+    message = reconcile_message("acct", "1688", "backlog", source="webhook")
+    broker.enqueue(replace(message, message_timestamp=int((time.time() - age_s) * 1000)))
+
+
+async def test_relay_hands_off_again_rows_the_broker_lost(db: Db) -> None:
+    settings = db.settings.model_copy(update={"requeue_after_s": 30.0})
+    lost = await insert_rows(db.url, age_s=60, n=2, state="queued")
+    recent = await insert_rows(db.url, age_s=5, n=1, state="queued")
+    broker = stub_broker()  # empty: whatever was handed off and is not processed is lost
+    before = sample("pandasync_relay_handed_off_again_total")
+
+    assert await relay_once(db.sessions, broker, settings) == 2
+
+    assert sorted(sent_inbox_ids(broker)) == sorted(lost)
+    assert sample("pandasync_relay_handed_off_again_total") == before + 2
+    # Handed off again just now: not again on the next pass.
+    assert await relay_once(db.sessions, broker, settings) == 0
+    assert recent[0] not in sent_inbox_ids(broker)
+
+
+async def test_relay_leaves_rows_still_waiting_behind_a_backlog(db: Db) -> None:
+    settings = db.settings.model_copy(update={"requeue_after_s": 30.0})
+    waiting = await insert_rows(db.url, age_s=60, n=2, state="queued")
+    lost = await insert_rows(db.url, age_s=200, n=1, state="queued")
+    broker = stub_broker()
+    # The oldest message still waiting was enqueued 100 s ago: rows handed off in the 30 s
+    # before it, or after it, may be waiting too; a row handed off 200 s ago is not.
+    enqueued_ago(broker, 100)
+
+    assert await relay_once(db.sessions, broker, settings) == 1
+
+    assert [i for i in sent_inbox_ids(broker) if i is not None] == lost
+    assert {(await states(db.url))[i] for i in waiting} == {"queued"}
 
 
 async def test_relay_works_in_batches(db: Db) -> None:

@@ -1,0 +1,70 @@
+"""How old the oldest waiting reconcile is, read from a real Redis (the relay's test of loss)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+import dramatiq
+import pytest
+
+from service.config import load_settings
+from workers.broker import (
+    RECONCILE_QUEUE,
+    make_broker,
+    oldest_waiting,
+    queue_depth,
+    reconcile_message,
+)
+
+pytestmark = pytest.mark.redis
+
+
+@pytest.fixture
+def broker(own_redis: str) -> Iterator[dramatiq.Broker]:
+    broker = make_broker(load_settings(broker_url=own_redis))
+    broker.declare_queue(RECONCILE_QUEUE)
+    yield broker
+    broker.close()
+
+
+def enqueue(broker: dramatiq.Broker, age_s: float) -> None:
+    message = reconcile_message("acct", "taobao", f"o{age_s}", source="webhook")
+    broker.enqueue(replace(message, message_timestamp=int((time.time() - age_s) * 1000)))
+
+
+def test_an_empty_queue_has_nothing_waiting(broker: dramatiq.Broker) -> None:
+    assert oldest_waiting(broker) is None
+
+
+def test_the_head_of_the_queue_is_the_oldest_waiting(broker: dramatiq.Broker) -> None:
+    enqueue(broker, 120)
+    enqueue(broker, 10)
+    head = oldest_waiting(broker)
+    assert head is not None
+    assert abs(head - (datetime.now(UTC) - timedelta(seconds=120))) < timedelta(seconds=2)
+
+
+def test_a_fetched_message_no_longer_waits(broker: dramatiq.Broker) -> None:
+    enqueue(broker, 120)
+    enqueue(broker, 10)
+    consumer = broker.consume(RECONCILE_QUEUE, prefetch=1, timeout=500)
+    try:
+        fetched = next(consumer)  # in a worker's hands: in flight, not waiting
+        assert fetched is not None
+        head = oldest_waiting(broker)
+        assert head is not None
+        assert datetime.now(UTC) - head < timedelta(seconds=15)
+        consumer.ack(fetched)
+    finally:
+        consumer.close()
+
+
+def test_queue_depth_counts_the_waiting_and_the_delayed(broker: dramatiq.Broker) -> None:
+    assert queue_depth(broker) == 0
+    enqueue(broker, 5)
+    broker.enqueue(reconcile_message("acct", "taobao", "later", source="sweep"), delay=60_000)
+    assert queue_depth(broker) == 2
+    assert queue_depth(None) is None
