@@ -28,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from service.db import session_scope
 from service.ledger.models import (
     BackfillRun,
+    InboxState,
     Order,
     OrderStatus,
     Platform,
@@ -35,6 +36,7 @@ from service.ledger.models import (
     SweepCursor,
     SyncFailure,
     SyncSource,
+    WebhookInbox,
 )
 from service.pandapon.models import OrderListPage, OrderSnapshot
 
@@ -75,22 +77,45 @@ async def _db_now(sessions: async_sessionmaker[AsyncSession]) -> datetime:
 async def _out_of_date(
     session: AsyncSession, account_id: str, platform: Platform, orders: Sequence[OrderSnapshot]
 ) -> list[str]:
-    """Order ids of ``orders`` that the ledger lacks or holds at an older modification time."""
+    """Order ids of ``orders`` that the ledger lacks or holds at an older modification time,
+    and for which no message waits in the inbox.
+
+    An order with a message still ``received`` or ``queued`` has a reconcile on its way (the
+    relay sees to that even when the broker loses it), which will read the order as it is
+    then. Asking again would only add to a backlog, on every sweep until it is worked off.
+    """
     if not orders:
         return []
+    ids = [o.order_id for o in orders]
+    awaited = set(
+        (
+            await session.execute(
+                select(WebhookInbox.order_id)
+                .distinct()
+                .where(
+                    WebhookInbox.account_id == account_id,
+                    WebhookInbox.platform == platform,
+                    WebhookInbox.order_id.in_(ids),
+                    WebhookInbox.state.in_([InboxState.RECEIVED, InboxState.QUEUED]),
+                )
+            )
+        ).scalars()
+    )
     stored = dict(
         (
             await session.execute(
                 select(Order.order_id, Order.upstream_modified_at).where(
                     Order.account_id == account_id,
                     Order.platform == platform,
-                    Order.order_id.in_([o.order_id for o in orders]),
+                    Order.order_id.in_(ids),
                 )
             )
         ).all()
     )
     stale = []
     for order in orders:
+        if order.order_id in awaited:
+            continue
         if order.order_id not in stored:
             stale.append(order.order_id)
             continue

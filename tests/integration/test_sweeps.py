@@ -114,6 +114,35 @@ async def test_sweep_enqueues_missing_and_outdated_orders_and_moves_the_cursor(
     await engine.dispose()
 
 
+async def test_sweep_leaves_orders_whose_message_is_on_its_way(fresh_database_url: str) -> None:
+    engine = create_async_engine(fresh_database_url)
+    sessions = make_sessionmaker(engine)
+    t = NOW - timedelta(hours=2)
+    async with session_scope(sessions) as session:
+        for order_id, state in (
+            ("waiting", "queued"),
+            ("stored", "received"),
+            ("done", "processed"),
+        ):
+            await session.execute(
+                text(
+                    "INSERT INTO webhook_inbox (account_id, dedupe_key, message_type, kind, "
+                    "platform, order_id, raw_body, headers, state) VALUES (:account, :key, "
+                    "'ORDER_STATUS', 'status', 'taobao', :order_id, '', '{}', :state)"
+                ),
+                {"account": ACCOUNT, "key": order_id, "order_id": order_id, "state": state},
+            )
+    upstream = ListedOrders([snap(o, t) for o in ("waiting", "stored", "done", "lost")])
+    sent = Recorder()
+    report = await sweep(
+        sessions, upstream, sent, ACCOUNT, Platform.TAOBAO, lookback=timedelta(days=1)
+    )
+    # A reconcile is already coming for the first two; only the others' messages were lost.
+    assert sorted(o for _, _, o, _ in sent.sent) == ["done", "lost"]
+    assert (report.examined, report.drift) == (4, 2)
+    await engine.dispose()
+
+
 async def test_a_failed_sweep_leaves_the_cursor_where_it_was(fresh_database_url: str) -> None:
     engine = create_async_engine(fresh_database_url)
     sessions = make_sessionmaker(engine)
