@@ -15,6 +15,7 @@ docs/reliability.md publishes them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -47,6 +48,7 @@ from tests.soak.traffic import (
 )
 from tests.support.ledger_truth import expected_refund_state, ledger_mismatches
 from tests.support.stack import Stack
+from workers.broker import RECONCILE_QUEUE
 
 ORDERS = int(os.environ.get("PANDASYNC_SOAK_ORDERS", "2000"))  # CI: see docs/reliability.md
 SEED = int(os.environ.get("PANDASYNC_SOAK_SEED", "9"))
@@ -216,6 +218,44 @@ async def converge(
         await asyncio.sleep(1.0)
 
 
+@dataclass
+class QueueDepth:
+    """Reconciles waiting in the broker, sampled every second: (time.monotonic(), depth)."""
+
+    samples: list[tuple[float, int]] = field(default_factory=list)
+
+    async def watch(self, redis_url: str, stop: asyncio.Event) -> None:
+        import redis.asyncio as aioredis
+
+        client = aioredis.Redis.from_url(redis_url, socket_timeout=1, socket_connect_timeout=1)
+        try:
+            while not stop.is_set():
+                with contextlib.suppress(aioredis.RedisError, OSError):
+                    waiting = await client.llen(f"pandasync:{RECONCILE_QUEUE}")
+                    self.samples.append((time.monotonic(), int(waiting)))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 1.0)
+        finally:
+            await client.aclose()
+
+    def each_minute(self, t0: float) -> dict[int, int]:
+        first: dict[int, int] = {}
+        for t, n in self.samples:
+            first.setdefault(int((t - t0) // 60), n)
+        return first
+
+    def figures(self, t0: float, traffic_end: float) -> dict[str, Any]:
+        after = [(t, n) for t, n in self.samples if t >= traffic_end]
+        emptied = next((t for t, n in after if n == 0), None)
+        return {
+            "max": max((n for _, n in self.samples), default=0),
+            "at_traffic_end": after[0][1] if after else None,
+            "empty_after_traffic_s": None if emptied is None else round(emptied - traffic_end, 1),
+            "at_end": self.samples[-1][1] if self.samples else None,
+            "each_minute": list(self.each_minute(t0).values()),
+        }
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return 0.0
@@ -231,6 +271,9 @@ async def test_chaos_soak_loses_nothing(tmp_path: Path, request: pytest.FixtureR
     balancer = Balancer([])
     stack: Stack | None = None
     tl = Timeline()
+    depth = QueueDepth()
+    stop_watching = asyncio.Event()
+    watcher: asyncio.Task[None] | None = None
     try:
         await asyncio.to_thread(pg.init)
         await fetch(pg.url(), "CREATE DATABASE pandasync")
@@ -255,6 +298,7 @@ async def test_chaos_soak_loses_nothing(tmp_path: Path, request: pytest.FixtureR
         await stack.start(scheduler=True, workers=2, webs=2)
         balancer.backends = list(stack.web_ports)
         tl.t0 = time.monotonic()
+        watcher = asyncio.create_task(depth.watch(redis.url, stop_watching))
 
         async with SandboxRemote(stack.sandbox_url) as sb:
             await sb.set_faults(UPSTREAM_FAULTS)
@@ -288,6 +332,7 @@ async def test_chaos_soak_loses_nothing(tmp_path: Path, request: pytest.FixtureR
 
         convergence_s = await converge(stack, truths, (last_fault, last_fault_db), report)
         problems = await ledger_mismatches(database_url, DEV_USER_ID, truths)
+        stop_watching.set()
 
         # --- figures ------------------------------------------------------------------------
         exchanges = list(balancer.exchanges)
@@ -318,6 +363,7 @@ async def test_chaos_soak_loses_nothing(tmp_path: Path, request: pytest.FixtureR
                     None if convergence_s is None else round(convergence_s, 1)
                 ),
                 "drained": drained["drained"],
+                "broker_queue": depth.figures(tl.t0, tl.t0 + traffic_s),
                 "drift": len({p.split(":")[0] for p in problems}),
             }
         )
@@ -405,6 +451,9 @@ async def test_chaos_soak_loses_nothing(tmp_path: Path, request: pytest.FixtureR
         assert bad_stored == 0
         assert wrong_bad == [], report["bad_unexpected"]
     finally:
+        stop_watching.set()
+        if watcher is not None:
+            await watcher
         if stack is not None:
             stack.stop()
             print(stack.logs())
