@@ -14,18 +14,18 @@ import logging
 import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import dramatiq
 from prometheus_client import Counter, Gauge, Histogram
-from sqlalchemy import func, text
+from sqlalchemy import func, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from service.config import Settings
 from service.db import session_scope
 from service.ledger.models import JobRun, Platform, SyncSource
-from workers.broker import reconcile_message
+from workers.broker import AGE_UNKNOWN, oldest_waiting, reconcile_message
 from workers.sweeps import Enqueue, OrderLister, refresh, sweep
 
 log = logging.getLogger(__name__)
@@ -49,11 +49,28 @@ SWEEP_DRIFT = Gauge(
 )
 
 
+JOB_HELD_BACK = Gauge(
+    "pandasync_scheduler_job_held_back",
+    "1 while a job that asks for reconciles waits for those of its last run to leave the queue",
+    ["job"],
+    multiprocess_mode="mostrecent",
+)
+
+# When the oldest reconcile still waiting in the broker was enqueued; None when none waits.
+Backlog = Callable[[], Awaitable[datetime | None]]
+
+
 @dataclass(frozen=True, slots=True)
 class Job:
+    """``backlog``, for a job that asks for reconciles: it is held back while reconciles
+    enqueued before its last run ended still wait. Running again then would only ask for the
+    same orders again, behind the same backlog; nothing is missed by waiting (a sweep starts
+    from its cursor)."""
+
     name: str
     interval: timedelta
     run: Callable[[], Awaitable[object]]
+    backlog: Backlog | None = None
 
 
 async def claim(sessions: async_sessionmaker[AsyncSession], job: Job) -> bool:
@@ -83,11 +100,31 @@ async def _finish(sessions: async_sessionmaker[AsyncSession], job: Job, error: s
         )
 
 
+async def held_back(sessions: async_sessionmaker[AsyncSession], job: Job) -> bool:
+    """Whether reconciles enqueued before ``job``'s last run ended still wait in the broker."""
+    if job.backlog is None:
+        return False
+    waiting_since = await job.backlog()
+    held = False
+    if waiting_since is not None:
+        async with sessions() as session:
+            last_end = (
+                await session.execute(
+                    select(func.greatest(JobRun.last_started_at, JobRun.last_finished_at)).where(
+                        JobRun.job == job.name
+                    )
+                )
+            ).scalar_one_or_none()
+        held = last_end is not None and last_end >= waiting_since
+    JOB_HELD_BACK.labels(job.name).set(int(held))
+    return held
+
+
 async def run_claimed(
     engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession], job: Job
 ) -> bool:
-    """Run ``job`` if this instance claims it; returns whether it ran."""
-    if not await claim(sessions, job):
+    """Run ``job`` if it is not held back and this instance claims it; returns whether it ran."""
+    if await held_back(sessions, job) or not await claim(sessions, job):
         return False
     key = zlib.crc32(job.name.encode()) & 0x7FFFFFFF
     async with engine.connect() as conn:
@@ -140,6 +177,20 @@ async def run_scheduler(
     log.info("scheduler stopped")
 
 
+def backlog_of(broker: dramatiq.Broker) -> Backlog:
+    """The ``Backlog`` of ``broker``'s reconcile queue. A broker that cannot be read, or cannot
+    tell the age, holds nothing back (a sweep's sends then tell whether it is there)."""
+
+    async def waiting_since() -> datetime | None:
+        try:
+            since = await asyncio.to_thread(oldest_waiting, broker)
+        except Exception:
+            return None
+        return None if since is AGE_UNKNOWN else since
+
+    return waiting_since
+
+
 def enqueue_with(broker: dramatiq.Broker) -> Enqueue:
     """An ``Enqueue`` that sends reconcile messages on ``broker``."""
 
@@ -158,6 +209,7 @@ def default_jobs(
 ) -> list[Job]:
     """Sweep per platform, refresh, and the inbox relay, at their configured intervals."""
     enqueue = enqueue_with(broker)
+    backlog = backlog_of(broker)
     jobs: list[Job] = []
     if settings.user_id:
         account_id = settings.user_id
@@ -190,6 +242,7 @@ def default_jobs(
                     f"sweep:{platform.value}",
                     timedelta(seconds=settings.sweep_interval_s),
                     run_sweep,
+                    backlog,
                 )
             )
     else:
@@ -200,7 +253,9 @@ def default_jobs(
             sessions, enqueue, stale_after=timedelta(hours=settings.refresh_stale_hours)
         )
 
-    jobs.append(Job("refresh", timedelta(seconds=settings.refresh_interval_s), run_refresh))
+    jobs.append(
+        Job("refresh", timedelta(seconds=settings.refresh_interval_s), run_refresh, backlog)
+    )
     if relay is not None:
         jobs.append(Job("relay", timedelta(seconds=settings.relay_interval_s), relay))
     return jobs

@@ -18,6 +18,7 @@ from workers.broker import (
     queue_depth,
     reconcile_message,
 )
+from workers.scheduler import backlog_of
 
 pytestmark = pytest.mark.redis
 
@@ -68,3 +69,12 @@ def test_queue_depth_counts_the_waiting_and_the_delayed(broker: dramatiq.Broker)
     broker.enqueue(reconcile_message("acct", "taobao", "later", source="sweep"), delay=60_000)
     assert queue_depth(broker) == 2
     assert queue_depth(None) is None
+
+
+async def test_the_schedulers_backlog_reads_the_same_head(broker: dramatiq.Broker) -> None:
+    backlog = backlog_of(broker)
+    assert await backlog() is None
+    enqueue(broker, 300)
+    since = await backlog()
+    assert since is not None
+    assert abs(since - (datetime.now(UTC) - timedelta(seconds=300))) < timedelta(seconds=2)

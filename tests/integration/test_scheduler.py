@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from service.db import make_sessionmaker
-from workers.scheduler import Job, run_scheduler
+from tests.support.webhook_checks import sample
+from workers.scheduler import Job, run_claimed, run_scheduler
 
 
 async def test_two_instances_run_each_job_once_per_interval(fresh_database_url: str) -> None:
@@ -76,3 +77,34 @@ async def test_a_failing_job_is_recorded_and_the_scheduler_goes_on(
     assert calls == 1
     assert row[0] == "RuntimeError: upstream unreachable"
     assert row[1] is not None
+
+
+async def test_a_job_waits_while_the_reconciles_of_its_last_run_still_wait(
+    fresh_database_url: str,
+) -> None:
+    engine = create_async_engine(fresh_database_url)
+    sessions = make_sessionmaker(engine)
+    runs: list[datetime] = []
+    # The broker's oldest waiting reconcile, as the test sets it (None: nothing waits).
+    waiting_since: list[datetime | None] = [None]
+
+    async def sweep() -> None:
+        runs.append(datetime.now(UTC))
+
+    async def backlog() -> datetime | None:
+        return waiting_since[0]
+
+    job = Job("sweep:taobao", timedelta(0), sweep, backlog)
+    assert await run_claimed(engine, sessions, job)  # first run: nothing waits
+    # Reconciles enqueued during that run still wait: held back, however due it is.
+    waiting_since[0] = runs[-1] - timedelta(seconds=1)
+    assert not await run_claimed(engine, sessions, job)
+    assert sample("pandasync_scheduler_job_held_back", job="sweep:taobao") == 1
+    # The queue has moved past the end of the last run: it runs again.
+    waiting_since[0] = datetime.now(UTC) + timedelta(seconds=1)
+    assert await run_claimed(engine, sessions, job)
+    waiting_since[0] = None
+    assert await run_claimed(engine, sessions, job)
+    assert sample("pandasync_scheduler_job_held_back", job="sweep:taobao") == 0
+    assert len(runs) == 3
+    await engine.dispose()
