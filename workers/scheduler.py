@@ -42,6 +42,11 @@ JOB_SECONDS = Histogram(
 SWEEP_EXAMINED = Counter(
     "pandasync_sweep_orders_examined_total", "Orders seen in order-list pages", ["platform"]
 )
+SWEEP_UNREADABLE = Counter(
+    "pandasync_sweep_unreadable_records_total",
+    "Order-list records that could not be read (each logged; reconciled when it has an id)",
+    ["platform"],
+)
 SWEEP_DRIFT = Gauge(
     "pandasync_sweep_drift",
     "Orders the last sweep found out of date (lost or late messages); should trend to 0",
@@ -226,6 +231,7 @@ def default_jobs(
                 )
                 SWEEP_EXAMINED.labels(platform.value).inc(report.examined)
                 SWEEP_DRIFT.labels(platform.value).set(report.drift)
+                SWEEP_UNREADABLE.labels(platform.value).inc(report.unreadable)
                 log.info(
                     "sweep finished",
                     extra={
@@ -233,6 +239,7 @@ def default_jobs(
                         "examined": report.examined,
                         "drift": report.drift,
                         "pages": report.pages,
+                        "unreadable": report.unreadable,
                     },
                 )
                 return report

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
 
+import structlog
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -38,7 +39,9 @@ from service.ledger.models import (
     SyncSource,
     WebhookInbox,
 )
-from service.pandapon.models import OrderListPage, OrderSnapshot
+from service.pandapon.models import OrderListPage
+
+log = structlog.get_logger(__name__)
 
 PAGE_SIZE = 50
 
@@ -66,6 +69,7 @@ class SweepReport:
     pages: int
     examined: int
     drift: int
+    unreadable: int = 0  # records of the order list that could not be read (logged)
 
 
 async def _db_now(sessions: async_sessionmaker[AsyncSession]) -> datetime:
@@ -74,19 +78,38 @@ async def _db_now(sessions: async_sessionmaker[AsyncSession]) -> datetime:
     return now
 
 
+def _set_aside(platform: Platform, page: OrderListPage) -> list[str]:
+    """Log the page's unreadable records; return the ids of those that have one.
+
+    Such an order is reconciled anyway: its detail may read well, and if it does not, the
+    failure is recorded in sync_failures under its id. A record without an id is only logged.
+    """
+    for record in page.unreadable:
+        log.warning(
+            "order list record unreadable",
+            platform=platform.value,
+            page_no=page.page_no,
+            order_id=record.order_id,
+            error=record.error,
+        )
+    return [r.order_id for r in page.unreadable if r.order_id is not None]
+
+
 async def _out_of_date(
-    session: AsyncSession, account_id: str, platform: Platform, orders: Sequence[OrderSnapshot]
+    session: AsyncSession, account_id: str, platform: Platform, page: OrderListPage
 ) -> list[str]:
-    """Order ids of ``orders`` that the ledger lacks or holds at an older modification time,
-    and for which no message waits in the inbox.
+    """Order ids of the page that the ledger lacks or holds at an older modification time
+    (or that could not be read), and for which no message waits in the inbox.
 
     An order with a message still ``received`` or ``queued`` has a reconcile on its way (the
     relay sees to that even when the broker loses it), which will read the order as it is
     then. Asking again would only add to a backlog, on every sweep until it is worked off.
     """
-    if not orders:
+    orders = page.orders
+    unreadable = _set_aside(platform, page)
+    ids = [o.order_id for o in orders] + unreadable
+    if not ids:
         return []
-    ids = [o.order_id for o in orders]
     awaited = set(
         (
             await session.execute(
@@ -112,7 +135,7 @@ async def _out_of_date(
             )
         ).all()
     )
-    stale = []
+    stale = [order_id for order_id in unreadable if order_id not in awaited]
     for order in orders:
         if order.order_id in awaited:
             continue
@@ -147,14 +170,15 @@ async def sweep(
             )
         )
 
-    examined = drift = pages = 0
+    examined = drift = pages = unreadable = 0
     page_no = 1
     while True:
         page = await client.order_page(platform, page_no, page_size, start, now)
         pages += 1
-        examined += len(page.orders)
+        examined += len(page.orders) + len(page.unreadable)
+        unreadable += len(page.unreadable)
         async with sessions() as session:
-            stale = await _out_of_date(session, account_id, platform, page.orders)
+            stale = await _out_of_date(session, account_id, platform, page)
         for order_id in stale:
             enqueue(account_id, platform, order_id, SyncSource.SWEEP)
         drift += len(stale)
@@ -184,7 +208,7 @@ async def sweep(
                 },
             )
         )
-    return SweepReport(platform, start, now, pages, examined, drift)
+    return SweepReport(platform, start, now, pages, examined, drift, unreadable)
 
 
 NOT_FINAL = (OrderStatus.PENDING_PAYMENT, OrderStatus.PAID, OrderStatus.SHIPPED)
@@ -283,10 +307,11 @@ async def backfill(
 
     while True:
         page = await client.order_page(platform, page_no, page_size, since, until)
-        for order in page.orders:
-            enqueue(account_id, platform, order.order_id, SyncSource.BACKFILL)
-        seen += len(page.orders)
-        queued += len(page.orders)
+        order_ids = [o.order_id for o in page.orders] + _set_aside(platform, page)
+        for order_id in order_ids:
+            enqueue(account_id, platform, order_id, SyncSource.BACKFILL)
+        seen += len(page.orders) + len(page.unreadable)
+        queued += len(order_ids)
         finished = not page.orders or page_no * page_size >= page.total
         async with session_scope(sessions) as session:
             await session.execute(

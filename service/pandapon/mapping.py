@@ -37,6 +37,7 @@ from service.pandapon.models import (
     RefundSnapshot,
     ShipmentEventSnapshot,
     ShipmentSnapshot,
+    UnreadableRecord,
 )
 
 CST = timezone(timedelta(hours=8), "CST")
@@ -412,12 +413,16 @@ def taobao_refund(data: Any, path: str = "") -> RefundSnapshot:
 # --- 1688 -----------------------------------------------------------------------------------------
 
 
+def _alibaba_order_id(base: Mapping[str, Any], path: str) -> str | None:
+    return _opt_str(base, "idOfStr", path) or _opt_str(base, "id", path)
+
+
 def alibaba_order(data: Any, path: str = "") -> OrderSnapshot:
     """1688 order detail (§4.2) → OrderSnapshot."""
     obj = _as_object(data, path)
     base_path = _field(path, "baseInfo")
     base = _object(obj, "baseInfo", path)
-    order_id = _opt_str(base, "idOfStr", base_path) or _opt_str(base, "id", base_path)
+    order_id = _alibaba_order_id(base, base_path)
     if order_id is None:
         raise _bad(base_path, "idOfStr", "missing")
     raw_status = _str(base, "status", base_path)
@@ -567,12 +572,31 @@ def map_order_page(platform: Platform, data: Any, page_no: int, page_size: int) 
     if not isinstance(records, list):
         raise _bad("", "records", "missing" if records is None else "not a list")
     mapper = _ORDER_MAPPERS[platform]
+    orders: list[OrderSnapshot] = []
+    unreadable: list[UnreadableRecord] = []
+    for i, record in enumerate(records):
+        try:
+            orders.append(mapper(record, _at("records", i)))
+        except MalformedResponse as error:
+            unreadable.append(UnreadableRecord(_listed_order_id(platform, record), str(error)))
     return OrderListPage(
         total=total,
         page_no=_opt_int(obj, "pageNo", "") or page_no,
         page_size=_opt_int(obj, "pageSize", "") or page_size,
-        orders=tuple(mapper(record, _at("records", i)) for i, record in enumerate(records)),
+        orders=tuple(orders),
+        unreadable=tuple(unreadable),
     )
+
+
+def _listed_order_id(platform: Platform, record: Any) -> str | None:
+    """The order id of a record that could not be read whole, if that much can be."""
+    try:
+        obj = _as_object(record, "")
+        if platform is Platform.TAOBAO:
+            return _opt_str(obj, "salesOrderId", "")
+        return _alibaba_order_id(_object(obj, "baseInfo", ""), "")
+    except MalformedResponse:
+        return None
 
 
 def sort_events(events: Iterable[ShipmentEventSnapshot]) -> tuple[ShipmentEventSnapshot, ...]:

@@ -99,8 +99,21 @@ class RefundSnapshot:
 
 
 @dataclass(frozen=True, slots=True)
+class UnreadableRecord:
+    """An order-list record the mapping could not read: its order id, when that much could
+    be read, and why the rest could not."""
+
+    order_id: str | None
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
 class OrderListPage:
+    """One page of an order list. A record that cannot be read is set aside in
+    ``unreadable`` rather than failing the page: one odd order must not stop a sweep."""
+
     total: int
     page_no: int
     page_size: int
     orders: tuple[OrderSnapshot, ...]
+    unreadable: tuple[UnreadableRecord, ...] = ()

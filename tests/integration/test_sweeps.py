@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select, text, update
@@ -11,7 +13,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from service.db import make_sessionmaker, session_scope
 from service.ledger.models import BackfillRun, Order, OrderStatus, Platform, SweepCursor, SyncSource
 from service.ledger.write import OrderTruth, write_order
-from service.pandapon.models import OrderListPage, OrderSnapshot
+from service.pandapon.models import OrderListPage, OrderSnapshot, UnreadableRecord
 from workers.sweeps import (
     backfill,
     backfill_done_count,
@@ -140,6 +142,42 @@ async def test_sweep_leaves_orders_whose_message_is_on_its_way(fresh_database_ur
     # A reconcile is already coming for the first two; only the others' messages were lost.
     assert sorted(o for _, _, o, _ in sent.sent) == ["done", "lost"]
     assert (report.examined, report.drift) == (4, 2)
+    await engine.dispose()
+
+
+class PageWithUnreadable(ListedOrders):
+    """One page: a readable order, and two records the mapping set aside."""
+
+    async def order_page(self, *args: Any, **kwargs: Any) -> OrderListPage:
+        page = await super().order_page(*args, **kwargs)
+        unreadable = (UnreadableRecord("odd", "bad status"), UnreadableRecord(None, "no id"))
+        return replace(page, total=page.total + 2, unreadable=unreadable)
+
+
+async def test_unreadable_records_do_not_stop_a_sweep_or_a_backfill(
+    fresh_database_url: str,
+) -> None:
+    engine = create_async_engine(fresh_database_url)
+    sessions = make_sessionmaker(engine)
+    upstream = PageWithUnreadable([snap("fine", NOW - timedelta(hours=1))])
+    sent = Recorder()
+    report = await sweep(
+        sessions, upstream, sent, ACCOUNT, Platform.TAOBAO, lookback=timedelta(days=1)
+    )
+    # The one with an id is reconciled (its detail may read; if not, its failure is recorded).
+    assert sorted(o for _, _, o, _ in sent.sent) == ["fine", "odd"]
+    assert (report.examined, report.drift, report.unreadable) == (3, 2, 2)
+    async with sessions() as session:
+        cursor = await session.get(SweepCursor, (ACCOUNT, Platform.TAOBAO))
+        assert cursor is not None
+        assert cursor.last_finished_at is not None
+
+    sent = Recorder()
+    progress = await backfill(
+        sessions, upstream, sent, ACCOUNT, Platform.TAOBAO, NOW - timedelta(days=1), NOW
+    )
+    assert sorted(o for _, _, o, _ in sent.sent) == ["fine", "odd"]
+    assert (progress.finished, progress.orders_seen, progress.orders_queued) == (True, 3, 2)
     await engine.dispose()
 
 

@@ -434,12 +434,27 @@ def test_order_detail_that_cannot_be_understood(platform: Platform, data: Any, f
     assert field in str(caught.value)
 
 
-def test_page_error_names_the_record() -> None:
+def test_an_unreadable_record_is_set_aside_with_its_id_and_the_field() -> None:
     data = load("1688/order_page__first.json")
+    readable = len(data["records"])
     data["records"].append(_without(AL_DETAIL, "baseInfo", "status"))
-    with pytest.raises(MalformedResponse) as caught:
-        mapping.map_order_page(AL, data, 1, 50)
-    assert caught.value.field == "records[1].baseInfo.status"
+    data["records"].append({"baseInfo": "not an object"})
+
+    page = mapping.map_order_page(AL, data, 1, 50)
+
+    assert len(page.orders) == readable
+    [named, anonymous] = page.unreadable
+    assert named.order_id == AL_DETAIL["baseInfo"]["idOfStr"]
+    assert f"records[{readable}].baseInfo.status" in named.error
+    assert anonymous.order_id is None
+    assert f"records[{readable + 1}].baseInfo" in anonymous.error
+
+
+def test_an_unreadable_taobao_record_keeps_its_id() -> None:
+    data = {"total": 2, "records": [TB_DETAIL, _without(TB_DETAIL, "status")]}
+    page = mapping.map_order_page(TB, data, 1, 50)
+    assert [o.order_id for o in page.orders] == [TB_DETAIL["salesOrderId"]]
+    assert [r.order_id for r in page.unreadable] == [TB_DETAIL["salesOrderId"]]
 
 
 @pytest.mark.parametrize(("body", "field"), [({"records": []}, "total"), ({"total": 1}, "records")])
