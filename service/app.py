@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 import dramatiq
 import structlog
 from dramatiq.brokers.stub import StubBroker
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from starlette.applications import Starlette
@@ -93,7 +94,18 @@ async def readyz(request: Request) -> Response:
     return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 
 
+def multiprocess_metrics() -> bool:
+    """Whether the metrics are kept in files shared by several web processes
+    (``pandasync serve --workers N`` sets PROMETHEUS_MULTIPROC_DIR for them)."""
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
 async def metrics(request: Request) -> Response:
+    """This process's metrics, or those of every web process summed (multiprocess mode)."""
+    if multiprocess_metrics():
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
     return PlainTextResponse(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -156,6 +168,9 @@ def create_app(
             handoff_sender.close()
             relay_sender.close()
             await engine.dispose()
+            if multiprocess_metrics():
+                # A gauge of a process gone must not be reported: drop its live values.
+                multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
             try:
                 if shared_broker is None:
                     close_broker(broker)

@@ -109,21 +109,34 @@ def migrate() -> None:
 @click.option("--workers", type=int, default=None, help="Web processes (default: WEB_WORKERS).")
 def serve(host: str | None, port: int | None, workers: int | None) -> None:
     """Run the web role: the webhook receiver, /healthz, /readyz and /metrics."""
+    import shutil
+    import tempfile
+
     import uvicorn
 
     settings = _settings()
     _configure_logging(settings)
     _database_url(settings)
-    uvicorn.run(
-        "service.app:create_app",
-        factory=True,
-        host=host or settings.host,
-        port=port or settings.port,
-        workers=workers or settings.web_workers,
-        log_config=None,
-        proxy_headers=True,
-        timeout_graceful_shutdown=10,
-    )
+    processes = workers or settings.web_workers
+    metrics_dir: str | None = None
+    if processes > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # One /metrics for all the processes, whichever answers the scrape.
+        metrics_dir = tempfile.mkdtemp(prefix="pandasync-web-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    try:
+        uvicorn.run(
+            "service.app:create_app",
+            factory=True,
+            host=host or settings.host,
+            port=port or settings.port,
+            workers=processes,
+            log_config=None,
+            proxy_headers=True,
+            timeout_graceful_shutdown=10,
+        )
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 @main.command()

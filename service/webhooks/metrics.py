@@ -85,10 +85,12 @@ RELAY_FAILURES = Counter(
 RELAY_BACKLOG = Gauge(
     "pandasync_relay_backlog",
     "Inbox rows committed but not yet handed to the broker (state 'received').",
+    multiprocess_mode="mostrecent",  # every web process measures the same inbox
 )
 RELAY_OLDEST_SECONDS = Gauge(
     "pandasync_relay_oldest_seconds",
     "Age of the oldest inbox row not yet handed to the broker (0 when none).",
+    multiprocess_mode="mostrecent",  # every web process measures the same inbox
 )
 NONCES_PURGED = Counter(
     "pandasync_relay_nonces_purged_total", "Signature nonces deleted after leaving the window."

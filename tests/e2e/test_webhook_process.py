@@ -58,9 +58,11 @@ def environment(database_url: str, **values: str) -> dict[str, str]:
 
 
 @contextmanager
-def serve(env: dict[str, str], cwd: Path, port: int) -> Iterator[subprocess.Popen[str]]:
+def serve(
+    env: dict[str, str], cwd: Path, port: int, *options: str
+) -> Iterator[subprocess.Popen[str]]:
     process = subprocess.Popen(
-        [PANDASYNC, "serve", "--port", str(port)],
+        [PANDASYNC, "serve", "--port", str(port), *options],
         env=env,
         cwd=cwd,  # away from any .env file of the checkout
         stdout=subprocess.PIPE,
@@ -137,3 +139,33 @@ def test_signature_mode_without_credentials_does_not_start(
         output = process.stdout.read()
     assert process.returncode != 0
     assert "PANDASYNC_ACCESS_KEY and PANDASYNC_ACCESS_SECRET" in output
+
+
+def metric(text: str, name: str) -> float:
+    [value] = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")]
+    return value
+
+
+def test_metrics_of_several_web_processes_are_one_exposition(
+    fresh_database_url: str, tmp_path: Path
+) -> None:
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    posts = 40
+    with serve(environment(fresh_database_url), tmp_path, port, "--workers", "2") as process:
+        wait_ready(process, base_url)
+        for _ in range(posts):
+            # A connection each, so that both processes take some of them.
+            with httpx.Client(base_url=base_url, timeout=10) as client:
+                answer = client.post(
+                    f"{WEBHOOK}/{TOKEN}", content=encode(taobao_status()), headers=signed()
+                )
+                assert answer.status_code == 200
+        scrapes = []
+        for _ in range(6):
+            with httpx.Client(base_url=base_url, timeout=10) as client:
+                scrapes.append(client.get("/metrics").text)
+    # Whichever process answers, it reports the requests of both.
+    for text in scrapes:
+        assert metric(text, "pandasync_webhook_received_total") == posts
+        assert metric(text, 'pandasync_webhook_accepted_total{kind="status"}') == posts
