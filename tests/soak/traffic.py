@@ -227,7 +227,10 @@ async def bad_clients(
     interval = 1.0 / rate_per_s
     n = 0
     tasks: set[asyncio.Task[None]] = set()
-    async with httpx.AsyncClient(timeout=10, trust_env=False) as http:
+    # A connection per request: a kept-alive one can be closed by the server (its idle
+    # timeout) just as a request is sent on it, and that race would look like a server fault.
+    fresh = httpx.Limits(max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=10, trust_env=False, limits=fresh) as http:
 
         async def one(kind: str, target: int, request: tuple[bytes, dict[str, str]]) -> None:
             body, headers = request
