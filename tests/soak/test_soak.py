@@ -352,6 +352,16 @@ async def test_chaos_soak_loses_nothing(tmp_path: Path, request: pytest.FixtureR
                     "p99": round(percentile(latencies, 0.99), 4),
                     "max": round(max(latencies, default=0.0), 4),
                     "mean": round(statistics.fmean(latencies), 4) if latencies else 0.0,
+                    "over_1s": sum(latency > 1.0 for latency in latencies),
+                    # When the slowest came, to set beside the process faults.
+                    "slowest": [
+                        {
+                            "at_s": round(e.started - tl.t0, 1),
+                            "s": round(e.latency_s, 3),
+                            "web": e.backend,
+                        }
+                        for e in sorted(acked, key=lambda e: e.latency_s)[-5:]
+                    ],
                 },
                 "upstream_faults": dict(upstream),
                 "process_faults": [
