@@ -12,7 +12,8 @@ A row ``queued`` but still not processed REQUEUE_AFTER_S after its hand-off is s
 once the broker's queue has moved on: when nothing waits there, or the oldest message waiting
 was enqueued REQUEUE_AFTER_S after the row was handed off. Its message was then lost (Redis
 restarted without persistence) rather than still waiting behind a backlog; sending every
-waiting row again would only deepen that backlog, each pass.
+waiting row again would only deepen that backlog, each pass. Rows of an order whose
+reconcile failed for good (an open ``permanent`` sync failure) wait for ``pandasync replay``.
 
 The same loop deletes signature nonces older than twice the tolerance: a request that old is
 refused by its timestamp before its nonce matters.
@@ -31,7 +32,13 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.config import Settings
 from service.db import rowcount, session_scope
-from service.ledger.models import InboxState, WebhookInbox, WebhookNonce
+from service.ledger.models import (
+    FailureKind,
+    InboxState,
+    SyncFailure,
+    WebhookInbox,
+    WebhookNonce,
+)
 from service.webhooks import metrics
 from service.webhooks.handoff import (
     BrokerSender,
@@ -154,9 +161,25 @@ async def _lost_in_broker(
     if waiting_since is AGE_UNKNOWN:
         return false()
     moved_on = func.now() if waiting_since is None else func.least(func.now(), waiting_since)
+    # A reconcile that failed for good (a refused request, a body we cannot read) leaves its
+    # rows queued: they wait for `pandasync replay` once the cause is fixed, as the failure
+    # does, rather than failing again every REQUEUE_AFTER_S. Exhausted retries (an outage
+    # longer than the retry budget) are sent again: that heals by itself.
+    failed_for_good = (
+        select(SyncFailure.id)
+        .where(
+            SyncFailure.account_id == WebhookInbox.account_id,
+            SyncFailure.platform == WebhookInbox.platform,
+            SyncFailure.order_id == WebhookInbox.order_id,
+            SyncFailure.resolved_at.is_(None),
+            SyncFailure.kind == FailureKind.PERMANENT,
+        )
+        .exists()
+    )
     return and_(
         WebhookInbox.state == InboxState.QUEUED,
         WebhookInbox.queued_at < moved_on - requeue_after,
+        ~failed_for_good,
     )
 
 

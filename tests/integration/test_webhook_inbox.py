@@ -295,6 +295,30 @@ async def test_relay_hands_off_again_rows_the_broker_lost(db: Db) -> None:
     assert recent[0] not in sent_inbox_ids(broker)
 
 
+async def test_relay_leaves_rows_of_an_order_that_failed_for_good_to_replay(db: Db) -> None:
+    settings = db.settings.model_copy(update={"requeue_after_s": 30.0})
+    [refused] = await insert_rows(db.url, age_s=60, n=1, state="queued", order_id="refused")
+    [outage] = await insert_rows(db.url, age_s=60, n=1, state="queued", order_id="outage")
+    conn = await asyncpg.connect(to_asyncpg_dsn(db.url))
+    try:
+        for order_id, kind in (("refused", "permanent"), ("outage", "exhausted")):
+            await conn.execute(
+                "INSERT INTO sync_failures (account_id, platform, order_id, kind, source, error) "
+                "VALUES ('acct', '1688', $1, $2, 'webhook', 'boom')",
+                order_id,
+                kind,
+            )
+    finally:
+        await conn.close()
+    broker = stub_broker()
+
+    assert await relay_once(db.sessions, broker, settings) == 1
+
+    # Retries ran out in an outage: sent again. Refused for good: it waits for a replay.
+    assert sent_inbox_ids(broker) == [outage]
+    assert (await states(db.url))[refused] == "queued"
+
+
 async def test_relay_leaves_rows_still_waiting_behind_a_backlog(db: Db) -> None:
     settings = db.settings.model_copy(update={"requeue_after_s": 30.0})
     waiting = await insert_rows(db.url, age_s=60, n=2, state="queued")
