@@ -98,7 +98,7 @@ async def relay_once(
                     .with_for_update(skip_locked=True)
                 )
             ).all()
-            again = sum(r.state is InboxState.QUEUED for r in rows)
+            handed_off_before = {r.id for r in rows if r.state is InboxState.QUEUED}
             items = [
                 PendingReconcile(r.id, r.account_id, r.platform.value, r.order_id, r.request_id)
                 for r in rows
@@ -125,6 +125,7 @@ async def relay_once(
                 )
         handed_off += len(sent)
         metrics.RELAY_HANDED_OFF.inc(len(sent))
+        again = len(handed_off_before.intersection(sent))
         if again:
             log.warning("relay.handed_off_again", rows=again)
             metrics.RELAY_HANDED_OFF_AGAIN.inc(again)
