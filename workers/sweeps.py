@@ -96,17 +96,21 @@ def _set_aside(platform: Platform, page: OrderListPage) -> list[str]:
 
 
 async def _out_of_date(
-    session: AsyncSession, account_id: str, platform: Platform, page: OrderListPage
+    session: AsyncSession,
+    account_id: str,
+    platform: Platform,
+    page: OrderListPage,
+    unreadable: list[str],
 ) -> list[str]:
-    """Order ids of the page that the ledger lacks or holds at an older modification time
-    (or that could not be read), and for which no message waits in the inbox.
+    """Order ids of the page that the ledger lacks or holds at an older modification time,
+    or whose record could not be read (``unreadable``, from ``_set_aside``), and for which
+    no message waits in the inbox.
 
     An order with a message still ``received`` or ``queued`` has a reconcile on its way (the
     relay sees to that even when the broker loses it), which will read the order as it is
     then. Asking again would only add to a backlog, on every sweep until it is worked off.
     """
     orders = page.orders
-    unreadable = _set_aside(platform, page)
     ids = [o.order_id for o in orders] + unreadable
     if not ids:
         return []
@@ -178,7 +182,9 @@ async def sweep(
         examined += len(page.orders) + len(page.unreadable)
         unreadable += len(page.unreadable)
         async with sessions() as session:
-            stale = await _out_of_date(session, account_id, platform, page)
+            stale = await _out_of_date(
+                session, account_id, platform, page, _set_aside(platform, page)
+            )
         for order_id in stale:
             enqueue(account_id, platform, order_id, SyncSource.SWEEP)
         drift += len(stale)
