@@ -81,13 +81,19 @@ def reconcile_message(
     )
 
 
+def _redis_list(broker: Any, queue_name: str) -> str:
+    """dramatiq's Redis key of a queue's list of waiting message ids; ``.msgs`` beside it holds
+    their bodies, ``.DQ`` is the queue of delayed messages."""
+    return f"{broker.namespace}:{queue_name}"
+
+
 def queue_depth(broker: dramatiq.Broker | None) -> int | None:
     """Messages waiting in the reconcile queue (Redis only; None when it cannot be read)."""
     from dramatiq.brokers.redis import RedisBroker
 
     if not isinstance(broker, RedisBroker):
         return None
-    full_name = f"{broker.namespace}:{RECONCILE_QUEUE}"
+    full_name = _redis_list(broker, RECONCILE_QUEUE)
     try:
         return int(broker.client.llen(full_name)) + int(broker.client.llen(f"{full_name}.DQ"))
     except Exception:  # a status command must still print the database half
@@ -122,7 +128,7 @@ def oldest_waiting(broker: dramatiq.Broker, queue_name: str = RECONCILE_QUEUE) -
                 return None
             data = waiting.queue[0]
     elif isinstance(broker, RedisBroker):
-        full_name = f"{broker.namespace}:{queue_name}"
+        full_name = _redis_list(broker, queue_name)
         head = broker.client.eval(_REDIS_HEAD, 2, full_name, f"{full_name}.msgs")
         if head is None:
             return None
