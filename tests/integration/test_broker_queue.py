@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import dramatiq
 import pytest
 
 from service.config import load_settings
+from tests.support.broker import enqueue_aged
 from workers.broker import (
     RECONCILE_QUEUE,
     make_broker,
@@ -31,26 +30,21 @@ def broker(own_redis: str) -> Iterator[dramatiq.Broker]:
     broker.close()
 
 
-def enqueue(broker: dramatiq.Broker, age_s: float) -> None:
-    message = reconcile_message("acct", "taobao", f"o{age_s}", source="webhook")
-    broker.enqueue(replace(message, message_timestamp=int((time.time() - age_s) * 1000)))
-
-
 def test_an_empty_queue_has_nothing_waiting(broker: dramatiq.Broker) -> None:
     assert oldest_waiting(broker) is None
 
 
 def test_the_head_of_the_queue_is_the_oldest_waiting(broker: dramatiq.Broker) -> None:
-    enqueue(broker, 120)
-    enqueue(broker, 10)
+    enqueue_aged(broker, 120)
+    enqueue_aged(broker, 10)
     head = oldest_waiting(broker)
     assert head is not None
     assert abs(head - (datetime.now(UTC) - timedelta(seconds=120))) < timedelta(seconds=2)
 
 
 def test_a_fetched_message_no_longer_waits(broker: dramatiq.Broker) -> None:
-    enqueue(broker, 120)
-    enqueue(broker, 10)
+    enqueue_aged(broker, 120)
+    enqueue_aged(broker, 10)
     consumer = broker.consume(RECONCILE_QUEUE, prefetch=1, timeout=500)
     try:
         fetched = next(consumer)  # in a worker's hands: in flight, not waiting
@@ -65,7 +59,7 @@ def test_a_fetched_message_no_longer_waits(broker: dramatiq.Broker) -> None:
 
 def test_queue_depth_counts_the_waiting_and_the_delayed(broker: dramatiq.Broker) -> None:
     assert queue_depth(broker) == 0
-    enqueue(broker, 5)
+    enqueue_aged(broker, 5)
     broker.enqueue(reconcile_message("acct", "taobao", "later", source="sweep"), delay=60_000)
     assert queue_depth(broker) == 2
     assert queue_depth(None) is None
@@ -74,7 +68,7 @@ def test_queue_depth_counts_the_waiting_and_the_delayed(broker: dramatiq.Broker)
 async def test_the_schedulers_backlog_reads_the_same_head(broker: dramatiq.Broker) -> None:
     backlog = backlog_of(broker)
     assert await backlog() is None
-    enqueue(broker, 300)
+    enqueue_aged(broker, 300)
     since = await backlog()
     assert since is not None
     assert abs(since - (datetime.now(UTC) - timedelta(seconds=300))) < timedelta(seconds=2)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -22,9 +21,9 @@ from service.webhooks.errors import StoreUnavailable
 from service.webhooks.inbox import InboxRow, InboxWriter, StoreOutcome, StoreResult
 from service.webhooks.relay import measure_backlog, purge_nonces, relay_once
 from tests.conftest import to_asyncpg_dsn
+from tests.support.broker import enqueue_aged
 from tests.support.webhook_checks import count, fetch, sample
 from tests.support.webhook_requests import receiver_settings
-from workers.broker import reconcile_message
 
 
 def row(**changes: object) -> InboxRow:
@@ -273,12 +272,6 @@ async def test_relay_sends_one_reconcile_per_order(db: Db) -> None:
     assert set((await states(db.url)).values()) == {"queued"}
 
 
-def enqueued_ago(broker: StubBroker, age_s: float) -> None:
-    """A reconcile waiting in the broker since ``age_s`` ago: the head of a backlog."""
-    message = reconcile_message("acct", "1688", "backlog", source="webhook")
-    broker.enqueue(replace(message, message_timestamp=int((time.time() - age_s) * 1000)))
-
-
 async def test_relay_hands_off_again_rows_the_broker_lost(db: Db) -> None:
     settings = db.settings.model_copy(update={"requeue_after_s": 30.0})
     lost = await insert_rows(db.url, age_s=60, n=2, state="queued")
@@ -326,7 +319,7 @@ async def test_relay_leaves_rows_still_waiting_behind_a_backlog(db: Db) -> None:
     broker = stub_broker()
     # The oldest message still waiting was enqueued 100 s ago: rows handed off in the 30 s
     # before it, or after it, may be waiting too; a row handed off 200 s ago is not.
-    enqueued_ago(broker, 100)
+    enqueue_aged(broker, 100)  # the head of a backlog
 
     assert await relay_once(db.sessions, broker, settings) == 1
 

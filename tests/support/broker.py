@@ -1,0 +1,16 @@
+"""Reconcile messages as a backlog leaves them: enqueued some time ago."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import dramatiq
+
+from workers.broker import reconcile_message
+
+
+def enqueue_aged(broker: dramatiq.Broker, age_s: float, order_id: str = "backlog") -> None:
+    """A reconcile waiting in ``broker`` since ``age_s`` ago."""
+    message = reconcile_message("acct", "1688", order_id, source="webhook")
+    broker.enqueue(replace(message, message_timestamp=int((time.time() - age_s) * 1000)))
