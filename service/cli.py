@@ -114,9 +114,17 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
 
     import uvicorn
 
+    from service.webhooks.verify import Verifier, describe_mode
+
     settings = _settings()
     _configure_logging(settings)
+    try:
+        Verifier(settings)  # a mode without what it needs stops here, in one line
+    except ConfigError as error:
+        click.echo(f"pandasync serve: {error}", err=True)
+        sys.exit(2)
     _database_url(settings)
+    click.echo(f"pandasync serve: {describe_mode(settings)}")
     processes = workers or settings.web_workers
     metrics_dir: str | None = None
     if processes > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -254,6 +262,11 @@ def dev(demo: bool, sandbox_port: int) -> None:
             }
         )
         get_settings.cache_clear()
+    if settings.webhook_token is None:
+        from service.devserver import dev_webhook_token
+
+        os.environ["PANDASYNC_WEBHOOK_TOKEN"] = dev_webhook_token(settings.data_dir)
+        get_settings.cache_clear()
     settings = _settings()
     _configure_logging(settings)
     run_migrations(url)
@@ -263,10 +276,12 @@ def dev(demo: bool, sandbox_port: int) -> None:
 
     def banner(platform: str | None, order_id: str | None) -> None:
         web = f"http://{settings.host}:{settings.port}"
+        token = settings.webhook_token.get_secret_value() if settings.webhook_token else ""
         lines = [
             "",
             "pandasync is running (Ctrl-C stops everything; the data stays for next time)",
-            f"  webhook URL:   {web}/webhooks/pandapon",
+            f"  webhook URL:   {web}/webhooks/pandapon/{token}",
+            "                 (give PandaPon this one; /webhooks/pandapon takes signed ones only)",
             f"  health:        {web}/healthz   metrics: {web}/metrics",
         ]
         if with_sandbox:
@@ -318,12 +333,17 @@ def _psql_command(url: str) -> str:
 
 
 @main.command("send-test-message")
-@click.option("--url", default=None, help="Webhook URL (default: this machine's web role).")
+@click.option(
+    "--url",
+    default=None,
+    help="Webhook URL (default: this machine's web role, on the token URL when a token is set).",
+)
 @click.option("--platform", type=click.Choice(["taobao", "1688"]), default="taobao")
 @click.option("--order-id", required=True)
 def send_test_message(url: str | None, platform: str, order_id: str) -> None:
     """Send one signed status-change message, as PandaPon would, and print the answer."""
     import json
+    import re
     import time
 
     import httpx
@@ -339,7 +359,16 @@ def send_test_message(url: str | None, platform: str, order_id: str) -> None:
         from service.sandbox.settings import DEV_ACCESS_KEY, DEV_ACCESS_SECRET, DEV_USER_ID
 
         credentials = Credentials(DEV_ACCESS_KEY, DEV_ACCESS_SECRET, DEV_USER_ID)
-    url = url or f"http://{settings.host}:{settings.port}/webhooks/pandapon"
+    if url is None:
+        from service.devserver import read_dev_token
+
+        url = f"http://{settings.host}:{settings.port}/webhooks/pandapon"
+        token = settings.webhook_token.get_secret_value() if settings.webhook_token else None
+        token = token or read_dev_token(settings.data_dir)
+        if token:
+            url += "/" + token
+    # The token is a credential: the printed URL shows where it goes, not what it is.
+    shown = re.sub(r"(/webhooks/pandapon/)[^/?#]+", r"\1<token>", url)
     body: dict[str, object]
     if platform == "taobao":
         message_type, body = (
@@ -364,9 +393,9 @@ def send_test_message(url: str | None, platform: str, order_id: str) -> None:
     try:
         response = httpx.post(url, content=json.dumps(envelope), headers=headers, timeout=5)
     except httpx.HTTPError as error:
-        click.echo(f"pandasync send-test-message: {url}: {error}", err=True)
+        click.echo(f"pandasync send-test-message: {shown}: {error}", err=True)
         sys.exit(1)
-    click.echo(f"{url} answered {response.status_code} {response.text}".rstrip())
+    click.echo(f"{shown} answered {response.status_code} {response.text}".rstrip())
     sys.exit(0 if response.status_code == 200 else 1)
 
 

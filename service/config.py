@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-WebhookAuth = Literal["signature", "token", "signature+token"]
+WebhookAuth = Literal["auto", "signature", "token", "signature+token"]
 TimestampUnit = Literal["ms", "s"]
 LogFormat = Literal["auto", "json", "console"]
 
@@ -114,13 +114,28 @@ class Settings(BaseSettings):
     web_workers: PositiveInt = Field(
         default=1, description="Web processes (`pandasync serve --workers`)."
     )
+    public_url: str | None = Field(
+        default=None,
+        description=(
+            "The web role's address as PandaPon reaches it, e.g. `https://sync.example.com`; "
+            "used to print the webhook URL (`pandasync doctor`)."
+        ),
+    )
     webhook_auth: WebhookAuth = Field(
-        default="signature",
-        description="How callbacks are verified: `signature`, `token` or `signature+token`.",
+        default="auto",
+        description=(
+            "How callbacks are verified. `auto`: on `/webhooks/pandapon/{token}` the token "
+            "authenticates and signatures are only checked and recorded; on "
+            "`/webhooks/pandapon` a valid signature is required. `signature`, `token`, "
+            "`signature+token`: strict, as named (docs/operations.md, First deploy)."
+        ),
     )
     webhook_token: SecretStr | None = Field(
         default=None,
-        description="Secret path token for `/webhooks/pandapon/{token}` (16+ characters). Secret.",
+        description=(
+            "Secret path token for `/webhooks/pandapon/{token}` (16+ URL-safe characters, e.g. "
+            "`openssl rand -hex 24`): how PandaPon's callbacks should authenticate. Secret."
+        ),
     )
     signature_tolerance_s: PositiveInt = Field(
         default=600, description="Accepted clock difference of a callback's `timestamp`, both ways."
@@ -219,6 +234,16 @@ class Settings(BaseSettings):
             raise ValueError("must be an http(s):// URL")
         return value.rstrip("/")
 
+    @field_validator("public_url")
+    @classmethod
+    def _check_public_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http(s):// URL, e.g. https://sync.example.com")
+        return value.rstrip("/")
+
     @field_validator("reporting_timezone")
     @classmethod
     def _check_timezone(cls, value: str) -> str:
@@ -230,15 +255,26 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown time zone {value!r}") from None
         return value
 
+    @field_validator("webhook_token")
+    @classmethod
+    def _check_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None
+        token = value.get_secret_value()
+        if len(token) < 16:
+            raise ValueError("must be at least 16 characters (e.g. `openssl rand -hex 24`)")
+        # It is one path segment of the webhook URL: anything else would need escaping there.
+        if not all(c.isascii() and (c.isalnum() or c in "-_.~") for c in token):
+            raise ValueError("may hold only letters, digits and - _ . ~ (it is part of a URL)")
+        return value
+
     @model_validator(mode="after")
     def _check_webhook_token(self) -> Settings:
-        if "token" in self.webhook_auth:
-            token = self.webhook_token.get_secret_value() if self.webhook_token else ""
-            if len(token) < 16:
-                raise ValueError(
-                    f"PANDASYNC_WEBHOOK_AUTH={self.webhook_auth} needs PANDASYNC_WEBHOOK_TOKEN "
-                    "of at least 16 characters"
-                )
+        if "token" in self.webhook_auth and self.webhook_token is None:
+            raise ValueError(
+                f"PANDASYNC_WEBHOOK_AUTH={self.webhook_auth} needs PANDASYNC_WEBHOOK_TOKEN "
+                "of at least 16 characters"
+            )
         return self
 
     @property

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import secrets
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import dramatiq
@@ -26,6 +29,35 @@ from service.config import Settings
 log = structlog.get_logger("pandasync.dev")
 
 DEMO_INTERVAL_S = 3.0
+# The dev server's webhook token, kept beside the embedded database so that the printed URL
+# (and ``send-test-message`` from another terminal) stays the same from one start to the next.
+DEV_TOKEN_FILE = "webhook-token"  # noqa: S105 - a file name
+
+
+def dev_token_path(data_dir: Path) -> Path:
+    return data_dir / DEV_TOKEN_FILE
+
+
+def read_dev_token(data_dir: Path) -> str | None:
+    """The token ``pandasync dev`` made under ``data_dir``, if it made one."""
+    try:
+        return dev_token_path(data_dir).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def dev_webhook_token(data_dir: Path) -> str:
+    """The dev server's webhook token: the one made before, or a new one (owner-only file)."""
+    existing = read_dev_token(data_dir)
+    if existing:
+        return existing
+    token = secrets.token_hex(24)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = dev_token_path(data_dir)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(token + "\n")
+    return token
 
 
 class _QuietServer(uvicorn.Server):
@@ -109,7 +141,10 @@ async def run_dev(plan: DevPlan, broker: dramatiq.Broker, banner: Any) -> None:
         from service.sandbox.app import create_sandbox_app
         from service.sandbox.settings import load_sandbox_settings
 
+        # The sandbox calls the token URL, as the recommended production setup does.
         webhook = f"http://{settings.host}:{settings.port}/webhooks/pandapon"
+        if settings.webhook_token is not None:
+            webhook += "/" + settings.webhook_token.get_secret_value()
         base = load_sandbox_settings()
         sandbox_settings = load_sandbox_settings(
             delivery=base.delivery.model_copy(update={"webhook_url": webhook})

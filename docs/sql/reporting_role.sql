@@ -30,7 +30,7 @@ GRANT SELECT ON
 TO pandasync_reporting;
 GRANT SELECT (
     id, account_id, dedupe_key, received_at, message_type, kind, platform, order_id,
-    refund_id, pushed_at, request_id, state, queued_at, processed_at
+    refund_id, pushed_at, request_id, state, queued_at, processed_at, signature_state
 ) ON webhook_inbox TO pandasync_reporting;
 GRANT EXECUTE ON FUNCTION report_timezone() TO pandasync_reporting;
 DO $$

@@ -105,6 +105,20 @@ class InboxState(enum.StrEnum):
     IGNORED = "ignored"
 
 
+class SignatureState(enum.StrEnum):
+    """What the signature headers of an accepted callback showed (``webhook_inbox``).
+
+    valid: signed as PandaPon signs requests (``pandapon-api.md`` §1), in time; absent: no
+    ``signature`` header; stale: signed right, but the timestamp is outside the tolerance;
+    mismatch: signed, but not as we sign (another secret, algorithm, access key or unit).
+    """
+
+    VALID = "valid"
+    ABSENT = "absent"
+    STALE = "stale"
+    MISMATCH = "mismatch"
+
+
 class FailureKind(enum.StrEnum):
     PERMANENT = "permanent"
     EXHAUSTED = "exhausted"
@@ -360,6 +374,10 @@ class WebhookInbox(Base):
     )
     queued_at: Mapped[datetime | None]
     processed_at: Mapped[datetime | None]
+    signature_state: Mapped[SignatureState | None] = mapped_column(
+        _enum(SignatureState, "signature_state"),
+        comment="What the signature headers showed; NULL: not checked (token mode, no secret).",
+    )
 
 
 class WebhookNonce(Base):

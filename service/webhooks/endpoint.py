@@ -164,6 +164,7 @@ class Receiver:
             request_id=request_id_of(scope),
             state=InboxState.RECEIVED if routable else InboxState.IGNORED,
             nonce=verified.nonce,
+            signature_state=verified.signature,
         )
         if self._writer is None:
             raise StoreUnavailable("store_failed", "the receiver is not started")
@@ -172,6 +173,8 @@ class Receiver:
         metrics.STORE_SECONDS.observe(time.perf_counter() - started)
         if result.outcome is StoreOutcome.REPLAYED_NONCE:
             raise VerificationFailed("replayed_nonce", "nonce already used")
+        if verified.signature is not None:
+            metrics.SIGNATURES_BY_STATE[verified.signature].inc()
         if result.outcome is StoreOutcome.DUPLICATE:
             metrics.DUPLICATES.inc()
         else:
@@ -189,6 +192,7 @@ class Receiver:
                 message_type=envelope.message_type,
                 kind=envelope.kind.value,
                 known_type=envelope.known_type,
+                signature=verified.signature.value if verified.signature else None,
                 platform=envelope.platform.value if envelope.platform else None,
                 order_id=envelope.order_id,
             )

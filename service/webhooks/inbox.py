@@ -35,7 +35,7 @@ import structlog
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.ledger.models import InboxState, MessageKind, Platform
+from service.ledger.models import InboxState, MessageKind, Platform, SignatureState
 from service.webhooks import metrics
 from service.webhooks.errors import StoreUnavailable
 from service.webhooks.held import HeldConnections
@@ -80,6 +80,7 @@ class InboxRow:
     request_id: str | None
     state: InboxState
     nonce: str | None
+    signature_state: SignatureState | None = None
 
 
 class StoreOutcome(enum.Enum):
@@ -110,9 +111,9 @@ WITH input AS (
     SELECT * FROM unnest(
         $1::int[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
         $8::text[], $9::text[], $10::timestamptz[], $11::bytea[], $12::text[], $13::text[],
-        $14::text[]
+        $14::text[], $15::text[]
     ) AS t(ord, nonce, account_id, dedupe_key, message_type, kind, platform, order_id,
-           refund_id, pushed_at, raw_body, headers, request_id, state)
+           refund_id, pushed_at, raw_body, headers, request_id, state, signature_state)
 ),
 fresh_nonce AS (
     INSERT INTO webhook_nonces (nonce)
@@ -122,9 +123,10 @@ fresh_nonce AS (
 ),
 stored AS (
     INSERT INTO webhook_inbox (account_id, dedupe_key, message_type, kind, platform, order_id,
-                               refund_id, pushed_at, raw_body, headers, request_id, state)
+                               refund_id, pushed_at, raw_body, headers, request_id, state,
+                               signature_state)
     SELECT account_id, dedupe_key, message_type, kind, platform, order_id, refund_id,
-           pushed_at, raw_body, headers::jsonb, request_id, state
+           pushed_at, raw_body, headers::jsonb, request_id, state, signature_state
     FROM input
     WHERE nonce IS NULL OR nonce IN (SELECT nonce FROM fresh_nonce)
     ORDER BY dedupe_key
@@ -143,7 +145,7 @@ MAX_BATCH_BYTES = 8 * 1024 * 1024
 
 
 def batch_arguments(rows: Sequence[InboxRow]) -> tuple[list[Any], ...]:
-    """STORE_BATCH's fourteen array parameters, in order."""
+    """STORE_BATCH's fifteen array parameters, in order."""
     return (
         list(range(len(rows))),
         [r.nonce for r in rows],
@@ -159,6 +161,7 @@ def batch_arguments(rows: Sequence[InboxRow]) -> tuple[list[Any], ...]:
         [r.headers_json for r in rows],
         [r.request_id for r in rows],
         [r.state.value for r in rows],
+        [r.signature_state.value if r.signature_state else None for r in rows],
     )
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from service.ledger.models import MessageKind
+from service.ledger.models import MessageKind, SignatureState
 
 # Every reason a request can be refused with; used as the ``reason`` label, so it stays small.
 REJECT_REASONS = (
@@ -50,6 +50,12 @@ PROBES = Counter(
 UNKNOWN_TYPES = Counter(
     "pandasync_webhook_unknown_type_total",
     "Stored messages whose messageType is not one pandasync knows.",
+)
+SIGNATURES = Counter(
+    "pandasync_webhook_signature_total",
+    "Accepted callbacks (stored or duplicate) by what their signature headers showed: valid, "
+    "absent, stale or mismatch. Under WEBHOOK_AUTH=auto the token URL accepts all four.",
+    ["state"],
 )
 REJECTED = Counter(
     "pandasync_webhook_rejected_total",
@@ -99,6 +105,7 @@ NONCES_PURGED = Counter(
 # Pre-bound children: the hot path should not look labels up on every request.
 REJECTED_BY_REASON = {reason: REJECTED.labels(reason=reason) for reason in REJECT_REASONS}
 ACCEPTED_BY_KIND = {kind: ACCEPTED.labels(kind=kind.value) for kind in MessageKind}
+SIGNATURES_BY_STATE = {state: SIGNATURES.labels(state=state.value) for state in SignatureState}
 HANDOFF_SENT = HANDOFF.labels(result="sent")
 HANDOFF_FAILED = HANDOFF.labels(result="failed")
 HANDOFF_DEFERRED = HANDOFF.labels(result="deferred")

@@ -1,9 +1,20 @@
-"""Who sent this? Header signature and path token checks (``pandapon-api.md`` §1 and §3).
+"""Who sent this? Header signature and path token checks (``pandapon-api.md`` §1, §3 and §6).
 
-``PANDASYNC_WEBHOOK_AUTH`` picks ``signature``, ``token`` or both. Everything here is a pure
-function of the headers, the path token and the clock; the one check that needs shared state,
-"this nonce was not seen before", is made by the inbox writer in the same transaction that
-stores the message (see ``inbox.py``), so a replay and a store cannot both succeed.
+``PANDASYNC_WEBHOOK_AUTH`` picks the mode (design §7):
+
+- ``auto`` (the default): on ``/webhooks/pandapon/{token}`` the token authenticates; signature
+  headers, when present, are checked and their outcome is recorded (``SignatureState``), never
+  refused, since PandaPon does not document signing its callbacks. On ``/webhooks/pandapon`` a
+  valid signature is required, as in ``signature``.
+- ``signature``: a valid signature is required; a token in the path must be right too.
+- ``token``: the token path is required; signatures are recorded as in ``auto``.
+- ``signature+token``: both are required.
+
+A wrong token is refused in every mode. Everything here is a pure function of the headers, the
+path token and the clock; the one check that needs shared state, "this nonce was not seen
+before", is made by the inbox writer in the same transaction that stores the message (see
+``inbox.py``), so a replay and a store cannot both succeed. It applies only where a signature
+is what authenticates: on the token path a replayed callback is just a duplicate hint.
 """
 
 from __future__ import annotations
@@ -13,7 +24,8 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from service.config import ConfigError, Settings
+from service.config import ConfigError, Settings, TimestampUnit
+from service.ledger.models import SignatureState
 from service.pandapon.signer import (
     DEFAULT_SIGNER,
     HEADER_ACCESS_KEY,
@@ -35,14 +47,126 @@ MAX_NONCE_LENGTH = 64
 
 
 @dataclass(frozen=True, slots=True)
-class Verified:
-    """A request that passed every stateless check; ``nonce`` is still to be recorded."""
+class SignatureCheck:
+    """What the signature headers of one request showed.
 
-    nonce: str | None
+    ``reason`` is the refusal reason a strict mode answers with (the ``reason`` label of
+    ``pandasync_webhook_rejected_total``: ``missing_header``, ``bad_signature`` …), None when
+    ``state`` is valid; ``nonce`` is set when the signature is valid.
+    """
+
+    state: SignatureState
+    reason: str | None = None
+    detail: str | None = None
+    nonce: str | None = None
 
 
 def _same(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode(), b.encode())
+
+
+def check_signature(
+    headers: Mapping[str, str],
+    *,
+    access_key: str,
+    access_secret: str,
+    unit: TimestampUnit,
+    tolerance_s: float,
+    now: float,
+    signer: Signer = DEFAULT_SIGNER,
+) -> SignatureCheck:
+    """Classify the signature headers of a request (lower-case names) against our credentials.
+
+    The signature is compared before the clock, so a right signature with an old timestamp is
+    ``stale`` (the sender signs as we do; its clock or its retry is late) while anything signed
+    otherwise is ``mismatch``, whatever its timestamp says.
+    """
+    signature = headers.get(HEADER_SIGNATURE, "").strip()
+    if not signature:
+        return SignatureCheck(
+            SignatureState.ABSENT, "missing_header", f"missing header {HEADER_SIGNATURE}"
+        )
+    values: dict[str, str] = {}
+    for name in REQUIRED_SIGNATURE_HEADERS:
+        value = headers.get(name, "").strip()
+        if not value:
+            return SignatureCheck(
+                SignatureState.MISMATCH, "missing_header", f"missing header {name}"
+            )
+        values[name] = value
+    if not _same(values[HEADER_ACCESS_KEY], access_key):
+        return SignatureCheck(SignatureState.MISMATCH, "wrong_access_key", "unknown access key")
+    nonce = values[HEADER_NONCE]
+    if len(nonce) > MAX_NONCE_LENGTH:
+        return SignatureCheck(
+            SignatureState.MISMATCH, "bad_nonce", f"nonce longer than {MAX_NONCE_LENGTH}"
+        )
+    try:
+        sent_at = timestamp_to_seconds(values[HEADER_TIMESTAMP], unit)
+    except ValueError:
+        return SignatureCheck(
+            SignatureState.MISMATCH, "bad_timestamp", f"timestamp is not an integer in {unit}"
+        )
+    if not signature_matches(
+        access_secret,
+        values[HEADER_ACCESS_KEY],
+        values[HEADER_TIMESTAMP],
+        nonce,
+        signature,
+        signer=signer,
+    ):
+        return SignatureCheck(SignatureState.MISMATCH, "bad_signature", "signature does not match")
+    skew = now - sent_at
+    if skew > tolerance_s:
+        return SignatureCheck(SignatureState.STALE, "stale_timestamp", "timestamp too old")
+    if skew < -tolerance_s:
+        return SignatureCheck(SignatureState.STALE, "future_timestamp", "timestamp in the future")
+    return SignatureCheck(SignatureState.VALID, nonce=nonce)
+
+
+@dataclass(frozen=True, slots=True)
+class Verified:
+    """A request that passed every stateless check.
+
+    ``nonce`` is still to be recorded (set only where the signature is what authenticates);
+    ``signature`` is what its signature headers showed, None where nobody could check them
+    (``token`` mode without credentials).
+    """
+
+    nonce: str | None
+    signature: SignatureState | None
+
+
+def describe_mode(settings: Settings) -> str:
+    """One line: which callbacks the receiver accepts, for the web role's start (no secret)."""
+    mode = settings.webhook_auth
+    token_url = "/webhooks/pandapon/<PANDASYNC_WEBHOOK_TOKEN>"  # noqa: S105 - a placeholder
+    has_token = settings.webhook_token is not None
+    if mode == "auto":
+        if has_token:
+            return (
+                f"callbacks accepted at {token_url} signed or not (signatures checked and "
+                "recorded), and at /webhooks/pandapon only when validly signed "
+                "(PANDASYNC_WEBHOOK_AUTH=auto)"
+            )
+        return (
+            "callbacks accepted at /webhooks/pandapon only when validly signed "
+            "(PANDASYNC_WEBHOOK_AUTH=auto without PANDASYNC_WEBHOOK_TOKEN: set a token so "
+            "unsigned callbacks are accepted too)"
+        )
+    if mode == "token":
+        return (
+            f"callbacks accepted at {token_url} only, signed or not (PANDASYNC_WEBHOOK_AUTH=token)"
+        )
+    if mode == "signature+token":
+        return (
+            f"callbacks accepted at {token_url} only when also validly signed "
+            "(PANDASYNC_WEBHOOK_AUTH=signature+token)"
+        )
+    where = f"/webhooks/pandapon and {token_url}" if has_token else "/webhooks/pandapon"
+    return (
+        f"callbacks accepted at {where} only when validly signed (PANDASYNC_WEBHOOK_AUTH=signature)"
+    )
 
 
 class Verifier:
@@ -55,68 +179,63 @@ class Verifier:
         signer: Signer = DEFAULT_SIGNER,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._check_signature = "signature" in settings.webhook_auth
-        self._require_token = "token" in settings.webhook_auth
+        mode = settings.webhook_auth
         self._token = settings.webhook_token.get_secret_value() if settings.webhook_token else None
+        # Where the signature is what authenticates: always in the signature modes; in auto,
+        # on the bare path.
+        self._signature_required_with_token = "signature" in mode
+        self._signature_required_without_token = mode != "token"
+        self._token_required = "token" in mode
         self._access_key = settings.access_key or ""
         secret = settings.access_secret.get_secret_value() if settings.access_secret else ""
         self._access_secret = secret
-        if self._check_signature and not (self._access_key and self._access_secret):
+        self._can_check = bool(self._access_key and self._access_secret)
+        if mode != "token" and not self._can_check:
             raise ConfigError(
-                f"PANDASYNC_WEBHOOK_AUTH={settings.webhook_auth} verifies callback signatures and "
-                "needs PANDASYNC_ACCESS_KEY and PANDASYNC_ACCESS_SECRET"
+                f"PANDASYNC_WEBHOOK_AUTH={mode} verifies callback signatures and needs "
+                "PANDASYNC_ACCESS_KEY and PANDASYNC_ACCESS_SECRET (or set "
+                "PANDASYNC_WEBHOOK_AUTH=token with PANDASYNC_WEBHOOK_TOKEN)"
             )
         self._tolerance_s = float(settings.signature_tolerance_s)
         self._unit = settings.timestamp_unit
         self._signer = signer
         self._clock = clock
 
+    def check_signature(self, headers: Mapping[str, str]) -> SignatureCheck:
+        """What the signature headers show, with the configured credentials, unit and clock."""
+        return check_signature(
+            headers,
+            access_key=self._access_key,
+            access_secret=self._access_secret,
+            unit=self._unit,
+            tolerance_s=self._tolerance_s,
+            now=self._clock(),
+            signer=self._signer,
+        )
+
     def verify(self, headers: Mapping[str, str], path_token: str | None) -> Verified:
-        """Raise VerificationFailed with a reason, or say what is left to check."""
+        """Raise VerificationFailed with a reason, or say what is left to check and record."""
         self._verify_token(path_token)
-        if not self._check_signature:
-            return Verified(nonce=None)
-        return Verified(nonce=self._verify_signature(headers))
+        required = (
+            self._signature_required_with_token
+            if path_token is not None
+            else self._signature_required_without_token
+        )
+        if not self._can_check:  # token mode without credentials: nothing to check against
+            return Verified(nonce=None, signature=None)
+        check = self.check_signature(headers)
+        if not required:
+            return Verified(nonce=None, signature=check.state)
+        if check.state is not SignatureState.VALID:
+            assert check.reason is not None
+            raise VerificationFailed(check.reason, check.detail)
+        return Verified(nonce=check.nonce, signature=SignatureState.VALID)
 
     def _verify_token(self, path_token: str | None) -> None:
         if path_token is None:
-            if self._require_token:
+            if self._token_required:
                 raise VerificationFailed("missing_token", "this endpoint needs the token path")
             return
         # A token in the path is checked in every mode: a wrong one is never ignored.
         if self._token is None or not _same(path_token, self._token):
             raise VerificationFailed("wrong_token", "wrong token")
-
-    def _verify_signature(self, headers: Mapping[str, str]) -> str:
-        values: dict[str, str] = {}
-        for name in REQUIRED_SIGNATURE_HEADERS:
-            value = headers.get(name, "").strip()
-            if not value:
-                raise VerificationFailed("missing_header", f"missing header {name}")
-            values[name] = value
-        if not _same(values[HEADER_ACCESS_KEY], self._access_key):
-            raise VerificationFailed("wrong_access_key", "unknown access key")
-        nonce = values[HEADER_NONCE]
-        if len(nonce) > MAX_NONCE_LENGTH:
-            raise VerificationFailed("bad_nonce", f"nonce longer than {MAX_NONCE_LENGTH}")
-        try:
-            sent_at = timestamp_to_seconds(values[HEADER_TIMESTAMP], self._unit)
-        except ValueError:
-            raise VerificationFailed(
-                "bad_timestamp", f"timestamp is not an integer in {self._unit}"
-            ) from None
-        skew = self._clock() - sent_at
-        if skew > self._tolerance_s:
-            raise VerificationFailed("stale_timestamp", "timestamp too old")
-        if skew < -self._tolerance_s:
-            raise VerificationFailed("future_timestamp", "timestamp in the future")
-        if not signature_matches(
-            self._access_secret,
-            values[HEADER_ACCESS_KEY],
-            values[HEADER_TIMESTAMP],
-            nonce,
-            values[HEADER_SIGNATURE],
-            signer=self._signer,
-        ):
-            raise VerificationFailed("bad_signature", "signature does not match")
-        return nonce

@@ -43,19 +43,26 @@ def test_dev_starts_from_nothing_takes_a_message_and_stops_cleanly(tmp_path: Pat
             [PANDASYNC, "dev"], cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT
         )
     try:
+        # The URL to give PandaPon is the token URL, with a token made and kept for next time.
+        url = _wait_for_line(
+            process, log, r"webhook URL:\s+(\S+/webhooks/pandapon/([0-9a-f]{48}))$"
+        )
+        assert (workdir / ".pandasync" / "webhook-token").read_text().strip() == url.group(2)
         send = _wait_for_line(process, log, r"^\s+(\S*pandasync send-test-message .+)$")
         peek = _wait_for_line(process, log, r"^\s+(\S+/psql .+)$")
         argv = shlex.split(send.group(1))
         sent = subprocess.run(
             argv,
-            cwd=tmp_path,
+            cwd=workdir,
             env=env,
             capture_output=True,
             text=True,
             timeout=30,
         )
         assert sent.returncode == 0, sent.stdout + sent.stderr
-        assert "answered 200" in sent.stdout
+        # From the same directory it finds the dev token and uses the token URL, masked.
+        assert "/webhooks/pandapon/<token> answered 200" in sent.stdout
+        assert url.group(2) not in sent.stdout
         order_id = argv[argv.index("--order-id") + 1]
 
         psql = shlex.split(peek.group(1))

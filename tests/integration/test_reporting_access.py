@@ -42,6 +42,7 @@ VIEWS = [
 INBOX_READABLE = [
     "id", "account_id", "dedupe_key", "received_at", "message_type", "kind", "platform",
     "order_id", "refund_id", "pushed_at", "request_id", "state", "queued_at", "processed_at",
+    "signature_state",
 ]  # fmt: skip
 SCRIPT = Path(__file__).resolve().parents[2] / "docs" / "sql" / "reporting_role.sql"
 

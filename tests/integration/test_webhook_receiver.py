@@ -118,6 +118,7 @@ async def test_stored_message_is_answered_200_and_kept_byte_exact(server: Runnin
     assert stored_headers["access-key"] == headers["access-key"]
     [nonce] = await fetch(server.database_url, "SELECT nonce FROM webhook_nonces")
     assert nonce["nonce"] == headers["nonce-str"]
+    assert row["signature_state"] == "valid"
 
 
 async def test_request_id_is_made_when_missing_or_unusable(server: Running) -> None:
@@ -336,6 +337,89 @@ async def test_token_mode_accepts_unsigned_requests_on_the_token_path(
         assert (refused.status_code, reason(refused)) == (401, "wrong_token")
         assert len(await running.rows()) == 1
         assert await count(fresh_database_url, "webhook_nonces") == 0
+
+
+# --- auto (the default): the token URL authenticates; signatures recorded, never refused ---
+
+
+@pytest.fixture
+async def auto(fresh_database_url: str) -> AsyncIterator[Running]:
+    async with started(fresh_database_url, webhook_auth="auto", webhook_token=TOKEN) as running:
+        yield running
+
+
+async def stored_signature_state(running: Running, response: httpx.Response) -> str:
+    assert response.status_code == 200, response.text
+    [row] = await running.rows()
+    return str(row["signature_state"])
+
+
+async def test_auto_unsigned_callback_on_the_token_url_is_stored_as_absent(auto: Running) -> None:
+    response = await auto.post(encode(taobao_status()), JSON_TYPE, path=f"{WEBHOOK}/{TOKEN}")
+    assert await stored_signature_state(auto, response) == "absent"
+    assert await count(auto.database_url, "webhook_nonces") == 0
+
+
+async def test_auto_wrong_secret_on_the_token_url_is_stored_as_mismatch(auto: Running) -> None:
+    other = Credentials(CREDENTIALS.access_key, "some-other-secret-entirely", USER_ID)
+    headers = signed(credentials=other)
+    response = await auto.post(encode(taobao_status()), headers, path=f"{WEBHOOK}/{TOKEN}")
+    assert await stored_signature_state(auto, response) == "mismatch"
+
+
+async def test_auto_stale_signature_on_the_token_url_is_stored_as_stale(auto: Running) -> None:
+    headers = signed(now=time.time() - 3600)
+    response = await auto.post(encode(taobao_status()), headers, path=f"{WEBHOOK}/{TOKEN}")
+    assert await stored_signature_state(auto, response) == "stale"
+
+
+async def test_auto_valid_signature_on_the_token_url_is_stored_as_valid_and_may_repeat(
+    auto: Running,
+) -> None:
+    # The token authenticates, so the nonce is not claimed: a redelivery with the same headers
+    # is a duplicate (200), not a replay (401).
+    headers = signed()
+    body = encode(taobao_status())
+    response = await auto.post(body, headers, path=f"{WEBHOOK}/{TOKEN}")
+    assert await stored_signature_state(auto, response) == "valid"
+    again = await auto.post(body, headers, path=f"{WEBHOOK}/{TOKEN}")
+    assert again.status_code == 200
+    assert len(await auto.rows()) == 1
+
+
+async def test_auto_unsigned_callback_without_the_token_is_401(auto: Running) -> None:
+    response = await auto.post(encode(taobao_status()), JSON_TYPE)
+    await assert_refused(auto, response, "missing_header")
+
+
+async def test_auto_signed_callback_without_the_token_is_stored_as_valid(auto: Running) -> None:
+    response = await auto.post(encode(taobao_status()))
+    assert await stored_signature_state(auto, response) == "valid"
+    assert await count(auto.database_url, "webhook_nonces") == 1
+
+
+async def test_auto_wrong_token_is_401_even_when_signed(auto: Running) -> None:
+    response = await auto.post(encode(taobao_status()), path=f"{WEBHOOK}/{TOKEN}x")
+    await assert_refused(auto, response, "wrong_token")
+
+
+async def test_auto_counts_each_signature_state(auto: Running) -> None:
+    path = f"{WEBHOOK}/{TOKEN}"
+    await auto.post(encode(taobao_status()), JSON_TYPE, path=path)
+    await auto.post(encode(taobao_status()), signed(now=time.time() - 3600), path=path)
+    text = (await auto.client.get("/metrics")).text
+    values = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in text.splitlines()
+        if line.startswith("pandasync_webhook_signature_total{")
+    }
+    # The registry is the process's: compare with what this test sent, not with zero.
+    assert values['pandasync_webhook_signature_total{state="absent"}'] >= 1
+    assert values['pandasync_webhook_signature_total{state="stale"}'] >= 1
+    assert set(values) == {
+        f'pandasync_webhook_signature_total{{state="{state}"}}'
+        for state in ("valid", "absent", "stale", "mismatch")
+    }
 
 
 def test_signature_mode_without_credentials_fails_app_startup() -> None:

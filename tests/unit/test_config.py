@@ -22,7 +22,7 @@ def test_defaults_match_the_design() -> None:
     assert settings.database_url is None
     assert settings.broker_url is None
     assert settings.api_base_url == "https://api.pandapon.com"
-    assert settings.webhook_auth == "signature"
+    assert settings.webhook_auth == "auto"  # design §7
     assert settings.signature_tolerance_s == 600
     assert settings.timestamp_unit == "ms"
     assert settings.max_body_bytes == 1024 * 1024
@@ -74,6 +74,8 @@ def test_secrets_never_show_in_repr(monkeypatch: pytest.MonkeyPatch) -> None:
             {"PANDASYNC_WEBHOOK_AUTH": "signature+token", "PANDASYNC_WEBHOOK_TOKEN": "short"},
             "at least 16 characters",
         ),
+        ({"PANDASYNC_WEBHOOK_TOKEN": "short"}, "PANDASYNC_WEBHOOK_TOKEN: must be at least 16"),
+        ({"PANDASYNC_WEBHOOK_TOKEN": "has/a/slash-0123456789"}, "part of a URL"),
         ({"PANDASYNC_TIMESTAMP_UNIT": "us"}, "PANDASYNC_TIMESTAMP_UNIT"),
         ({"PANDASYNC_MAX_BODY_BYTES": "0"}, "PANDASYNC_MAX_BODY_BYTES"),
         ({"PANDASYNC_PORT": "70000"}, "PANDASYNC_PORT"),

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 
 from service.config import ConfigError, Settings, load_settings
+from service.ledger.models import SignatureState
 from service.pandapon.signer import Credentials, signed_headers
 from service.webhooks.errors import VerificationFailed
-from service.webhooks.verify import Verifier
+from service.webhooks.verify import Verifier, describe_mode
 from tests.support.webhook_requests import ACCESS_KEY, ACCESS_SECRET, CREDENTIALS, TOKEN, USER_ID
 
 NOW = 1_790_000_000.0
@@ -133,7 +134,7 @@ def test_signature_and_token_mode_needs_both() -> None:
 
 
 def test_a_token_in_the_path_is_checked_in_signature_mode_too() -> None:
-    v = verifier(webhook_token=TOKEN)
+    v = verifier(webhook_auth="signature", webhook_token=TOKEN)
     assert v.verify(headers(), TOKEN)
     assert reason_of(v, headers(), "guess-" + TOKEN) == "wrong_token"
 
@@ -149,3 +150,130 @@ def test_token_mode_needs_no_credentials() -> None:
         settings(access_key=None, access_secret=None, webhook_auth="token", webhook_token=TOKEN)
     )
     assert v.verify({}, TOKEN).nonce is None
+
+
+# --- auto (the default): the token authenticates; signatures are checked and recorded ---------
+
+
+def auto(**overrides: object) -> Verifier:
+    return verifier(webhook_token=TOKEN, **overrides)
+
+
+def test_auto_is_the_default_mode() -> None:
+    assert settings().webhook_auth == "auto"
+
+
+def test_auto_token_path_accepts_an_unsigned_callback_as_absent() -> None:
+    verified = auto().verify({"content-type": "application/json"}, TOKEN)
+    assert verified.signature is SignatureState.ABSENT
+    assert verified.nonce is None
+
+
+def test_auto_token_path_records_a_valid_signature_without_claiming_its_nonce() -> None:
+    # On the token path a replayed callback is only a duplicate hint, so no nonce is recorded.
+    verified = auto().verify(headers(), TOKEN)
+    assert verified.signature is SignatureState.VALID
+    assert verified.nonce is None
+
+
+def test_auto_token_path_accepts_another_secret_as_mismatch() -> None:
+    other = Credentials(ACCESS_KEY, "not-our-secret-at-all", USER_ID)
+    assert auto().verify(signed_headers(other, now=NOW), TOKEN).signature is (
+        SignatureState.MISMATCH
+    )
+
+
+@pytest.mark.parametrize("at", [NOW - 3600, NOW + 3600])
+def test_auto_token_path_accepts_an_old_or_early_signature_as_stale(at: float) -> None:
+    assert auto().verify(headers(at=at), TOKEN).signature is SignatureState.STALE
+
+
+@pytest.mark.parametrize(
+    ("change", "state"),
+    [
+        ({"access-key": "ak-someone-else"}, SignatureState.MISMATCH),
+        ({"timestamp": "yesterday"}, SignatureState.MISMATCH),
+        ({"nonce-str": ""}, SignatureState.MISMATCH),
+        ({"signature": ""}, SignatureState.ABSENT),
+    ],
+)
+def test_auto_token_path_never_refuses_for_the_signature(
+    change: dict[str, str], state: SignatureState
+) -> None:
+    assert auto().verify(headers(**change), TOKEN).signature is state
+
+
+def test_auto_bare_path_requires_a_valid_signature() -> None:
+    v = auto()
+    assert reason_of(v, {}) == "missing_header"
+    assert reason_of(v, headers(at=NOW - 3600)) == "stale_timestamp"
+    assert reason_of(v, headers(signature="0" * 32)) == "bad_signature"
+    verified = v.verify(headers(), None)
+    assert verified.signature is SignatureState.VALID
+    assert verified.nonce  # the signature is what authenticates here: its nonce is claimed
+
+
+def test_auto_wrong_token_is_refused_even_when_signed() -> None:
+    assert reason_of(auto(), headers(), "guess-" + TOKEN) == "wrong_token"
+
+
+def test_auto_without_a_token_refuses_any_token_path() -> None:
+    assert reason_of(verifier(), headers(), TOKEN) == "wrong_token"
+
+
+def test_auto_without_token_or_credentials_fails_at_construction() -> None:
+    with pytest.raises(ConfigError, match="PANDASYNC_WEBHOOK_AUTH=token"):
+        Verifier(settings(access_key=None, access_secret=None))
+
+
+def test_token_mode_records_the_signature_when_it_can() -> None:
+    v = verifier(webhook_auth="token", webhook_token=TOKEN)
+    assert v.verify({}, TOKEN).signature is SignatureState.ABSENT
+    assert v.verify(headers(), TOKEN).signature is SignatureState.VALID
+
+
+def test_token_mode_without_credentials_records_nothing() -> None:
+    v = Verifier(
+        settings(access_key=None, access_secret=None, webhook_auth="token", webhook_token=TOKEN)
+    )
+    assert v.verify(headers(), TOKEN).signature is None
+
+
+def test_signature_mode_stays_strict_on_the_token_path() -> None:
+    v = verifier(webhook_auth="signature", webhook_token=TOKEN)
+    assert reason_of(v, {}, TOKEN) == "missing_header"
+    assert reason_of(v, headers(at=NOW - 3600), TOKEN) == "stale_timestamp"
+
+
+def test_a_wrong_signature_with_an_old_timestamp_is_a_mismatch_not_stale() -> None:
+    # Stale means "signed as we sign, but late"; a signature we cannot reproduce says nothing
+    # about the clock.
+    v = auto()
+    h = headers(at=NOW - 3600, signature="0" * 32)
+    assert v.check_signature(h).state is SignatureState.MISMATCH
+    assert v.check_signature(h).reason == "bad_signature"
+
+
+def test_a_timestamp_in_the_other_unit_shows_as_stale() -> None:
+    seconds = signed_headers(CREDENTIALS, unit="s", now=NOW)
+    check = auto().check_signature(seconds)  # read as milliseconds: 1970
+    assert (check.state, check.reason) == (SignatureState.STALE, "stale_timestamp")
+    assert auto(timestamp_unit="s").check_signature(seconds).state is SignatureState.VALID
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"webhook_token": TOKEN}, "at /webhooks/pandapon/<PANDASYNC_WEBHOOK_TOKEN> signed or not"),
+        ({}, "set a token so unsigned callbacks are accepted too"),
+        ({"webhook_auth": "token", "webhook_token": TOKEN}, "only, signed or not"),
+        ({"webhook_auth": "signature+token", "webhook_token": TOKEN}, "only when also validly"),
+        ({"webhook_auth": "signature"}, "at /webhooks/pandapon only when validly signed"),
+    ],
+)
+def test_the_start_line_says_what_is_accepted_and_never_the_token(
+    overrides: dict[str, object], expected: str
+) -> None:
+    line = describe_mode(settings(**overrides))
+    assert expected in line
+    assert TOKEN not in line
