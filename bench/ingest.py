@@ -8,7 +8,9 @@ the same load generator (wrk, 32 connections, 2 threads) with the same request s
 
 - ``bare``:  a Starlette endpoint that reads the body and answers 200;
 - ``naive``: the same plus one asyncpg ``INSERT`` into webhook_inbox per request (autocommit);
-- ``real``:  ``service.app.create_app`` as deployed (signature mode, JSON logs, broker).
+- ``real``:  ``service.app.create_app`` as deployed (JSON logs, broker), in the callback
+  authentication of ``--auth``: ``auto`` (the default setting, requests on the token URL) or
+  ``signature`` (requests on ``/webhooks/pandapon``, nonces claimed).
 
 Every request is a fresh, validly signed PandaPon callback for a new order, signed just before
 the run (wrk's Lua script reads pre-signed requests from files, one line each, so the load
@@ -51,6 +53,8 @@ ACCESS_KEY = "ak-bench-0001"
 ACCESS_SECRET = "secret-bench-0123456789abcdef"
 USER_ID = "acct-bench"
 PATH = "/webhooks/pandapon"
+TOKEN = "bench-token-0123456789abcdef"
+AUTH_MODES = ("auto", "signature")
 KINDS = ("bare", "naive", "real")
 WARMUP_S = 2
 WRK_THREADS = 2
@@ -125,13 +129,19 @@ def _bare_app() -> Any:
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import Response
-    from starlette.routing import Route
 
     async def endpoint(request: Request) -> Response:
         await request.body()
         return Response(b'{"status":"ok"}', media_type="application/json")
 
-    return Starlette(routes=[Route(PATH, endpoint, methods=["POST"])])
+    return Starlette(routes=_routes(endpoint))
+
+
+def _routes(endpoint: Any) -> list[Any]:
+    """The baselines answer on both webhook paths, so every endpoint sees the same URL."""
+    from starlette.routing import Route
+
+    return [Route(p, endpoint, methods=["POST"]) for p in (PATH, f"{PATH}/{{token}}")]
 
 
 def _naive_app(database_url: str, pool_size: int) -> Any:
@@ -141,7 +151,6 @@ def _naive_app(database_url: str, pool_size: int) -> Any:
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import Response
-    from starlette.routing import Route
 
     pools: list[asyncpg.Pool] = []
 
@@ -165,10 +174,10 @@ def _naive_app(database_url: str, pool_size: int) -> Any:
         )
         return Response(b'{"status":"ok"}', media_type="application/json")
 
-    return Starlette(routes=[Route(PATH, endpoint, methods=["POST"])], lifespan=lifespan)
+    return Starlette(routes=_routes(endpoint), lifespan=lifespan)
 
 
-def _real_app(database_url: str, broker_url: str | None) -> Any:
+def _real_app(database_url: str, broker_url: str | None, auth: str) -> Any:
     from service.app import create_app
     from service.config import load_settings
     from service.logs import configure_logging
@@ -179,7 +188,8 @@ def _real_app(database_url: str, broker_url: str | None) -> Any:
         access_key=ACCESS_KEY,
         access_secret=ACCESS_SECRET,
         user_id=USER_ID,
-        webhook_auth="signature",
+        webhook_auth=auth,
+        webhook_token=TOKEN if auth == "auto" else None,
         log_format="json",
     )
     configure_logging(os.environ.get("BENCH_LOG_LEVEL", "INFO"), "json")
@@ -196,7 +206,7 @@ def serve(args: argparse.Namespace) -> None:
     elif args.kind == "naive":
         app = _naive_app(args.database_url, load_settings().db_pool_size)
     else:
-        app = _real_app(args.database_url, args.broker_url or None)
+        app = _real_app(args.database_url, args.broker_url or None, args.auth)
     uvicorn.run(
         app,
         host="127.0.0.1",
@@ -308,7 +318,11 @@ def write_requests(prefix: Path, count: int) -> None:
             f.close()
 
 
-def run_wrk(wrk: str, script: Path, port: int, prefix: Path, seconds: int, conns: int) -> Result:
+def webhook_path(auth: str) -> str:
+    return f"{PATH}/{TOKEN}" if auth == "auto" else PATH
+
+
+def run_wrk(wrk: str, script: Path, url: str, prefix: Path, seconds: int, conns: int) -> Result:
     command = [
         wrk,
         f"-t{WRK_THREADS}",
@@ -318,7 +332,7 @@ def run_wrk(wrk: str, script: Path, port: int, prefix: Path, seconds: int, conns
         "5s",
         "-s",
         str(script),
-        f"http://127.0.0.1:{port}{PATH}",
+        url,
         "--",
         str(prefix),
     ]
@@ -334,10 +348,12 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_server(kind: str, database_url: str, broker_url: str, log_file: Path) -> tuple[Any, int]:
+def start_server(
+    kind: str, database_url: str, broker_url: str, auth: str, log_file: Path
+) -> tuple[Any, int]:
     port = _free_port()
     command = [sys.executable, "-m", "bench.ingest", "serve", "--kind", kind, "--port", str(port)]
-    command += ["--database-url", database_url, "--broker-url", broker_url]
+    command += ["--database-url", database_url, "--broker-url", broker_url, "--auth", auth]
     log = open(log_file, "ab")  # noqa: SIM115
     process = subprocess.Popen(command, stdout=log, stderr=log)
     log.close()
@@ -381,6 +397,7 @@ def bench_one(
     workdir: Path,
     database_url: str,
     broker_url: str,
+    auth: str,
     seconds: int,
     conns: int,
     max_rate: int,
@@ -391,11 +408,12 @@ def bench_one(
     # Signed just before the run, so every timestamp is well inside the tolerance.
     write_requests(warm, max_rate * WARMUP_S)
     write_requests(main, max_rate * seconds)
-    process, port = start_server(kind, database_url, broker_url, workdir / f"{kind}.log")
+    process, port = start_server(kind, database_url, broker_url, auth, workdir / f"{kind}.log")
+    url = f"http://127.0.0.1:{port}{webhook_path(auth)}"
     try:
-        run_wrk(wrk, script, port, warm, WARMUP_S, conns)
+        run_wrk(wrk, script, url, warm, WARMUP_S, conns)
         before = asyncio.run(_query(database_url, "SELECT count(*) FROM webhook_inbox"))
-        result = run_wrk(wrk, script, port, main, seconds, conns)
+        result = run_wrk(wrk, script, url, main, seconds, conns)
         after = asyncio.run(_query(database_url, "SELECT count(*) FROM webhook_inbox"))
     finally:
         stop_server(process)
@@ -412,11 +430,14 @@ def bench_one(
     )
 
 
-def report(results: list[Result], conns: int, seconds: int, rounds: int, broker: str) -> str:
+def report(
+    results: list[Result], conns: int, seconds: int, rounds: int, broker: str, auth: str
+) -> str:
     medians: dict[str, tuple[float, float, float]] = {}
     lines = [
         f"ingest: {rounds} round(s) x {seconds} s per endpoint, {conns} connections, "
-        f"wrk -t{WRK_THREADS}, one uvicorn process each; broker for real: {broker}",
+        f"wrk -t{WRK_THREADS}, one uvicorn process each; broker for real: {broker}; "
+        f"auth for real: {auth} on {webhook_path(auth).replace(TOKEN, '<token>')}",
         "",
         f"{'endpoint':<8} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8}   rounds (req/s)",
     ]
@@ -478,6 +499,7 @@ def run(args: argparse.Namespace) -> int:
                     workdir=workdir,
                     database_url=database_url,
                     broker_url=broker_url,
+                    auth=args.auth,
                     seconds=seconds,
                     conns=args.connections,
                     max_rate=args.max_rate,
@@ -490,7 +512,8 @@ def run(args: argparse.Namespace) -> int:
                 )
                 results.append(result)
         print()
-        print(report(results, args.connections, seconds, rounds, broker_url or "in-process stub"))
+        broker = broker_url or "in-process stub"
+        print(report(results, args.connections, seconds, rounds, broker, args.auth))
         return 0 if all(r.valid for r in results) else 1
     finally:
         asyncio.run(_admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
@@ -521,11 +544,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--database-url", help="postgresql+asyncpg://… server for a scratch db")
     parser.add_argument("--broker-url", help="broker for the real endpoint ('' = in-process)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory and logs")
+    parser.add_argument(
+        "--auth",
+        choices=AUTH_MODES,
+        default="auto",
+        help="the real endpoint's PANDASYNC_WEBHOOK_AUTH (auto: requests on the token URL)",
+    )
     server = sub.add_parser("serve", help="(internal) run one of the servers")
     server.add_argument("--kind", choices=KINDS, required=True)
     server.add_argument("--port", type=int, required=True)
     server.add_argument("--database-url", required=True)
     server.add_argument("--broker-url", default="")
+    server.add_argument("--auth", choices=AUTH_MODES, default="auto")
     args = parser.parse_args(argv)
     if args.command == "serve":
         serve(args)
