@@ -139,6 +139,31 @@ def test_signature_mode_without_credentials_does_not_start(
         output = process.stdout.read()
     assert process.returncode != 0
     assert "PANDASYNC_ACCESS_KEY and PANDASYNC_ACCESS_SECRET" in output
+    assert "Traceback" not in output
+
+
+def test_default_mode_says_what_it_accepts_and_takes_unsigned_callbacks_on_the_token_url(
+    fresh_database_url: str, tmp_path: Path
+) -> None:
+    env = environment(fresh_database_url)
+    del env["PANDASYNC_WEBHOOK_AUTH"]  # the default: auto
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    with serve(env, tmp_path, port) as process:
+        wait_ready(process, base_url)
+        with httpx.Client(base_url=base_url, timeout=10) as client:
+            body = encode(taobao_status())
+            unsigned = {"content-type": "application/json"}
+            on_token_url = client.post(f"{WEBHOOK}/{TOKEN}", content=body, headers=unsigned)
+            without_token = client.post(WEBHOOK, content=body, headers=unsigned)
+        process.send_signal(signal.SIGTERM)
+        assert process.stdout is not None
+        output = process.stdout.read()
+    assert (on_token_url.status_code, without_token.status_code) == (200, 401)
+    [line] = [line for line in output.splitlines() if "callbacks accepted" in line]
+    assert "/webhooks/pandapon/<PANDASYNC_WEBHOOK_TOKEN> signed or not" in line
+    assert "PANDASYNC_WEBHOOK_AUTH=auto" in line
+    assert TOKEN not in output
 
 
 def metric(text: str, name: str) -> float:
