@@ -24,9 +24,10 @@ $$;
 -- is the views' helper; PUBLIC may run it too unless revoked.
 GRANT SELECT ON
     orders, order_lines, order_status_history, order_price_changes, shipments,
-    shipment_events, refunds, sync_failures, sweep_cursors,
+    shipment_events, refunds, sync_failures, sweep_cursors, refund_sweep_cursors,
+    unmapped_values,
     report_daily_sales, report_refunds, report_fulfilment, report_sync_health,
-    report_sales_lines, report_price_changes
+    report_sales_lines, report_price_changes, report_unmapped_values
 TO pandasync_reporting;
 GRANT SELECT (
     id, account_id, dedupe_key, received_at, message_type, kind, platform, order_id,

@@ -86,6 +86,7 @@ class SyncSource(enum.StrEnum):
     BACKFILL = "backfill"
     MANUAL = "manual"
     REPLAY = "replay"
+    REMAP = "remap"  # re-derived from stored payloads after a mapping change, no upstream call
 
 
 class MessageKind(enum.StrEnum):
@@ -444,6 +445,57 @@ class SweepCursor(Base):
     last_drift: Mapped[int] = mapped_column(
         Integer, server_default="0", comment="Orders the last sweep found out of date."
     )
+
+
+class RefundSweepCursor(Base):
+    """Where the sweep of one account and platform's after-sales list has reached."""
+
+    __tablename__ = "refund_sweep_cursors"
+
+    account_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    platform: Mapped[Platform] = mapped_column(_enum(Platform, "platform"), primary_key=True)
+    cursor_at: Mapped[datetime | None] = mapped_column(
+        comment="Upstream modification time up to which every page has been processed."
+    )
+    last_started_at: Mapped[datetime | None]
+    last_finished_at: Mapped[datetime | None]
+    last_examined: Mapped[int] = mapped_column(Integer, server_default="0")
+    last_drift: Mapped[int] = mapped_column(
+        Integer, server_default="0", comment="Refunds the last sweep found missing or out of date."
+    )
+
+
+class UnmappedField(enum.StrEnum):
+    """Which kind of upstream value the mapping could not place."""
+
+    ORDER_STATUS = "order_status"
+    REFUND_STATUS = "refund_status"
+    PARCEL_STATUS = "parcel_status"
+    MESSAGE_TYPE = "message_type"
+
+
+class UnmappedValue(Base):
+    """An upstream value the mapping could not place (status, refund status, parcel status,
+    message type): when it was first and last seen, how often, and on which order last."""
+
+    __tablename__ = "unmapped_values"
+    __table_args__ = (
+        UniqueConstraint(
+            "account_id", "platform", "field", "value", postgresql_nulls_not_distinct=True
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    account_id: Mapped[str] = mapped_column(String(64))
+    platform: Mapped[Platform | None] = mapped_column(_enum(Platform, "platform"))
+    field: Mapped[UnmappedField] = mapped_column(_enum(UnmappedField, "unmapped_field"))
+    value: Mapped[str] = mapped_column(String(128))
+    first_seen_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    last_seen_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    seen_count: Mapped[int] = mapped_column(
+        BigInteger, server_default="1", comment="Snapshots (or messages) that carried it."
+    )
+    last_order_id: Mapped[str | None] = mapped_column(String(64))
 
 
 class BackfillRun(Base):

@@ -192,6 +192,25 @@ async def known_ledger(session: AsyncSession) -> dict[str, int]:
         ),
         {"c": t(5, 23), "s": t(5, 23, 45), "f": t(6, 0)},
     )
+    await session.execute(
+        text(
+            "INSERT INTO refund_sweep_cursors (account_id, platform, cursor_at, last_started_at, "
+            "last_finished_at, last_examined, last_drift) "
+            "VALUES ('acct', 'taobao', :c, :s, :f, 7, 1)"
+        ),
+        {"c": t(5, 22), "s": t(5, 23, 50), "f": t(5, 23, 55)},
+    )
+    # Values the mapping could not place: a parcel status O1's parcel still holds, and a refund
+    # status no refund holds any more.
+    await session.execute(
+        text("UPDATE shipments SET raw_status = 'LOST_IN_SPACE' WHERE tracking_number = 'ZTO1'")
+    )
+    await _insert(session, "unmapped_values", account_id="acct", platform="taobao",
+                  field="parcel_status", value="LOST_IN_SPACE", first_seen_at=t(2, 5),
+                  last_seen_at=t(4, 4), seen_count=3, last_order_id="O1")  # fmt: skip
+    await _insert(session, "unmapped_values", account_id="acct", platform="1688",
+                  field="refund_status", value="weird", first_seen_at=t(2, 5),
+                  last_seen_at=t(2, 6), seen_count=1, last_order_id="O4")  # fmt: skip
     return {"o1": o1, "o2": o2, "o3": o3, "o4": o4, "o5": o5, "o6": o6}
 
 
@@ -354,6 +373,27 @@ async def test_sync_health_per_account_and_platform(db_session: AsyncSession) ->
     assert rows[1]["last_sweep_started_at"] == t(5, 23, 45)
     assert rows[1]["sweep_cursor_at"] == t(5, 23)
     assert rows[0]["oldest_unprocessed_age"] is None
+    assert _pick(
+        rows, "unmapped_values", "unmapped_last_seen_at", "last_refund_sweep_finished_at",
+        "last_refund_sweep_examined", "last_refund_sweep_drift", "refund_sweep_cursor_at",
+    ) == [
+        (1, t(2, 6), None, None, None, None),
+        (1, t(4, 4), t(5, 23, 55), 7, 1, t(5, 22)),
+        (0, None, None, None, None, None),
+    ]  # fmt: skip
+
+
+async def test_unmapped_values_count_the_orders_that_hold_them_now(
+    db_session: AsyncSession,
+) -> None:
+    await known_ledger(db_session)
+    rows = await _rows(db_session, "SELECT * FROM report_unmapped_values ORDER BY field")
+    assert _pick(
+        rows, "platform", "field", "value", "seen_count", "first_seen_at", "last_seen_at", "orders"
+    ) == [
+        ("taobao", "parcel_status", "LOST_IN_SPACE", 3, t(2, 5), t(4, 4), 1),
+        ("1688", "refund_status", "weird", 1, t(2, 5), t(2, 6), 0),
+    ]  # fmt: skip
 
 
 async def test_sales_lines_of_paid_orders_give_top_products(db_session: AsyncSession) -> None:

@@ -30,6 +30,8 @@ TABLES = [
     "refunds",
     "sync_failures",
     "sweep_cursors",
+    "refund_sweep_cursors",
+    "unmapped_values",
 ]
 VIEWS = [
     "report_daily_sales",
@@ -38,6 +40,7 @@ VIEWS = [
     "report_sync_health",
     "report_sales_lines",
     "report_price_changes",
+    "report_unmapped_values",
 ]
 INBOX_READABLE = [
     "id", "account_id", "dedupe_key", "received_at", "message_type", "kind", "platform",
