@@ -431,6 +431,70 @@ def sandbox(host: str, port: int) -> None:
 
 
 @main.command()
+@click.option(
+    "--listen",
+    "listen_s",
+    type=click.FloatRange(min=1),
+    default=None,
+    metavar="SECONDS",
+    help="Then receive PandaPon's callbacks for this long and describe each one.",
+)
+@click.option(
+    "--order",
+    "orders",
+    multiple=True,
+    metavar="PLATFORM:ID",
+    help="Check the shapes on this order (taobao:ID or 1688:ID; once per platform).",
+)
+@click.option("--host", default=None, help="Interface --listen binds (default: setting HOST).")
+@click.option("--port", type=int, default=None, help="Port --listen binds (default: setting PORT).")
+def doctor(
+    listen_s: float | None, orders: tuple[str, ...], host: str | None, port: int | None
+) -> None:
+    """Check the live PandaPon contract with the configured credentials (read-only).
+
+    Credentials and timestamp unit, every endpoint of the endpoint table, the payload shapes
+    of a real order per platform, and the webhook URL to enter in PandaPon's console; with
+    --listen, what PandaPon's callbacks look like and whether they verify. Prints one line
+    per check (✓ passed, ✗ failed, ? could not be checked) and the PANDASYNC_…=… lines to set.
+    Calls only the query APIs and needs no database.
+
+    \b
+    Exit status:
+      0  every check passed
+      1  a check failed (✗)
+      2  nothing failed but something could not be checked (?),
+         or the settings are invalid
+    """
+    from service.doctor import OrderRef, run_doctor
+
+    settings = _settings()
+    try:
+        refs = [OrderRef.parse(text) for text in orders]
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--order") from None
+    try:
+        code = run_doctor(
+            settings,
+            click.echo,
+            orders=refs,
+            listen_s=listen_s,
+            host=host or settings.host,
+            port=settings.port if port is None else port,
+        )
+    except ConfigError as error:
+        click.echo(f"pandasync doctor: {error}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("pandasync doctor: interrupted", err=True)
+        sys.exit(130)
+    except Exception as error:  # an operator command: one line, never a traceback
+        click.echo(f"pandasync doctor: {type(error).__name__}: {error}", err=True)
+        sys.exit(1)
+    sys.exit(code)
+
+
+@main.command()
 @click.argument("platform", type=click.Choice(["taobao", "1688"]))
 @click.argument("order_id")
 def resync(platform: str, order_id: str) -> None:

@@ -175,8 +175,9 @@ def clean_redis(redis_url: str) -> Iterator[str]:
 
 
 # Not the shared test database (15): worker processes of other tests consume the reconcile
-# queue there, and a test using this one must see every message it caused.
-OWN_REDIS_DB = 13
+# queue there, and a test using this one must see every message it caused. Two test runs side by
+# side need a pair of databases each (PANDASYNC_TEST_REDIS_URL and this one).
+OWN_REDIS_DB = int(os.environ.get("PANDASYNC_TEST_OWN_REDIS_DB", "13"))
 
 
 @pytest.fixture

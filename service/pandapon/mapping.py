@@ -16,6 +16,10 @@ Money: Taobao purchase amounts and every refund amount are integers in fen; 1688
 ``parse_json`` so decimals never pass through ``float``.
 Times: ``yyyy-MM-dd HH:mm:ss`` without an offset is China Standard Time (UTC+8); 1688 writes
 ``20180801104333000+0800``; integers are epoch milliseconds. All become aware datetimes.
+
+``record_missing()`` lists the fields the mapping looked for and did not find (``pandasync
+doctor`` uses it to see which of our assumed names the real payloads lack). Off by default; when
+off it costs one ContextVar lookup per absent field and nothing per present one.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -86,6 +92,16 @@ FINAL_REFUND_STATUSES = frozenset(
 TAOBAO_DELIVERED_STATUSES = frozenset({"SIGN", "SIGNED"})
 # [assumed] 1688 trace steps carry only text; a step saying 签收 (signed for) means delivered.
 ALIBABA_DELIVERED_MARK = "签收"
+# Parcel statuses the mapping can place (delivered or not); any other is an unmapped value.
+PARCEL_STATUSES: Mapping[Platform, frozenset[str]] = {
+    Platform.TAOBAO: TAOBAO_DELIVERED_STATUSES,
+    Platform.ALIBABA_1688: frozenset(),
+}
+
+
+def parcel_status_known(platform: Platform, raw: str | None) -> bool:
+    """True when a parcel's raw status is one the mapping places (or there is none)."""
+    return raw is None or raw.strip().upper() in PARCEL_STATUSES[platform]
 
 
 def order_status(platform: Platform, raw: str) -> OrderStatus:
@@ -166,6 +182,29 @@ def event_key(event_at: datetime | None, status: str | None, description: str | 
 
 # --- field readers: each names the field it could not understand --------------------------------
 
+# The active collector of ``record_missing``, or None (the workers' case).
+_missing: ContextVar[list[str] | None] = ContextVar("pandasync_mapping_missing", default=None)
+
+
+@contextmanager
+def record_missing() -> Iterator[list[str]]:
+    """Collect, in reading order, the field paths (``records[0].subOrders[1].quantity``) that
+    the mappings called inside the block looked for and found absent (a key present with a null
+    value is not absent). Mapping results are unchanged."""
+    found: list[str] = []
+    token = _missing.set(found)
+    try:
+        yield found
+    finally:
+        _missing.reset(token)
+
+
+def _note_absent(obj: Mapping[str, Any], key: str, path: str) -> None:
+    """Called by the readers on their None branch only, so a present field costs nothing."""
+    collector = _missing.get()
+    if collector is not None and key not in obj:
+        collector.append(_field(path, key))
+
 
 def _field(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
@@ -186,6 +225,7 @@ def _as_object(value: Any, path: str) -> Mapping[str, Any]:
 def _object(obj: Mapping[str, Any], key: str, path: str) -> Mapping[str, Any]:
     value = obj.get(key)
     if value is None:
+        _note_absent(obj, key, path)
         raise _bad(path, key, "missing")
     if not isinstance(value, dict):
         raise _bad(path, key, "not an object")
@@ -195,6 +235,7 @@ def _object(obj: Mapping[str, Any], key: str, path: str) -> Mapping[str, Any]:
 def _opt_object(obj: Mapping[str, Any], key: str, path: str) -> Mapping[str, Any]:
     value = obj.get(key)
     if value is None:
+        _note_absent(obj, key, path)
         return {}
     if not isinstance(value, dict):
         raise _bad(path, key, "not an object")
@@ -204,6 +245,7 @@ def _opt_object(obj: Mapping[str, Any], key: str, path: str) -> Mapping[str, Any
 def _list(obj: Mapping[str, Any], key: str, path: str) -> list[Any]:
     value = obj.get(key)
     if value is None:
+        _note_absent(obj, key, path)
         return []
     if not isinstance(value, list):
         raise _bad(path, key, "not a list")
@@ -213,6 +255,7 @@ def _list(obj: Mapping[str, Any], key: str, path: str) -> list[Any]:
 def _opt_str(obj: Mapping[str, Any], key: str, path: str) -> str | None:
     value = obj.get(key)
     if value is None:
+        _note_absent(obj, key, path)
         return None
     if isinstance(value, bool) or not isinstance(value, str | int):
         raise _bad(path, key, "not a string")
@@ -230,6 +273,7 @@ def _str(obj: Mapping[str, Any], key: str, path: str) -> str:
 def _opt_int(obj: Mapping[str, Any], key: str, path: str) -> int | None:
     value = obj.get(key)
     if value is None:
+        _note_absent(obj, key, path)
         return None
     if isinstance(value, bool):
         raise _bad(path, key, "not an integer")
@@ -250,6 +294,7 @@ def _fen(obj: Mapping[str, Any], key: str, path: str) -> Decimal | None:
 def _yuan(obj: Mapping[str, Any], key: str, path: str) -> Decimal | None:
     value = obj.get(key)
     if value is None or value == "":
+        _note_absent(obj, key, path)
         return None
     if isinstance(value, bool):
         raise _bad(path, key, "not an amount")
@@ -268,6 +313,7 @@ def _yuan(obj: Mapping[str, Any], key: str, path: str) -> Decimal | None:
 def _time(obj: Mapping[str, Any], key: str, path: str) -> datetime | None:
     value = obj.get(key)
     if value is None or value == "":
+        _note_absent(obj, key, path)
         return None
     try:
         return parse_time(value)

@@ -1,17 +1,24 @@
 """The sandbox as a Starlette app: PandaPon's 8 query endpoints plus a control API.
 
 Upstream side (paths, methods and parameter names from the same endpoint table as the client,
-overrides included): every request is checked like PandaPon would check it. Missing headers, a
-wrong access key, a timestamp outside ±``signature_tolerance_s``, a wrong signature or a nonce
-seen before get **HTTP 401** with an envelope whose ``code`` is 401; a user-id other than the
+overrides included, then moved where the upstream variant says): every request is checked like
+PandaPon would check it. Missing headers, a wrong access key, a timestamp outside
+±``signature_tolerance_s`` (in the upstream variant's unit), a wrong signature or a nonce seen
+before get **HTTP 401** with an envelope whose ``code`` is 401; a user-id other than the
 configured one gets HTTP 403 / code 403. Unknown ids and bad parameters get HTTP 200 with an
 envelope code 404 / 400 (a business error, as the envelope design suggests).
 
 Order of checks: added latency, then the fault draw (timeout, 429, 5xx), then auth, then the
 request itself — so faults hit signed and unsigned requests alike, like a gateway in front.
 
-Control side, under ``/_sandbox/``: drive the world, set faults and delivery, read the call
-counts, the callbacks sent and the ground truth. Documented in docs/sandbox.md.
+Routing is looked up per request (a runtime move takes effect at once): a path the sandbox does
+not serve gets HTTP 404 and a served path asked with another method HTTP 405, both with the
+bare error body of a Java gateway rather than an envelope, so they cannot be mistaken for a
+business "not found" (HTTP 200, envelope code 404).
+
+Control side, under ``/_sandbox/``: drive the world, set faults, delivery and the upstream
+variant, read the call counts, the callbacks sent and the ground truth. Documented in
+docs/sandbox.md.
 """
 
 from __future__ import annotations
@@ -23,10 +30,10 @@ import random
 import time
 import uuid
 from collections import Counter, OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Literal, TypeVar
 
@@ -36,7 +43,10 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
+from starlette.types import Receive, Scope, Send
+from starlette.websockets import WebSocketClose
 
+from service.config import ConfigError, TimestampUnit
 from service.ledger.models import Platform, RefundStatus
 from service.pandapon.endpoints import ENDPOINT_NAMES, Endpoint, EndpointTable
 from service.pandapon.signer import (
@@ -54,9 +64,13 @@ from service.sandbox import render, scenario
 from service.sandbox.delivery import CallbackDeliverer
 from service.sandbox.settings import (
     ALL_ENDPOINTS,
+    CONTROL_PREFIX,
     DeliverySettings,
+    EndpointMove,
     FaultSpec,
+    PayloadCase,
     SandboxSettings,
+    UpstreamVariant,
     check_fault_keys,
     load_sandbox_settings,
 )
@@ -72,12 +86,44 @@ from service.sandbox.world import (
 
 log = structlog.get_logger(__name__)
 
-CONTROL_PREFIX = "/_sandbox"
 MAX_PAGE_SIZE = 200
 NONCE_MEMORY = 100_000
 
 Fault = Literal["timeout", "rate_limit", "server_error"]
 M = TypeVar("M", bound=BaseModel)
+# path -> method -> the endpoint served there
+Routes = dict[str, dict[str, Endpoint]]
+UNROUTED = "unrouted"  # the outcomes key of requests no endpoint takes
+
+
+def served_endpoints(table: EndpointTable, moves: Mapping[str, EndpointMove]) -> list[Endpoint]:
+    """The table's endpoints where the sandbox serves them: each move applied."""
+    served = []
+    for endpoint in table.all():
+        move = moves.get(endpoint.name)
+        if move is not None:
+            endpoint = replace(
+                endpoint, path=move.path or endpoint.path, method=move.method or endpoint.method
+            )
+        served.append(endpoint)
+    return served
+
+
+def build_routes(endpoints: list[Endpoint], moved: Collection[str]) -> Routes:
+    """The routing table; ValueError when a move lands on a route another endpoint has.
+
+    Two endpoints the overrides alone put on one route keep the old rule: the first is served.
+    """
+    routes: Routes = {}
+    for endpoint in endpoints:
+        by_method = routes.setdefault(endpoint.path, {})
+        taken = by_method.setdefault(endpoint.method, endpoint)
+        if taken is not endpoint and (endpoint.name in moved or taken.name in moved):
+            raise ValueError(
+                f"endpoints: {taken.name} and {endpoint.name} would both be served at "
+                f"{endpoint.method} {endpoint.path}"
+            )
+    return routes
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +144,11 @@ class SandboxState:
     faults: dict[str, FaultSpec]
     fault_rng: random.Random
     scenario_rng: random.Random
+    upstream: UpstreamVariant = field(default_factory=UpstreamVariant)
+    served: list[Endpoint] = field(default_factory=list)
+    routes: Routes = field(default_factory=dict)
     calls: dict[str, Counter[str]] = field(default_factory=dict)
+    unrouted: Counter[str] = field(default_factory=Counter)
     nonces: OrderedDict[str, float] = field(default_factory=OrderedDict)
 
     @classmethod
@@ -123,9 +173,26 @@ class SandboxState:
             fault_rng=random.Random(f"{settings.seed}:faults"),
             scenario_rng=random.Random(f"{settings.seed}:scenario"),
         )
+        try:
+            state.set_upstream(settings.upstream)
+        except ValueError as error:
+            raise ConfigError(f"PANDASYNC_SANDBOX_UPSTREAM: {error}") from None
         state.reset_calls()
         state.world.subscribe(state.on_change)
         return state
+
+    @property
+    def timestamp_unit(self) -> TimestampUnit:
+        """The unit the upstream side accepts in a request's ``timestamp`` header."""
+        return self.upstream.timestamp_unit or self.settings.timestamp_unit
+
+    def set_upstream(self, variant: UpstreamVariant) -> None:
+        """Switch to ``variant``; ValueError (nothing changed) if its moves collide."""
+        served = served_endpoints(self.endpoints, variant.endpoints)
+        self.routes = build_routes(served, variant.endpoints)
+        self.served = served
+        self.upstream = variant
+        self.deliverer.upstream_unit = self.timestamp_unit
 
     def reset_world(self) -> None:
         self.world = World(seed=self.settings.seed)
@@ -133,6 +200,7 @@ class SandboxState:
 
     def reset_calls(self) -> None:
         self.calls = {name: Counter() for name in ENDPOINT_NAMES}
+        self.unrouted = Counter()
 
     def on_change(self, change: Change) -> None:
         settings = self.deliverer.settings
@@ -172,7 +240,7 @@ class SandboxState:
             return Refusal(401, "invalid access-key")
         timestamp = headers[HEADER_TIMESTAMP]
         try:
-            sent = timestamp_to_seconds(timestamp, self.settings.timestamp_unit)
+            sent = timestamp_to_seconds(timestamp, self.timestamp_unit)
         except ValueError:
             return Refusal(401, "invalid timestamp")
         now = time.time()
@@ -238,52 +306,91 @@ async def _hang(request: Request, seconds: float) -> None:
         pass
 
 
-def upstream_handler(endpoint: Endpoint) -> Callable[[Request], Awaitable[Response]]:
-    async def handle(request: Request) -> Response:
-        state = state_of(request)
-        count = state.calls.setdefault(endpoint.name, Counter())
-        spec = state.fault_for(endpoint.name)
-        if spec.latency_s:
-            await asyncio.sleep(spec.latency_s)
-        fault = state.draw_fault(spec)
-        if fault == "timeout":
-            count["timeout"] += 1
-            await _hang(request, spec.timeout_s)
-            return _envelope_response(None, code=504, msg="gateway timeout", status=504)
-        if fault == "rate_limit":
-            count["rate_limited"] += 1
-            return _envelope_response(
-                None,
-                code=429,
-                msg="请求过于频繁",
-                status=429,
-                headers={"retry-after": str(spec.retry_after_s)},
-            )
-        if fault == "server_error":
-            count["server_error"] += 1
-            status = spec.server_error_status
-            return _envelope_response(None, code=status, msg="系统繁忙", status=status)
-        refusal = state.verify(request)
-        if refusal is not None:
-            count["auth_rejected"] += 1
-            log.info("sandbox refused a request", endpoint=endpoint.name, reason=refusal.msg)
-            return _envelope_response(
-                None, code=refusal.status, msg=refusal.msg, status=refusal.status
-            )
-        try:
-            params = await _read_params(request, endpoint)
-            data = serve(state.world, endpoint, params)
-        except BadRequest as error:
-            count["bad_request"] += 1
-            return _envelope_response(None, code=400, msg=str(error))
-        except WorldError as error:
-            count["not_found" if error.status == 404 else "bad_request"] += 1
-            return _envelope_response(None, code=error.status, msg=str(error))
-        count["ok"] += 1
-        return _envelope_response(data)
+def _gateway_error(
+    status: int, error: str, path: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    """A route the gateway does not have: a Java gateway's bare error body, no envelope."""
+    body = {
+        "timestamp": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        "status": status,
+        "error": error,
+        "path": path,
+    }
+    return JSONResponse(body, status_code=status, headers=headers)
 
-    handle.__name__ = f"upstream_{endpoint.name}"
-    return handle
+
+def _is_control(path: str) -> bool:
+    return path == CONTROL_PREFIX or path.startswith(CONTROL_PREFIX + "/")
+
+
+async def upstream_app(scope: Scope, receive: Receive, send: Send) -> None:
+    """Every request no control route takes (the router's default), routed per request."""
+    if scope["type"] != "http":
+        await WebSocketClose()(scope, receive, send)
+        return
+    request = Request(scope, receive)
+    response = await dispatch(request)
+    await response(scope, receive, send)
+
+
+async def dispatch(request: Request) -> Response:
+    state = state_of(request)
+    path: str = request.scope["path"]
+    if _is_control(path):
+        return _error(404, f"no control endpoint {request.method} {path}")
+    by_method = state.routes.get(path)
+    if not by_method:
+        state.unrouted["not_found"] += 1
+        return _gateway_error(404, "Not Found", path)
+    method = "GET" if request.method == "HEAD" else request.method
+    endpoint = by_method.get(method)
+    if endpoint is None:
+        state.unrouted["method_not_allowed"] += 1
+        allow = ", ".join(sorted(by_method))
+        return _gateway_error(405, "Method Not Allowed", path, headers={"allow": allow})
+    return await handle_upstream(request, state, endpoint)
+
+
+async def handle_upstream(request: Request, state: SandboxState, endpoint: Endpoint) -> Response:
+    """One query-API request, as PandaPon would answer it (see the module docstring)."""
+    count = state.calls.setdefault(endpoint.name, Counter())
+    spec = state.fault_for(endpoint.name)
+    if spec.latency_s:
+        await asyncio.sleep(spec.latency_s)
+    fault = state.draw_fault(spec)
+    if fault == "timeout":
+        count["timeout"] += 1
+        await _hang(request, spec.timeout_s)
+        return _envelope_response(None, code=504, msg="gateway timeout", status=504)
+    if fault == "rate_limit":
+        count["rate_limited"] += 1
+        return _envelope_response(
+            None,
+            code=429,
+            msg="请求过于频繁",
+            status=429,
+            headers={"retry-after": str(spec.retry_after_s)},
+        )
+    if fault == "server_error":
+        count["server_error"] += 1
+        status = spec.server_error_status
+        return _envelope_response(None, code=status, msg="系统繁忙", status=status)
+    refusal = state.verify(request)
+    if refusal is not None:
+        count["auth_rejected"] += 1
+        log.info("sandbox refused a request", endpoint=endpoint.name, reason=refusal.msg)
+        return _envelope_response(None, code=refusal.status, msg=refusal.msg, status=refusal.status)
+    try:
+        params = await _read_params(request, endpoint)
+        data = serve(state.world, endpoint, params, state.upstream.payload_case)
+    except BadRequest as error:
+        count["bad_request"] += 1
+        return _envelope_response(None, code=400, msg=str(error))
+    except WorldError as error:
+        count["not_found" if error.status == 404 else "bad_request"] += 1
+        return _envelope_response(None, code=error.status, msg=str(error))
+    count["ok"] += 1
+    return _envelope_response(data)
 
 
 async def _read_params(request: Request, endpoint: Endpoint) -> dict[str, str]:
@@ -310,18 +417,21 @@ async def _read_params(request: Request, endpoint: Endpoint) -> dict[str, str]:
     return params
 
 
-def serve(world: World, endpoint: Endpoint, params: dict[str, str]) -> Any:
-    """The ``data`` PandaPon would return for this request."""
+def serve(
+    world: World, endpoint: Endpoint, params: dict[str, str], case: PayloadCase = "camel"
+) -> Any:
+    """The ``data`` PandaPon would return for this request, Taobao payloads spelled in ``case``."""
     platform = endpoint.platform
     if endpoint.kind == "order_detail":
-        return render.order_data(world.order(platform, params["order_id"]))
+        return render.order_data(world.order(platform, params["order_id"]), case)
     if endpoint.kind == "refund_detail":
-        return render.refund_data(world.refund(platform, params["refund_id"]))
+        refund = world.refund(platform, params["refund_id"])
+        return render.refund_data(refund, case, world.order(platform, refund.order_id))
     if endpoint.kind == "logistics":
         if platform is Platform.TAOBAO:
             order, line = world.taobao_line(params["sub_order_id"])
-            return render.taobao_logistics(order, line)
-        return render.alibaba_logistics(world.order(platform, params["order_id"]))
+            return render.logistics_data(order, line, case)
+        return render.logistics_data(world.order(platform, params["order_id"]))
     page_no = _positive_int(params["page_no"], "pageNo")
     page_size = _positive_int(params["page_size"], "pageSize")
     if page_size > MAX_PAGE_SIZE:
@@ -330,7 +440,8 @@ def serve(world: World, endpoint: Endpoint, params: dict[str, str]) -> Any:
     end = _china_time(params["modified_end"], "modifyEndTime")
     found = world.modified_between(platform, start, end)
     first = (page_no - 1) * page_size
-    return render.order_page(found[first : first + page_size], len(found), page_no, page_size)
+    page = found[first : first + page_size]
+    return render.order_page(page, len(found), page_no, page_size, case)
 
 
 def _positive_int(value: str, name: str) -> int:
@@ -478,11 +589,13 @@ def _new_event(event: EventIn) -> NewEvent:
 
 
 async def index(request: Request, state: SandboxState) -> Any:
+    """Credentials (no secret), the upstream variant, and the endpoints where they are served."""
     return {
         "sandbox": "PandaPon emulator; see docs/sandbox.md",
         "access_key": state.credentials.access_key,
         "user_id": state.credentials.user_id,
-        "timestamp_unit": state.settings.timestamp_unit,
+        "timestamp_unit": state.timestamp_unit,
+        "upstream": state.upstream.model_dump(),
         "endpoints": [
             {
                 "name": e.name,
@@ -491,7 +604,7 @@ async def index(request: Request, state: SandboxState) -> Any:
                 "params": dict(e.params),
                 "documented": e.documented,
             }
-            for e in state.endpoints.all()
+            for e in state.served
         ],
     }
 
@@ -611,9 +724,12 @@ async def run_scenario(request: Request, state: SandboxState) -> Any:
 
 
 async def get_calls(request: Request, state: SandboxState) -> Any:
+    outcomes = {name: dict(c) for name, c in state.calls.items()}
+    if state.unrouted:  # only once a request missed every route, so the usual shape stays
+        outcomes[UNROUTED] = dict(state.unrouted)
     return {
         "calls": {name: sum(c.values()) for name, c in state.calls.items()},
-        "outcomes": {name: dict(c) for name, c in state.calls.items()},
+        "outcomes": outcomes,
     }
 
 
@@ -659,6 +775,40 @@ async def patch_delivery(request: Request, state: SandboxState) -> Any:
     return await get_delivery(request, state)
 
 
+async def get_upstream(request: Request, state: SandboxState) -> Any:
+    return {"upstream": state.upstream.model_dump()}
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch: objects merge recursively, ``null`` removes a key."""
+    if not isinstance(patch, dict):
+        return patch
+    merged = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = merge_patch(merged.get(key), value)
+    return merged
+
+
+async def patch_upstream(request: Request, state: SandboxState) -> Any:
+    try:
+        patch = json.loads(await request.body() or b"{}")
+    except ValueError:
+        raise BadRequest("the body is not JSON") from None
+    if not isinstance(patch, dict):
+        raise BadRequest("the body must be a JSON object")
+    try:
+        variant = UpstreamVariant.model_validate(merge_patch(state.upstream.model_dump(), patch))
+        state.set_upstream(variant)
+    except ValidationError as error:
+        raise BadRequest(_describe(error)) from None
+    except ValueError as error:
+        raise BadRequest(str(error)) from None
+    return await get_upstream(request, state)
+
+
 async def get_callbacks(request: Request, state: SandboxState) -> Any:
     with_body = request.query_params.get("with_body") in ("1", "true", "yes")
     try:
@@ -681,6 +831,7 @@ async def reset(request: Request, state: SandboxState) -> Any:
     state.reset_world()
     state.reset_calls()
     state.faults = dict(state.settings.faults)
+    state.set_upstream(state.settings.upstream)
     return {"status": "reset"}
 
 
@@ -714,6 +865,8 @@ def control_routes() -> list[BaseRoute]:
         Route(f"{p}/faults", control(clear_faults), methods=["DELETE"]),
         Route(f"{p}/delivery", control(get_delivery), methods=["GET"]),
         Route(f"{p}/delivery", control(patch_delivery), methods=["PATCH"]),
+        Route(f"{p}/upstream", control(get_upstream), methods=["GET"]),
+        Route(f"{p}/upstream", control(patch_upstream), methods=["PATCH"]),
         Route(f"{p}/callbacks", control(get_callbacks), methods=["GET"]),
         Route(f"{p}/callbacks/drain", control(drain_callbacks), methods=["POST"]),
         Route(f"{p}/reset", control(reset), methods=["POST"]),
@@ -737,10 +890,9 @@ def create_sandbox_app(settings: SandboxSettings | None = None) -> Starlette:
         finally:
             await state.deliverer.aclose()
 
-    routes: list[BaseRoute] = [
-        Route(e.path, upstream_handler(e), methods=[e.method]) for e in state.endpoints.all()
-    ]
-    routes.extend(control_routes())
-    app = Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(routes=control_routes(), lifespan=lifespan)
+    # The upstream side is the router's fallback, not fixed routes: where each endpoint is
+    # served can change at runtime (PATCH /_sandbox/upstream).
+    app.router.default = upstream_app
     app.state.sandbox = state
     return app

@@ -1,18 +1,24 @@
 """Callback delivery, as PandaPon does it, plus the ways real delivery goes wrong.
 
 Each message is POSTed as JSON with the five signed headers of §1 (fresh timestamp and nonce per
-attempt). Anything but HTTP 200 within ``timeout_s`` is a failure, retried after
-``retry_interval_s`` up to ``max_retries`` times (PandaPon: every 30 min, 5 times; compressed
-here). On top of that, each message may be dropped, duplicated, delayed or held back until the
-next one has gone (reordered), with seeded probabilities, so a run is repeatable.
+attempt), or signed another way when ``signing`` says so (``callback_headers``): nothing public
+says how PandaPon signs its callbacks (§6). Anything but HTTP 200 within ``timeout_s`` is a
+failure, retried after ``retry_interval_s`` up to ``max_retries`` times (PandaPon: every 30 min,
+5 times; compressed here). On top of that, each message may be dropped, duplicated, delayed or
+held back until the next one has gone (reordered), with seeded probabilities, so a run is
+repeatable.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import hmac
 import itertools
 import json
 import random
+import time
 from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any
@@ -21,12 +27,65 @@ import httpx
 import structlog
 
 from service.config import TimestampUnit
-from service.pandapon.signer import DEFAULT_SIGNER, Credentials, Signer, signed_headers
+from service.pandapon.signer import (
+    DEFAULT_SIGNER,
+    HEADER_TIMESTAMP,
+    Credentials,
+    Signer,
+    signed_headers,
+    timestamp_now,
+)
 from service.sandbox.settings import DeliverySettings
 
 log = structlog.get_logger(__name__)
 
 LOG_SIZE = 10_000
+HEADER_AUTHORIZATION = "authorization"
+
+
+def other_secret(secret: str) -> str:
+    """A secret that is never ours: the ``other_secret`` variant signs with it."""
+    return f"other-{secret}"
+
+
+def hmac_authorization(access_key: str, secret: str, body: bytes) -> str:
+    """[TG] style: base64 of HMAC-SHA256 over access key + body, keyed by the secret."""
+    digest = hmac.new(secret.encode(), access_key.encode() + body, hashlib.sha256).digest()
+    return base64.b64encode(digest).decode()
+
+
+def callback_headers(
+    settings: DeliverySettings,
+    credentials: Credentials,
+    body: bytes,
+    *,
+    unit: TimestampUnit,
+    signer: Signer = DEFAULT_SIGNER,
+    now: float | None = None,
+) -> dict[str, str]:
+    """The auth headers of one attempt as ``settings.signing`` says (content-type not included).
+
+    ``unit`` is the upstream side's unit, used unless ``settings.timestamp_unit`` is set;
+    ``settings.timestamp_skew_s`` moves the stamped time (negative: in the past).
+    """
+    if settings.signing == "none":
+        return {}
+    unit = settings.timestamp_unit or unit
+    moment = (time.time() if now is None else now) + settings.timestamp_skew_s
+    if settings.signing == "hmac_sha256":
+        return {
+            HEADER_AUTHORIZATION: hmac_authorization(
+                credentials.access_key, credentials.access_secret, body
+            ),
+            HEADER_TIMESTAMP: timestamp_now(unit, moment),
+        }
+    if settings.signing == "other_secret":
+        credentials = Credentials(
+            access_key=credentials.access_key,
+            access_secret=other_secret(credentials.access_secret),
+            user_id=credentials.user_id,
+        )
+    return signed_headers(credentials, unit=unit, signer=signer, now=moment)
 
 
 @dataclass
@@ -77,7 +136,7 @@ class CallbackDeliverer:
     ) -> None:
         self.settings = settings
         self._credentials = credentials
-        self._unit = unit
+        self.upstream_unit = unit  # the upstream side's unit: callbacks use it unless told
         self._signer = signer
         self._rng = random.Random(f"{seed}:delivery")
         self._ids = itertools.count(1)
@@ -219,7 +278,13 @@ class CallbackDeliverer:
             return False
         async with self._semaphore:
             record.attempts += 1
-            headers = signed_headers(self._credentials, unit=self._unit, signer=self._signer)
+            headers = callback_headers(
+                self.settings,
+                self._credentials,
+                record.body,
+                unit=self.upstream_unit,
+                signer=self._signer,
+            )
             headers["content-type"] = "application/json"
             try:
                 response = await self._http.post(

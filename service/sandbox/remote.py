@@ -241,6 +241,21 @@ class SandboxRemote:
         result: dict[str, Any] = (await self._call("PATCH", "/delivery", changes))["delivery"]
         return result
 
+    async def upstream(self) -> dict[str, Any]:
+        """The upstream variant in force: ``timestamp_unit``, ``endpoints``, ``payload_case``."""
+        result: dict[str, Any] = (await self._call("GET", "/upstream"))["upstream"]
+        return result
+
+    async def set_upstream(self, **patch: Any) -> dict[str, Any]:
+        """Merge-patch the upstream variant; returns the variant now in force.
+
+        E.g. ``timestamp_unit="s"``, ``payload_case="snake"`` or
+        ``endpoints={"taobao_order_detail": {"path": "/open/order/get"}}``. ``None`` removes a
+        key: ``endpoints=None`` puts every endpoint back where the table has it.
+        """
+        result: dict[str, Any] = (await self._call("PATCH", "/upstream", patch))["upstream"]
+        return result
+
     async def callbacks(self, *, with_body: bool = False, limit: int = 1000) -> dict[str, Any]:
         params = {"limit": str(limit), **({"with_body": "1"} if with_body else {})}
         result: dict[str, Any] = await self._call("GET", "/callbacks", params=params)

@@ -7,6 +7,11 @@ names, fen for Taobao and refunds, yuan for 1688, ``yyyy-MM-dd HH:mm:ss`` China 
 What a platform does not carry is not rendered, so the ledger cannot know it either: Taobao has
 no unit price, ship/complete time, discount or close reason; 1688 trace steps have no status or
 location, and 1688 refunds name no line.
+
+Taobao query payloads come in two spellings (``PayloadCase``): ``camel``, the contract's
+assumption (§4), and ``snake``, the shape the public evidence shows (§6: Taobao Global's
+snake_case names, ``WAIT_BUYER_P``, integer refund statuses, epoch-millisecond times, a nested
+refund record, ``SIGNED`` / ``DELIVERING`` parcels). 1688 payloads and callbacks have one.
 """
 
 from __future__ import annotations
@@ -60,6 +65,24 @@ _TRACE_LABEL = {"ACCEPT": "已揽收", "TRANSPORT": "运输中", "DELIVERING": "
 MESSAGE_PLATFORM = {Platform.TAOBAO: 0, Platform.ALIBABA_1688: 1}
 _MESSAGE_PREFIX = {Platform.TAOBAO: "TAOBAO", Platform.ALIBABA_1688: "1688"}
 CallbackStyle = Literal["platform", "flat"]
+PayloadCase = Literal["camel", "snake"]
+
+# §6 [TG]: awaiting payment is WAIT_BUYER_P; no source shows a completed order's status, so it
+# keeps the contract's TRADE_FINISHED.
+TAOBAO_SNAKE_STATUS: Mapping[OrderStatus, str] = {
+    **TAOBAO_STATUS,
+    OrderStatus.PENDING_PAYMENT: "WAIT_BUYER_P",
+}
+# §6 [TG] integer refund statuses: 0 none, 10 applied, 20 agreed, 30 returned, 100 success,
+# -10 refused, -20 closed.
+TAOBAO_SNAKE_REFUND: Mapping[RefundStatus, int] = {
+    RefundStatus.REQUESTED: 10,
+    RefundStatus.REJECTED: -10,
+    RefundStatus.CANCELLED: -20,
+    RefundStatus.REFUNDED: 100,
+}
+NO_REFUND = 0
+REFUND_TYPE_ONLY_REFUND = 1  # [TG] 1 refund only, 2 return and refund
 
 
 # --- little formats -------------------------------------------------------------------------------
@@ -76,6 +99,10 @@ def yuan(amount: Decimal) -> float:
 
 def taobao_time(moment: datetime | None) -> str | None:
     return moment.astimezone(CHINA).strftime("%Y-%m-%d %H:%M:%S") if moment else None
+
+
+def epoch_ms(moment: datetime | None) -> int | None:
+    return int(moment.timestamp() * 1000) if moment else None
 
 
 def alibaba_time(moment: datetime | None) -> str | None:
@@ -189,6 +216,107 @@ def taobao_refund(refund: WorldRefund) -> dict[str, Any]:
         "reason": refund.reason,
         "gmtCreate": taobao_time(refund.requested_at),
         "gmtModified": taobao_time(refund.modified_at),
+    }
+
+
+# --- Taobao, snake_case (§6) ----------------------------------------------------------------------
+
+
+def taobao_order_snake(order: WorldOrder) -> dict[str, Any]:
+    status = TAOBAO_SNAKE_STATUS[order.status]
+    paid = order.paid_at is not None
+    return {
+        "purchase_id": order.order_id,
+        "status": status,
+        "purchase_amount": fen(order.total_amount),
+        "product_amount": fen(order.product_amount),
+        "pay_amount": fen(order.total_amount) if paid else None,
+        "domestic_post_fee": fen(order.shipping_fee),
+        "purchase_currency": order.currency,
+        "pay_time": epoch_ms(order.paid_at),
+        "created_time": epoch_ms(order.created_at),
+        "modify_time": epoch_ms(order.modified_at),
+        "sub_purchase_orders": [
+            _taobao_sub_order_snake(order, line, status, paid) for line in order.lines
+        ],
+    }
+
+
+def _taobao_sub_order_snake(
+    order: WorldOrder, line: WorldLine, status: str, paid: bool
+) -> dict[str, Any]:
+    refunds = [r for r in order.refunds if r.line_id == line.line_id]
+    latest = refunds[-1] if refunds else None
+    return {
+        "sub_purchase_order_id": line.line_id,
+        "purchase_order_outer_id": order.order_id,
+        "purchase_order_line_outer_id": line.outer_line_id,
+        "status": status,
+        "quantity": line.quantity,
+        "title": line.title,
+        "item_id": line.product_id,
+        "sku_id": line.sku_id,
+        "purchase_amount": fen(line.amount),
+        "pay_amount": fen(line.amount) if paid else None,
+        "product_amount": fen(line.amount),
+        "refund_id": latest.refund_id if latest else None,
+        "refund_status": TAOBAO_SNAKE_REFUND[latest.status] if latest else NO_REFUND,
+        "logistic_orders": [
+            {
+                "logistic_company_name": s.carrier,
+                "logistic_number": s.tracking_number,
+                "rts_time": epoch_ms(s.shipped_at),
+            }
+            for s in order.shipments
+            if line.line_id in s.line_ids
+        ],
+    }
+
+
+def taobao_logistics_snake(order: WorldOrder, line: WorldLine) -> dict[str, Any]:
+    """The documented camel wrapper and traces; parcels carry [TG]'s fields (``mailNo`` camel)."""
+    parcels = [s for s in order.shipments if line.line_id in s.line_ids]
+    return {
+        "purchaseOrderOuterId": order.order_id,
+        "pnmLogisticsDetails": [_taobao_parcel_snake(order, s) for s in parcels],
+    }
+
+
+def _taobao_parcel_snake(order: WorldOrder, shipment: WorldShipment) -> dict[str, Any]:
+    delivered = shipment.delivered_at is not None
+    return {
+        "mailNo": shipment.tracking_number,
+        "logistics_partner": [
+            {"company": shipment.carrier, "company_contact": None, "company_image_url": None}
+        ],
+        "logistics_status": "SIGNED" if delivered else "DELIVERING",
+        "logistics_desc": _TRACE_LABEL["SIGN"] if delivered else _TRACE_LABEL["DELIVERING"],
+        "goods_number": sum(
+            line.quantity for line in order.lines if line.line_id in shipment.line_ids
+        ),
+        "logisticsTraces": [_taobao_trace(e) for e in shipment.events],
+    }
+
+
+def taobao_refund_snake(refund: WorldRefund, order: WorldOrder) -> dict[str, Any]:
+    line = order.line(refund.line_id) if refund.line_id else None
+    return {
+        "currency": order.currency,
+        "refund_order_aggregate": {
+            "refund_order": {
+                "refund_id": refund.refund_id,
+                "refund_fee": fen(refund.amount),
+                "refund_status": TAOBAO_SNAKE_REFUND[refund.status],
+                "refund_type": REFUND_TYPE_ONLY_REFUND,
+                "reason_desc": refund.reason,
+            },
+            "purchase_order_line": {
+                "sales_order_id": refund.order_id,
+                "purchase_order_id": refund.order_id,
+                "purchase_order_line_id": refund.line_id,
+                "total_price": fen(line.amount) if line else None,
+            },
+        },
     }
 
 
@@ -313,24 +441,49 @@ def alibaba_refund(refund: WorldRefund) -> dict[str, Any]:
 # --- by platform ----------------------------------------------------------------------------------
 
 
-def order_data(order: WorldOrder) -> dict[str, Any]:
-    return taobao_order(order) if order.platform is Platform.TAOBAO else alibaba_order(order)
+def order_data(order: WorldOrder, case: PayloadCase = "camel") -> dict[str, Any]:
+    if order.platform is Platform.ALIBABA_1688:
+        return alibaba_order(order)
+    return taobao_order_snake(order) if case == "snake" else taobao_order(order)
 
 
-def refund_data(refund: WorldRefund) -> dict[str, Any]:
-    if refund.platform is Platform.TAOBAO:
-        return taobao_refund(refund)
-    return alibaba_refund(refund)
+def refund_data(
+    refund: WorldRefund, case: PayloadCase = "camel", order: WorldOrder | None = None
+) -> dict[str, Any]:
+    """The after-sales record; the snake Taobao one needs ``order`` (its line's price)."""
+    if refund.platform is Platform.ALIBABA_1688:
+        return alibaba_refund(refund)
+    if case == "snake":
+        if order is None:
+            raise ValueError("a snake_case Taobao refund is rendered with its order")
+        return taobao_refund_snake(refund, order)
+    return taobao_refund(refund)
+
+
+def logistics_data(
+    order: WorldOrder, line: WorldLine | None = None, case: PayloadCase = "camel"
+) -> dict[str, Any]:
+    """Taobao answers per sub-order (``line``), 1688 per order."""
+    if order.platform is Platform.ALIBABA_1688:
+        return alibaba_logistics(order)
+    if line is None:
+        raise ValueError("Taobao logistics are rendered per sub-order")
+    return taobao_logistics_snake(order, line) if case == "snake" else taobao_logistics(order, line)
 
 
 def order_page(
-    orders: list[WorldOrder], total: int, page_no: int, page_size: int
+    orders: list[WorldOrder],
+    total: int,
+    page_no: int,
+    page_size: int,
+    case: PayloadCase = "camel",
 ) -> dict[str, Any]:
+    """The page wrapper keeps the contract's names in either case; only the records change."""
     return {
         "total": total,
         "pageNo": page_no,
         "pageSize": page_size,
-        "records": [order_data(o) for o in orders],
+        "records": [order_data(o, case) for o in orders],
     }
 
 

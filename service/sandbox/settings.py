@@ -4,13 +4,18 @@ The credentials, the timestamp unit and the endpoint overrides are the *service'
 (``PANDASYNC_ACCESS_KEY``, ``PANDASYNC_ACCESS_SECRET``, ``PANDASYNC_USER_ID``,
 ``PANDASYNC_TIMESTAMP_UNIT``, ``PANDASYNC_ENDPOINT_OVERRIDES``), so a service and a sandbox
 started from the same environment agree. Unset credentials fall back to the fixed dev values
-below, which ``pandasync dev`` uses too. Delivery and fault settings can be changed at runtime
-through the control API (docs/sandbox.md).
+below, which ``pandasync dev`` uses too. Delivery, fault and upstream-variant settings can be
+changed at runtime through the control API (docs/sandbox.md).
+
+The variants (``upstream`` and the signing fields of ``delivery``) make the sandbox behave as the
+real PandaPon might where the contract is a guess: another timestamp unit, endpoints at other
+paths, Taobao payloads in Taobao Global's snake_case, callbacks signed another way or not at all.
+Unset, the sandbox behaves as ``pandapon-api.md`` §1-§4 assume.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -23,7 +28,11 @@ DEV_ACCESS_KEY = "sandbox-key"
 DEV_ACCESS_SECRET = "sandbox-secret"  # noqa: S105 - a documented dev value, not a secret
 DEV_USER_ID = "sandbox-user"
 
+CONTROL_PREFIX = "/_sandbox"
+
 CallbackStyle = Literal["platform", "flat"]
+CallbackSigning = Literal["md5", "none", "other_secret", "hmac_sha256"]
+PayloadCase = Literal["camel", "snake"]
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 NonNegative = Annotated[float, Field(ge=0.0)]
 ALL_ENDPOINTS = "*"
@@ -43,13 +52,61 @@ class FaultSpec(BaseModel):
     server_error_status: Annotated[int, Field(ge=500, le=599)] = 503
 
 
-def check_fault_keys(faults: dict[str, FaultSpec]) -> dict[str, FaultSpec]:
-    unknown = set(faults) - {ALL_ENDPOINTS, *ENDPOINT_NAMES}
+def check_endpoint_names(keys: dict[str, Any], *, allow_all: bool = False) -> None:
+    """ValueError naming any key that is not an endpoint of the table (nor ``*``, if allowed)."""
+    unknown = set(keys) - set(ENDPOINT_NAMES) - ({ALL_ENDPOINTS} if allow_all else set())
     if unknown:
-        raise ValueError(
-            f"unknown endpoint(s) {sorted(unknown)}; use '*' or one of {', '.join(ENDPOINT_NAMES)}"
-        )
+        choices = ("'*' or one of " if allow_all else "one of ") + ", ".join(ENDPOINT_NAMES)
+        raise ValueError(f"unknown endpoint(s) {sorted(unknown)}; use {choices}")
+
+
+def check_fault_keys(faults: dict[str, FaultSpec]) -> dict[str, FaultSpec]:
+    check_endpoint_names(faults, allow_all=True)
     return faults
+
+
+class EndpointMove(BaseModel):
+    """Serve one endpoint at another path and/or method instead of the table's."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: str | None = None
+    method: Literal["GET", "POST"] | None = None
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("path")
+    @classmethod
+    def _check_path(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        if not value.startswith("/") or any(c in value for c in " ?#\t\n"):
+            raise ValueError("must start with '/' and hold no query, fragment or space")
+        if value == CONTROL_PREFIX or value.startswith(CONTROL_PREFIX + "/"):
+            raise ValueError(f"must not be under {CONTROL_PREFIX}, the control API")
+        return value
+
+
+class UpstreamVariant(BaseModel):
+    """How the upstream side departs from the contract's assumptions (all off by default)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # the unit accepted in a request's ``timestamp`` header; None: PANDASYNC_TIMESTAMP_UNIT
+    timestamp_unit: TimestampUnit | None = None
+    # endpoint name -> where it is served instead (routing is looked up per request)
+    endpoints: dict[str, EndpointMove] = Field(default_factory=dict)
+    # "snake": Taobao payloads in Taobao Global's field names (pandapon-api.md §6)
+    payload_case: PayloadCase = "camel"
+
+    @field_validator("endpoints")
+    @classmethod
+    def _check_endpoints(cls, value: dict[str, EndpointMove]) -> dict[str, EndpointMove]:
+        check_endpoint_names(value)
+        return value
 
 
 class DeliverySettings(BaseModel):
@@ -70,6 +127,13 @@ class DeliverySettings(BaseModel):
     max_retries: Annotated[int, Field(ge=0, le=100)] = 5  # PandaPon: 5
     timeout_s: Annotated[float, Field(gt=0)] = 1.0  # PandaPon wants 200 within 1000 ms
     concurrency: Annotated[int, Field(ge=1, le=256)] = 16
+    # md5: the five headers of §1; none: no auth headers; other_secret: §1's headers signed
+    # with a secret not ours; hmac_sha256: ``authorization`` (base64 HMAC-SHA256 of
+    # access key + body) and ``timestamp`` only, as Taobao Global's gateway signs
+    signing: CallbackSigning = "md5"
+    timestamp_unit: TimestampUnit | None = None  # None: the unit the upstream side accepts
+    # added to the callback's ``timestamp`` header; negative: late (a stale signature)
+    timestamp_skew_s: Annotated[float, Field(ge=-1e9, le=1e9, allow_inf_nan=False)] = 0.0
 
 
 class SandboxSettings(BaseSettings):
@@ -99,6 +163,7 @@ class SandboxSettings(BaseSettings):
     scenario_steps: Annotated[int, Field(ge=0)] = 4  # random changes per generated order
 
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
+    upstream: UpstreamVariant = Field(default_factory=UpstreamVariant)
     # JSON {"*": {...}, "taobao_logistics": {...}}: per-endpoint faults, "*" for all others.
     faults: dict[str, FaultSpec] = Field(default_factory=dict)
 
