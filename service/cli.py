@@ -829,6 +829,73 @@ def replay(platform: str | None, since: str | None, until: str | None) -> None:
     click.echo(f"queued {count} failed order(s) for another sync")
 
 
+@main.command()
+@click.option("--platform", type=click.Choice(["taobao", "1688"]), default=None)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1, 10_000),
+    default=500,
+    show_default=True,
+    help="Orders per transaction.",
+)
+def remap(platform: str | None, batch_size: int) -> None:
+    """Derive status, refund state, amounts and parcels again from the stored payloads.
+
+    Run it after a mapping update: no upstream call, history only for real changes (source
+    remap), safe while workers run, and a second run changes nothing.
+    """
+    import asyncio
+    import time
+
+    from service.db import make_engine, make_sessionmaker
+    from service.ledger.models import Platform
+    from workers.remap import RemapProgress
+    from workers.remap import remap as remap_orders
+
+    settings = _settings()
+    _configure_logging(settings)
+    url = _database_url(settings)
+    started = time.monotonic()
+    shown = [started]
+
+    def show(progress: RemapProgress, *, final: bool = False) -> None:
+        now = time.monotonic()
+        if not final and now - shown[0] < 2.0:
+            return
+        shown[0] = now
+        rate = progress.examined / max(now - started, 1e-6)
+        click.echo(
+            f"{'remapped' if final else 'remapping:'} {progress.examined:,} order(s) "
+            f"({rate:,.0f}/s): {progress.changed:,} changed (status {progress.status_changed:,}, "
+            f"price {progress.price_changed:,}), {progress.newer:,} synced meanwhile, "
+            f"{progress.unreadable:,} unreadable"
+        )
+
+    async def run() -> RemapProgress:
+        engine = make_engine(url, settings, application_name="pandasync-remap")
+        try:
+            return await remap_orders(
+                make_sessionmaker(engine),
+                platform=Platform(platform) if platform else None,
+                batch_size=batch_size,
+                on_batch=show,
+            )
+        finally:
+            await engine.dispose()
+
+    progress = asyncio.run(run())
+    show(progress, final=True)
+    for item in progress.unreadable_orders:
+        click.echo(f"  unreadable: {item.platform.value} {item.order_id}: {item.error}")
+    if progress.unreadable > len(progress.unreadable_orders):
+        click.echo(f"  … and {progress.unreadable - len(progress.unreadable_orders):,} more")
+    if progress.unreadable:
+        click.echo(
+            "unreadable payloads were left as they are: the current mapping cannot read them "
+            "(docs/operations.md, Remap after a mapping update)"
+        )
+
+
 def _parse_time(value: str | None) -> datetime | None:
     if value is None:
         return None

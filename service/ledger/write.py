@@ -11,6 +11,11 @@
 - the order's inbox rows received before the fetch started are marked processed: the fetch
   covers them. Rows received later stay open and cause one more reconcile.
 
+A truth *re-derived* from the payloads the ledger already holds (``pandasync remap``, after a
+mapping change) goes through the same write with ``rederived=True``: it is versioned as the
+stored snapshot it came from (so a newer sync in between wins), keeps every ``last_synced_at``
+(nothing was synced) and leaves the inbox alone (nothing was fetched).
+
 Every statement is built once, at import, with bind parameters, and runs as Core on the
 session's connection: building and caching SQLAlchemy constructs per call was half of a
 worker's CPU per reconcile (``bench/freshness.py`` prints it).
@@ -121,8 +126,18 @@ _INSERT_ORDER = (
     .on_conflict_do_nothing(constraint="uq_orders_account_id_platform_order_id")
     .returning(Order.id)
 )
+# ``keep_synced``: a re-derived truth keeps the row's own last_synced_at.
+_KEEP_SYNCED = bindparam("keep_synced", type_=Boolean)
+
+
+def _synced_at(column: Any) -> Any:
+    return case((_KEEP_SYNCED, column), else_=func.now())
+
+
 _UPDATE_ORDER = (
-    update(Order).where(Order.id == bindparam("order_pk")).values(last_synced_at=func.now())
+    update(Order)
+    .where(Order.id == bindparam("order_pk"))
+    .values(last_synced_at=_synced_at(Order.last_synced_at))
 )
 _INSERT_STATUS_CHANGE = insert(OrderStatusHistory)
 _INSERT_PRICE_CHANGE = insert(OrderPriceChange)
@@ -143,50 +158,67 @@ _UPSERT_LINES = _upsert(
     "uq_order_lines_order_pk_line_id",
     ("product_id", "sku_id", "title", "quantity", "unit_price", "amount", "raw_status", "raw"),
 )
-_UPSERT_SHIPMENT = _upsert(
-    insert(Shipment).values(last_synced_at=func.now()),
-    "uq_shipments_order_pk_tracking_number",
-    (
-        "line_id",
-        "carrier",
-        "carrier_code",
-        "raw_status",
-        "first_event_at",
-        "last_event_at",
-        "delivered_at",
-        "raw",
-        "last_synced_at",
-    ),
-).returning(Shipment.id)
+_UPSERT_SHIPMENT = (
+    insert(Shipment)
+    .values(last_synced_at=func.now())
+    .on_conflict_do_update(
+        constraint="uq_shipments_order_pk_tracking_number",
+        set_={
+            **{
+                name: insert(Shipment).excluded[name]
+                for name in (
+                    "line_id",
+                    "carrier",
+                    "carrier_code",
+                    "raw_status",
+                    "first_event_at",
+                    "last_event_at",
+                    "delivered_at",
+                    "raw",
+                )
+            },
+            "last_synced_at": _synced_at(Shipment.last_synced_at),
+        },
+    )
+    .returning(Shipment.id)
+)
 _INSERT_EVENTS = (
     insert(ShipmentEvent)
     .on_conflict_do_nothing(constraint="uq_shipment_events_shipment_id_event_key")
     .returning(ShipmentEvent.id)
 )
 _proposed_refund = insert(Refund).excluded
-_UPSERT_REFUND = _upsert(
-    insert(Refund).values(last_synced_at=func.now()),
-    "uq_refunds_account_id_platform_refund_id",
-    (
-        "order_pk",
-        "line_id",
-        "status",
-        "raw_status",
-        "currency",
-        "amount",
-        "reason",
-        "requested_at",
-        "resolved_at",
-        "upstream_modified_at",
-        "raw",
-        "last_synced_at",
-    ),
-    # An after-sales record read earlier must not overwrite a later one.
-    where=or_(
-        Refund.upstream_modified_at.is_(None),
-        _proposed_refund.upstream_modified_at.is_(None),
-        Refund.upstream_modified_at <= _proposed_refund.upstream_modified_at,
-    ),
+_UPSERT_REFUND = (
+    insert(Refund)
+    .values(last_synced_at=func.now())
+    .on_conflict_do_update(
+        constraint="uq_refunds_account_id_platform_refund_id",
+        set_={
+            **{
+                name: _proposed_refund[name]
+                for name in (
+                    "order_pk",
+                    "line_id",
+                    "status",
+                    "raw_status",
+                    "currency",
+                    "amount",
+                    "reason",
+                    "requested_at",
+                    "resolved_at",
+                    "upstream_modified_at",
+                    "raw",
+                )
+            },
+            "last_synced_at": _synced_at(Refund.last_synced_at),
+        },
+        # An after-sales record read earlier must not overwrite a later one.
+        where=or_(
+            Refund.upstream_modified_at.is_(None),
+            _proposed_refund.upstream_modified_at.is_(None),
+            Refund.upstream_modified_at <= _proposed_refund.upstream_modified_at,
+        ),
+    )
 )
 
 # Which refund status decides the order's refund state, strongest first: an open request wins,
@@ -265,7 +297,9 @@ async def write_order(
     *,
     source: SyncSource,
     inbox_id: int | None = None,
+    rederived: bool = False,
 ) -> WriteResult:
+    """Write ``truth`` (see the module docstring); ``rederived`` for ``pandasync remap``."""
     conn = await session.connection()
     snap = truth.order
     key = {"account_id": account_id, "platform": snap.platform, "order_id": snap.order_id}
@@ -274,7 +308,7 @@ async def write_order(
     if existing is not None and not _is_newer(
         existing.snapshot_at, existing.upstream_modified_at, truth
     ):
-        processed = await _mark_inbox_processed(conn, account_id, truth)
+        processed = 0 if rederived else await _mark_inbox_processed(conn, account_id, truth)
         return WriteResult(existing.id, False, True, False, False, 0, processed)
 
     values = _order_values(account_id, truth)
@@ -294,10 +328,14 @@ async def write_order(
         order_pk = (await conn.execute(_INSERT_ORDER, values)).scalar_one_or_none()
         if order_pk is None:
             # Another writer created it between our SELECT and INSERT: lock it and start over.
-            return await write_order(session, account_id, truth, source=source, inbox_id=inbox_id)
+            return await write_order(
+                session, account_id, truth, source=source, inbox_id=inbox_id, rederived=rederived
+            )
     else:
         order_pk = existing.id
-        await conn.execute(_UPDATE_ORDER, {**values, "order_pk": order_pk})
+        await conn.execute(
+            _UPDATE_ORDER, {**values, "order_pk": order_pk, "keep_synced": rederived}
+        )
 
     change = {
         "account_id": account_id,
@@ -333,8 +371,8 @@ async def write_order(
         )
 
     await _upsert_lines(conn, account_id, order_pk, snap)
-    new_events = await _upsert_shipments(conn, account_id, order_pk, truth)
-    await _upsert_refunds(conn, account_id, order_pk, truth)
+    new_events = await _upsert_shipments(conn, account_id, order_pk, truth, rederived)
+    await _upsert_refunds(conn, account_id, order_pk, truth, rederived)
     await conn.execute(
         _SUMMARIZE_ORDER,
         {
@@ -343,7 +381,7 @@ async def write_order(
             "all_delivered": bool(truth.shipments) and all(s.delivered for s in truth.shipments),
         },
     )
-    processed = await _mark_inbox_processed(conn, account_id, truth)
+    processed = 0 if rederived else await _mark_inbox_processed(conn, account_id, truth)
     return WriteResult(
         order_pk,
         existing is None,
@@ -406,7 +444,7 @@ async def _upsert_lines(
 
 
 async def _upsert_shipments(
-    conn: AsyncConnection, account_id: str, order_pk: int, truth: OrderTruth
+    conn: AsyncConnection, account_id: str, order_pk: int, truth: OrderTruth, keep_synced: bool
 ) -> int:
     new_events = 0
     for parcel in truth.shipments:
@@ -426,6 +464,7 @@ async def _upsert_shipments(
                     "last_event_at": max(times, default=None),
                     "delivered_at": max(times, default=None) if parcel.delivered else None,
                     "raw": parcel.raw,
+                    "keep_synced": keep_synced,
                 },
             )
         ).scalar_one()
@@ -460,7 +499,7 @@ def _unique_events(parcel: ShipmentSnapshot) -> list[Any]:
 
 
 async def _upsert_refunds(
-    conn: AsyncConnection, account_id: str, order_pk: int, truth: OrderTruth
+    conn: AsyncConnection, account_id: str, order_pk: int, truth: OrderTruth, keep_synced: bool
 ) -> None:
     for refund in truth.refunds:
         await conn.execute(
@@ -480,6 +519,7 @@ async def _upsert_refunds(
                 "resolved_at": refund.resolved_at,
                 "upstream_modified_at": refund.modified_at,
                 "raw": refund.raw,
+                "keep_synced": keep_synced,
             },
         )
 

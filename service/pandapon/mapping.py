@@ -608,6 +608,27 @@ def map_shipments(
     return alibaba_shipments(data)
 
 
+# Where a parcel's trace sits in a logistics answer; the stored parcel (``ShipmentSnapshot.raw``)
+# is the parcel without it, and each event keeps its own step (``ShipmentEventSnapshot.raw``).
+_TRACE_KEYS: Mapping[Platform, tuple[str, str]] = {
+    Platform.TAOBAO: ("pnmLogisticsDetails", "logisticsTraces"),
+    Platform.ALIBABA_1688: ("logisticsTrace", "logisticsSteps"),
+}
+
+
+def map_stored_shipment(
+    platform: Platform,
+    parcel_raw: Mapping[str, Any],
+    event_raws: Iterable[Mapping[str, Any]],
+    line_id: str | None = None,
+) -> list[ShipmentSnapshot]:
+    """A parcel the ledger stores, mapped again: its raw parcel and its events' raw steps put
+    back into the logistics answer they came from (``pandasync remap``)."""
+    parcels_key, trace_key = _TRACE_KEYS[platform]
+    data = {parcels_key: [{**parcel_raw, trace_key: list(event_raws)}]}
+    return map_shipments(platform, data, line_id)
+
+
 def map_order_page(platform: Platform, data: Any, page_no: int, page_size: int) -> OrderListPage:
     """An order-list page (§4.5); ``page_no``/``page_size`` stand in when the body omits them."""
     obj = _as_object(data, "")
