@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from alembic.config import Config
     from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+    from workers.operations import Status
+
 
 def _settings() -> Settings:
     try:
@@ -889,6 +891,11 @@ def remap(platform: str | None, batch_size: int) -> None:
         click.echo(f"  unreadable: {item.platform.value} {item.order_id}: {item.error}")
     if progress.unreadable > len(progress.unreadable_orders):
         click.echo(f"  … and {progress.unreadable - len(progress.unreadable_orders):,} more")
+    if progress.placed:
+        click.echo(
+            f"{progress.placed:,} unmapped value(s) now placed by the mapping: "
+            "removed from unmapped_values"
+        )
     if progress.unreadable:
         click.echo(
             "unreadable payloads were left as they are: the current mapping cannot read them "
@@ -908,7 +915,7 @@ def _parse_time(value: str | None) -> datetime | None:
 
 @main.command()
 def status() -> None:
-    """Inbox backlog and lag, queue depth, open failures, last sweep per platform."""
+    """Inbox backlog and lag, queue depth, open failures, last sweeps, unmapped values."""
     import asyncio
 
     from service.db import make_engine, make_sessionmaker
@@ -934,10 +941,45 @@ def status() -> None:
         click.echo(f"open failures:        {report.open_failures}")
         if not report.sweeps:
             click.echo("last sweep:           never")
-        for sweep in report.sweeps:
-            click.echo(
-                f"last sweep {sweep.platform.value:<7} {sweep.last_finished_at or 'never'}  "
-                f"examined {sweep.last_examined}, drift {sweep.last_drift}"
-            )
+        for label, rows in (("sweep", report.sweeps), ("refund sweep", report.refund_sweeps)):
+            for sweep in rows:
+                click.echo(
+                    f"last {label} {sweep.platform.value:<7} {sweep.last_finished_at or 'never'}  "
+                    f"examined {sweep.last_examined}, drift {sweep.last_drift}"
+                )
+        _echo_unmapped(report)
 
     asyncio.run(run())
+
+
+def _echo_unmapped(report: Status) -> None:
+    """The values the mapping could not place, one line each, the latest seen first."""
+    if not report.unmapped:
+        click.echo("unmapped values: none")
+        return
+    click.echo(f"unmapped values: {report.unmapped_total} (per account: report_unmapped_values)")
+    table = [("value", "platform", "field", "orders", "seen", "first seen", "last seen")]
+    table += [
+        (
+            _printable(u.value),
+            u.platform.value if u.platform else "-",
+            u.field.value,
+            "-" if u.orders is None else str(u.orders),
+            str(u.seen),
+            u.first_seen_at.replace(microsecond=0).isoformat(" "),
+            u.last_seen_at.replace(microsecond=0).isoformat(" "),
+        )
+        for u in report.unmapped
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        click.echo(("  " + "  ".join(cells)).rstrip())
+    if report.unmapped_total > len(report.unmapped):
+        click.echo(f"  … and {report.unmapped_total - len(report.unmapped)} more")
+
+
+def _printable(value: str) -> str:
+    """PandaPon (or whoever has the webhook URL) chose the value: no control character of
+    it reaches the operator's terminal."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in value)

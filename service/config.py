@@ -184,6 +184,13 @@ class Settings(BaseSettings):
     sweep_lookback_s: PositiveFloat = Field(
         default=86400.0, description="How far before the stored cursor a sweep starts again."
     )
+    refund_sweep_interval_s: PositiveFloat = Field(
+        default=900.0, description="How often each platform's refund (after-sales) list is swept."
+    )
+    refund_sweep_lookback_s: PositiveFloat = Field(
+        default=86400.0,
+        description="How far before the stored cursor a refund sweep starts again.",
+    )
     refresh_interval_s: PositiveFloat = Field(
         default=3600.0, description="How often non-final orders are looked at again."
     )

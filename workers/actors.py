@@ -110,6 +110,7 @@ def reconcile(
                     source=source,
                     inbox_id=inbox_id,
                     request_id=request_id,
+                    refund_id=refund_id,
                 ),
                 delay=BUSY_DELAY_MS,
             )

@@ -70,13 +70,19 @@ def reconcile_message(
     source: str,
     inbox_id: int | None = None,
     request_id: str | None = None,
+    refund_id: str | None = None,
 ) -> dramatiq.Message[Any]:
-    """The message that asks a worker to reconcile one order."""
+    """The message that asks a worker to reconcile one order; ``refund_id`` names an
+    after-sales record to fetch with it (a refund sweep's find, which the order may no longer
+    name). Only set when given, so every other message keeps its shape."""
+    kwargs: dict[str, Any] = {"source": source, "inbox_id": inbox_id, "request_id": request_id}
+    if refund_id is not None:
+        kwargs["refund_id"] = refund_id
     return dramatiq.Message(
         queue_name=RECONCILE_QUEUE,
         actor_name=RECONCILE_ACTOR,
         args=(account_id, platform, order_id),
-        kwargs={"source": source, "inbox_id": inbox_id, "request_id": request_id},
+        kwargs=kwargs,
         options={},
     )
 

@@ -6,16 +6,18 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import dramatiq
-from sqlalchemy import Interval, func, select, type_coerce, update
+from sqlalchemy import Interval, func, select, text, type_coerce, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.db import session_scope
 from service.ledger.models import (
     InboxState,
     Platform,
+    RefundSweepCursor,
     SweepCursor,
     SyncFailure,
     SyncSource,
+    UnmappedField,
     WebhookInbox,
 )
 from workers.broker import queue_depth, reconcile_message
@@ -82,6 +84,20 @@ class SweepStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class UnmappedStatus:
+    """One unplaced value, accounts summed: the ``orders`` that hold it now (None for a
+    message type, counted in ``seen`` messages instead)."""
+
+    platform: Platform | None
+    field: UnmappedField
+    value: str
+    orders: int | None
+    seen: int
+    first_seen_at: datetime
+    last_seen_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
 class Status:
     inbox_backlog: int
     inbox_unqueued: int
@@ -89,6 +105,9 @@ class Status:
     open_failures: int
     queue_depth: int | None
     sweeps: list[SweepStatus]
+    refund_sweeps: list[SweepStatus]
+    unmapped: tuple[UnmappedStatus, ...] = ()
+    unmapped_total: int = 0  # more than ``unmapped`` lists when over UNMAPPED_SHOWN
 
 
 async def gather_status(
@@ -106,13 +125,67 @@ async def gather_status(
             )
         ).one()
         failures = await count_open_failures(session)
-        sweeps = (
-            await session.execute(select(SweepCursor).order_by(SweepCursor.platform))
-        ).scalars()
-        sweep_rows = [
-            SweepStatus(s.account_id, s.platform, s.last_finished_at, s.last_examined, s.last_drift)
-            for s in sweeps
-        ]
+        sweep_rows = await _sweeps(session, SweepCursor)
+        refund_sweep_rows = await _sweeps(session, RefundSweepCursor)
+        unmapped, unmapped_total = await _unmapped_values(session)
     return Status(
-        int(backlog), int(unqueued), oldest, int(failures), queue_depth(broker), sweep_rows
+        int(backlog),
+        int(unqueued),
+        oldest,
+        int(failures),
+        queue_depth(broker),
+        sweep_rows,
+        refund_sweeps=refund_sweep_rows,
+        unmapped=unmapped,
+        unmapped_total=unmapped_total,
     )
+
+
+async def _sweeps(
+    session: AsyncSession, table: type[SweepCursor] | type[RefundSweepCursor]
+) -> list[SweepStatus]:
+    """The last run of one kind of sweep, per account and platform."""
+    rows = await session.execute(
+        select(
+            table.account_id,
+            table.platform,
+            table.last_finished_at,
+            table.last_examined,
+            table.last_drift,
+        ).order_by(table.platform)
+    )
+    return [SweepStatus(*row) for row in rows.all()]
+
+
+# The most recently seen first; the rest are in the view.
+UNMAPPED_SHOWN = 20
+_UNMAPPED = text(
+    """
+SELECT platform, field, value, sum(orders) AS orders, sum(seen_count) AS seen,
+       min(first_seen_at) AS first_seen_at, max(last_seen_at) AS last_seen_at,
+       count(*) OVER () AS total
+FROM report_unmapped_values
+GROUP BY platform, field, value
+ORDER BY max(last_seen_at) DESC, platform, field, value
+LIMIT :shown
+"""
+)
+
+
+async def _unmapped_values(session: AsyncSession) -> tuple[tuple[UnmappedStatus, ...], int]:
+    """The values the mapping could not place (``report_unmapped_values``, accounts summed):
+    the UNMAPPED_SHOWN seen last, and how many there are."""
+    rows = (await session.execute(_UNMAPPED, {"shown": UNMAPPED_SHOWN})).all()
+    listed = tuple(
+        UnmappedStatus(
+            Platform(r.platform) if r.platform else None,
+            UnmappedField(r.field),
+            r.value,
+            None if r.orders is None else int(r.orders),
+            int(r.seen),
+            r.first_seen_at,
+            r.last_seen_at,
+        )
+        for r in rows
+    )
+    return listed, int(rows[0].total) if rows else 0

@@ -46,6 +46,8 @@ from service.ledger.models import (
     SyncSource,
     WebhookInbox,
 )
+from service.ledger.unmapped import count as count_unmapped
+from service.ledger.unmapped import record_unmapped
 from service.ledger.write import (
     OrderTruth,
     WriteResult,
@@ -235,7 +237,10 @@ async def reconcile_order(
                 source=request.source,
                 inbox_id=request.inbox_id,
             )
+            # Seen, even in a stale snapshot: PandaPon sent it.
+            unmapped = await record_unmapped(session, request.account_id, truth)
             resolved = await resolve_failures(session, request)
+        count_unmapped(platform, unmapped)
     if result.stale:
         return ReconcileResult(Outcome.STALE, result, resolved)
     changed = result.created or result.status_changed or result.price_changed or result.new_events

@@ -9,7 +9,9 @@ the reconcile's own write with ``rederived=True``:
 - history is appended only for real changes (source ``remap``), so a second run writes none;
 - the re-derived truth is versioned as the snapshot it came from: an order a worker synced
   while remap ran keeps the newer truth (counted as ``newer``); remap is safe beside workers;
-- ``last_synced_at`` stays and the inbox is not touched: nothing was fetched.
+- ``last_synced_at`` stays and the inbox is not touched: nothing was fetched;
+- the statuses in ``unmapped_values`` that the mapping now places are removed at the end (they
+  are no longer unmapped); message types stay, as messages are not derived again.
 
 Orders go in batches of ``batch_size`` by primary key (keyset pagination: memory stays flat
 whatever the ledger's size), one transaction per batch. A payload the current mapping cannot
@@ -23,11 +25,22 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import bindparam, delete, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.db import session_scope
-from service.ledger.models import Order, Platform, Refund, Shipment, ShipmentEvent, SyncSource
+from service.ledger.models import (
+    Order,
+    OrderStatus,
+    Platform,
+    Refund,
+    RefundStatus,
+    Shipment,
+    ShipmentEvent,
+    SyncSource,
+    UnmappedField,
+    UnmappedValue,
+)
 from service.ledger.write import OrderTruth, write_order
 from service.pandapon import mapping
 from service.pandapon.errors import MalformedResponse
@@ -56,6 +69,7 @@ class RemapProgress:
     newer: int = 0
     unreadable: int = 0
     unreadable_orders: list[Unreadable] = field(default_factory=list)
+    placed: int = 0  # unmapped values the mapping now places, removed at the end
 
     @property
     def unchanged(self) -> int:
@@ -173,7 +187,38 @@ async def remap(
             result = on_batch(progress)
             if result is not None:
                 await result
+    async with session_scope(sessions) as session:
+        progress.placed = await forget_placed_values(session, platform)
     return progress
+
+
+def _placed(platform: Platform, field_: UnmappedField, value: str) -> bool:
+    """True when the current mapping places ``value`` (a status of ``field_``)."""
+    if field_ is UnmappedField.ORDER_STATUS:
+        return mapping.order_status(platform, value) is not OrderStatus.UNKNOWN
+    if field_ is UnmappedField.REFUND_STATUS:
+        return mapping.refund_status(platform, value) is not RefundStatus.UNKNOWN
+    if field_ is UnmappedField.PARCEL_STATUS:
+        return mapping.parcel_status_known(platform, value)
+    return False
+
+
+_STATUS_VALUES = select(
+    UnmappedValue.id, UnmappedValue.platform, UnmappedValue.field, UnmappedValue.value
+).where(UnmappedValue.field != UnmappedField.MESSAGE_TYPE, UnmappedValue.platform.is_not(None))
+_FORGET = delete(UnmappedValue).where(UnmappedValue.id.in_(bindparam("ids", expanding=True)))
+
+
+async def forget_placed_values(session: AsyncSession, platform: Platform | None) -> int:
+    """Remove the statuses of ``unmapped_values`` that the mapping now places; how many."""
+    statement = _STATUS_VALUES
+    if platform is not None:
+        statement = statement.where(UnmappedValue.platform == platform)
+    rows = (await session.execute(statement)).all()
+    ids = [r.id for r in rows if _placed(r.platform, r.field, r.value)]
+    if ids:
+        await session.execute(_FORGET, {"ids": ids})
+    return len(ids)
 
 
 async def _remap_one(session: AsyncSession, stored: _Stored, progress: RemapProgress) -> None:

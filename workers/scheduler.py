@@ -15,6 +15,7 @@ import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Protocol
 
 import dramatiq
 from prometheus_client import Counter, Gauge, Histogram
@@ -26,7 +27,7 @@ from service.config import Settings
 from service.db import session_scope
 from service.ledger.models import JobRun, Platform, SyncSource
 from workers.broker import AGE_UNKNOWN, oldest_waiting, reconcile_message
-from workers.sweeps import Enqueue, OrderLister, refresh, sweep
+from workers.sweeps import OrderLister, RefundLister, SweepReport, refresh, refund_sweep, sweep
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,19 @@ SWEEP_UNREADABLE = Counter(
 SWEEP_DRIFT = Gauge(
     "pandasync_sweep_drift",
     "Orders the last sweep found out of date (lost or late messages); should trend to 0",
+    ["platform"],
+)
+REFUND_SWEEP_EXAMINED = Counter(
+    "pandasync_refund_sweep_examined_total", "Refunds seen in refund-list pages", ["platform"]
+)
+REFUND_SWEEP_UNREADABLE = Counter(
+    "pandasync_refund_sweep_unreadable_records_total",
+    "Refund-list records that could not be read (each logged; its order reconciled when shown)",
+    ["platform"],
+)
+REFUND_SWEEP_DRIFT = Gauge(
+    "pandasync_refund_sweep_drift",
+    "Refunds the last refund sweep found missing or out of date (lost messages); should trend to 0",
     ["platform"],
 )
 
@@ -196,62 +210,131 @@ def backlog_of(broker: dramatiq.Broker) -> Backlog:
     return waiting_since
 
 
-def enqueue_with(broker: dramatiq.Broker) -> Enqueue:
-    """An ``Enqueue`` that sends reconcile messages on ``broker``."""
+class Enqueuer(Protocol):
+    """Sends one reconcile message; both ``Enqueue`` and ``EnqueueNaming`` of the sweeps."""
 
-    def enqueue(account_id: str, platform: Platform, order_id: str, source: SyncSource) -> None:
-        broker.enqueue(reconcile_message(account_id, platform.value, order_id, source=source.value))
+    def __call__(
+        self,
+        account_id: str,
+        platform: Platform,
+        order_id: str,
+        source: SyncSource,
+        refund_id: str | None = None,
+    ) -> None: ...
+
+
+def enqueue_with(broker: dramatiq.Broker) -> Enqueuer:
+    """An ``Enqueuer`` that sends reconcile messages on ``broker``."""
+
+    def enqueue(
+        account_id: str,
+        platform: Platform,
+        order_id: str,
+        source: SyncSource,
+        refund_id: str | None = None,
+    ) -> None:
+        broker.enqueue(
+            reconcile_message(
+                account_id, platform.value, order_id, source=source.value, refund_id=refund_id
+            )
+        )
 
     return enqueue
+
+
+class Lister(OrderLister, RefundLister, Protocol):
+    """What the sweeps page through (``PandaPonClient``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SweepMetrics:
+    """Where one kind of sweep reports: its log line and its per-platform metrics."""
+
+    event: str
+    examined: Counter
+    unreadable: Counter
+    drift: Gauge
+
+
+ORDER_SWEEP_METRICS = SweepMetrics("sweep finished", SWEEP_EXAMINED, SWEEP_UNREADABLE, SWEEP_DRIFT)
+REFUND_SWEEP_METRICS = SweepMetrics(
+    "refund sweep finished", REFUND_SWEEP_EXAMINED, REFUND_SWEEP_UNREADABLE, REFUND_SWEEP_DRIFT
+)
+
+
+def observe_sweep(metrics: SweepMetrics, report: SweepReport) -> SweepReport:
+    """Count a finished sweep into its metrics and log it; returns ``report``."""
+    platform = report.platform.value
+    metrics.examined.labels(platform).inc(report.examined)
+    metrics.drift.labels(platform).set(report.drift)
+    metrics.unreadable.labels(platform).inc(report.unreadable)
+    log.info(
+        metrics.event,
+        extra={
+            "platform": platform,
+            "examined": report.examined,
+            "drift": report.drift,
+            "pages": report.pages,
+            "unreadable": report.unreadable,
+        },
+    )
+    return report
+
+
+def sweep_jobs(
+    name: str,
+    interval_s: float,
+    run: Callable[[Platform], Awaitable[SweepReport]],
+    metrics: SweepMetrics,
+    backlog: Backlog,
+) -> list[Job]:
+    """One job per platform, ``name:platform``, held back behind the reconcile backlog."""
+    jobs = []
+    for platform in Platform:
+
+        async def run_one(platform: Platform = platform) -> object:
+            return observe_sweep(metrics, await run(platform))
+
+        jobs.append(
+            Job(f"{name}:{platform.value}", timedelta(seconds=interval_s), run_one, backlog)
+        )
+    return jobs
 
 
 def default_jobs(
     settings: Settings,
     sessions: async_sessionmaker[AsyncSession],
-    client: OrderLister,
+    client: Lister,
     broker: dramatiq.Broker,
     relay: Callable[[], Awaitable[object]] | None = None,
 ) -> list[Job]:
-    """Sweep per platform, refresh, and the inbox relay, at their configured intervals."""
+    """Sweep and refund sweep per platform, refresh, and the inbox relay, at their intervals."""
     enqueue = enqueue_with(broker)
     backlog = backlog_of(broker)
     jobs: list[Job] = []
     if settings.user_id:
         account_id = settings.user_id
-        for platform in Platform:
 
-            async def run_sweep(platform: Platform = platform) -> object:
-                report = await sweep(
-                    sessions,
-                    client,
-                    enqueue,
-                    account_id,
-                    platform,
-                    lookback=timedelta(seconds=settings.sweep_lookback_s),
-                )
-                SWEEP_EXAMINED.labels(platform.value).inc(report.examined)
-                SWEEP_DRIFT.labels(platform.value).set(report.drift)
-                SWEEP_UNREADABLE.labels(platform.value).inc(report.unreadable)
-                log.info(
-                    "sweep finished",
-                    extra={
-                        "platform": platform.value,
-                        "examined": report.examined,
-                        "drift": report.drift,
-                        "pages": report.pages,
-                        "unreadable": report.unreadable,
-                    },
-                )
-                return report
+        async def order_sweep(platform: Platform) -> SweepReport:
+            lookback = timedelta(seconds=settings.sweep_lookback_s)
+            return await sweep(sessions, client, enqueue, account_id, platform, lookback=lookback)
 
-            jobs.append(
-                Job(
-                    f"sweep:{platform.value}",
-                    timedelta(seconds=settings.sweep_interval_s),
-                    run_sweep,
-                    backlog,
-                )
+        async def refunds_sweep(platform: Platform) -> SweepReport:
+            lookback = timedelta(seconds=settings.refund_sweep_lookback_s)
+            return await refund_sweep(
+                sessions, client, enqueue, account_id, platform, lookback=lookback
             )
+
+        jobs += sweep_jobs(
+            "sweep", settings.sweep_interval_s, order_sweep, ORDER_SWEEP_METRICS, backlog
+        )
+        jobs += sweep_jobs(
+            "refund_sweep",
+            settings.refund_sweep_interval_s,
+            refunds_sweep,
+            REFUND_SWEEP_METRICS,
+            backlog,
+        )
     else:
         log.warning("PANDASYNC_USER_ID is not set: no sweep (it needs the account to page)")
 

@@ -12,8 +12,9 @@ With the configured credentials, against ``PANDASYNC_API_BASE_URL``:
    names) mapped by the real mapping, with ``mapping.record_missing`` listing every field it
    looked for and did not find; the fields the ledger cannot do without fail the check.
 
-Only the 8 query endpoints are called (never a payment action), nothing is written anywhere,
-and every failure becomes a ``Check`` naming the setting to change: no exception escapes.
+Only the table's query endpoints are called (never a payment action), nothing is written
+anywhere, and every failure becomes a ``Check`` naming the setting to change: no exception
+escapes.
 """
 
 from __future__ import annotations
@@ -435,6 +436,7 @@ class PlatformChecks:
         yield await self.order_detail()
         yield await self.logistics()
         yield await self.refund_detail()
+        yield await self.refund_list()
 
     async def order_list(self) -> Check:
         endpoint = self.client.endpoints.get(self.platform, "order_list")
@@ -497,14 +499,21 @@ class PlatformChecks:
             seen = f" ({len(self.found.shipments or ())} parcel(s) of order {order.order_id})"
             return self._check(endpoint, error, made_up=False, seen=seen)
         # Not shipped yet: a real id still proves the request; "nothing there" is expected.
-        if self.platform is Platform.TAOBAO:
-            if not order.lines:
-                return await self._probe(endpoint)
-            line = order.lines[0]
-            params: dict[str, ParamValue] = {"sub_order_id": line.logistics_ref or line.line_id}
-        else:
-            params = {"order_id": order.order_id}
-        return await self._probe(endpoint, params, seen=" (an order not shipped yet)")
+        seen = " (an order not shipped yet)"
+        if self.platform is Platform.ALIBABA_1688:
+            # Through the client's own call, which takes 1688's "not shipped yet" error (500_2)
+            # as no parcels rather than as a failure.
+            try:
+                await self.client.logistics(self.platform, order)
+            except PandaPonError as failed:
+                return self._check(endpoint, failed, made_up=True, seen=seen)
+            return self._check(endpoint, None, made_up=True, seen=seen)
+        # The sub-order id is what the call takes; without one, a made-up id proves as much.
+        ref = next((line.logistics_ref for line in order.lines if line.logistics_ref), None)
+        if ref is None:
+            return await self._probe(endpoint)
+        params: dict[str, ParamValue] = {"sub_order_id": ref}
+        return await self._probe(endpoint, params, seen=seen)
 
     async def refund_detail(self) -> Check:
         endpoint = self.client.endpoints.get(self.platform, "refund_detail")
@@ -520,6 +529,21 @@ class PlatformChecks:
                 error = failed
         self.found.refund_missing, self.found.refund_error = missing, _mapping_error(error)
         return self._check(endpoint, error, made_up=False, seen=f" (refund {refund_id})")
+
+    async def refund_list(self) -> Check:
+        """One page of the refunds modified over the window the order list was read in: a
+        page, an empty one included, proves method, path and parameters."""
+        endpoint = self.client.endpoints.get(self.platform, "refund_list")
+        days = self.found.days
+        start = self.now - timedelta(days=days)
+        error: PandaPonError | None = None
+        seen = ""
+        try:
+            page = await self.client.refund_page(self.platform, 1, LIST_PAGE_SIZE, start, self.now)
+            seen = f" ({page.total} refund(s) modified in the last {days} days)"
+        except PandaPonError as failed:
+            error = failed
+        return self._check(endpoint, error, made_up=False, seen=seen)
 
     def shapes(self) -> list[Check]:
         """The shape checks of what the calls found (after ``run``)."""

@@ -37,7 +37,7 @@ from prometheus_client import Counter, Histogram
 from service.config import ConfigError, Settings
 from service.ledger.models import Platform
 from service.pandapon import mapping
-from service.pandapon.endpoints import Endpoint, EndpointTable, ParamValue
+from service.pandapon.endpoints import Endpoint, EndpointTable, Kind, ParamValue
 from service.pandapon.errors import (
     AUTH_CODES,
     RATE_LIMIT_CODE,
@@ -54,6 +54,7 @@ from service.pandapon.errors import (
 from service.pandapon.models import (
     OrderListPage,
     OrderSnapshot,
+    RefundListPage,
     RefundSnapshot,
     ShipmentSnapshot,
 )
@@ -118,12 +119,32 @@ def credentials_from(settings: Settings) -> Credentials:
 
 @dataclass(frozen=True, slots=True)
 class Envelope:
-    """A successful response: ``data`` plus what identifies it in PandaPon's logs."""
+    """A successful response: ``data`` plus what identifies it in PandaPon's logs.
+
+    ``answer`` is False only for an error envelope the call takes as an answer (``unwrap``'s
+    ``answers``: 1688 logistics' "not shipped yet"); ``data`` is then what it carried.
+    """
 
     data: Any
     request_id: str | None
     msg: str | None
     http_status: int
+    answer: bool = True
+
+
+# 1688's own logistics API answers error 500_2 ("not shipped yet, no logistics") for an order
+# that has not shipped (pandapon-api.md §6 [1688]): no parcels yet, not a failure. PandaPon may
+# pass it on as the envelope's code ("500_2") or in its msg.
+ALIBABA_NOT_SHIPPED_CODE = "500_2"
+
+
+def alibaba_not_shipped_yet(envelope: Mapping[str, Any]) -> bool:
+    """True when a 1688 logistics answer is the "not shipped yet" error (no parcels yet)."""
+    code = envelope.get("code")
+    if isinstance(code, str) and code.strip() == ALIBABA_NOT_SHIPPED_CODE:
+        return True
+    msg = envelope.get("msg")
+    return isinstance(msg, str) and ALIBABA_NOT_SHIPPED_CODE in msg
 
 
 class PandaPonClient:
@@ -161,22 +182,36 @@ class PandaPonClient:
     async def logistics(self, platform: Platform, order: OrderSnapshot) -> list[ShipmentSnapshot]:
         """The parcels of ``order`` with their trace events.
 
-        Taobao answers per sub-order: one call per line, skipping lines whose detail says they
-        have no logistics number yet; a parcel that carries several lines comes back once (its
-        ``line_id`` is then None). 1688 answers per order: one call.
+        Taobao answers per sub-order: one call per line with the sub-order id
+        (``subPurchaseOrderId`` / ``sub_purchase_order_id``, ``LineSnapshot.logistics_ref``),
+        skipping lines whose detail says they have no logistics number yet and lines without a
+        sub-order id (Taobao's own line number is not an id the call takes); a parcel that
+        carries several lines comes back once (its ``line_id`` is then None). 1688 answers per
+        order: one call; its "not shipped yet" error (``alibaba_not_shipped_yet``) is no parcels.
         """
         if order.platform is not platform:
             raise ValueError(f"order {order.order_id} is a {order.platform} order")
         endpoint = self.endpoints.get(platform, "logistics")
         if platform is Platform.ALIBABA_1688:
-            parse_order = _data(partial(mapping.map_shipments, platform))
-            return await self._call(endpoint, {"order_id": order.order_id}, parse_order)
+            return await self._call(
+                endpoint,
+                {"order_id": order.order_id},
+                _alibaba_parcels,
+                answers=alibaba_not_shipped_yet,
+            )
         merged: dict[str, ShipmentSnapshot] = {}
         for line in order.lines:
             if line.has_tracking is False:
                 continue
+            ref = line.logistics_ref
+            if ref is None:
+                log.info(
+                    "taobao sub-order without an id: logistics not asked",
+                    order_id=order.order_id,
+                    line_id=line.line_id,
+                )
+                continue
             parse = _data(partial(mapping.map_shipments, platform, line_id=line.line_id))
-            ref = line.logistics_ref or line.line_id
             for shipment in await self._call(endpoint, {"sub_order_id": ref}, parse):
                 seen = merged.get(shipment.tracking_number)
                 merged[shipment.tracking_number] = (
@@ -199,17 +234,22 @@ class PandaPonClient:
         modified_end: datetime,
     ) -> OrderListPage:
         """One page of the orders modified in [start, end] (aware datetimes)."""
-        if page_no < 1 or page_size < 1:
-            raise ValueError("page_no and page_size start at 1")
-        endpoint = self.endpoints.get(platform, "order_list")
-        params: dict[str, ParamValue] = {
-            "page_no": page_no,
-            "page_size": page_size,
-            "modified_start": mapping.format_request_time(modified_start),
-            "modified_end": mapping.format_request_time(modified_end),
-        }
         parse = partial(mapping.map_order_page, platform, page_no=page_no, page_size=page_size)
-        return await self._call(endpoint, params, _data(parse))
+        window = (modified_start, modified_end)
+        return await self._page(platform, "order_list", page_no, page_size, window, parse)
+
+    async def refund_page(
+        self,
+        platform: Platform,
+        page_no: int,
+        page_size: int,
+        modified_start: datetime,
+        modified_end: datetime,
+    ) -> RefundListPage:
+        """One page of the refunds (after-sales records) modified in [start, end]."""
+        parse = partial(mapping.map_refund_page, platform, page_no=page_no, page_size=page_size)
+        window = (modified_start, modified_end)
+        return await self._page(platform, "refund_list", page_no, page_size, window, parse)
 
     async def fetch(self, endpoint_name: str, params: Mapping[str, ParamValue]) -> Envelope:
         """Any endpoint of the table by name, unmapped (for tools and diagnosis)."""
@@ -218,15 +258,37 @@ class PandaPonClient:
 
     # --- one call -------------------------------------------------------------------------
 
+    async def _page(
+        self,
+        platform: Platform,
+        kind: Kind,
+        page_no: int,
+        page_size: int,
+        window: tuple[datetime, datetime],
+        parse: Callable[[Any], T],
+    ) -> T:
+        """One page of a list endpoint (``kind``) over a modified-time window."""
+        if page_no < 1 or page_size < 1:
+            raise ValueError("page_no and page_size start at 1")
+        params: dict[str, ParamValue] = {
+            "page_no": page_no,
+            "page_size": page_size,
+            "modified_start": mapping.format_request_time(window[0]),
+            "modified_end": mapping.format_request_time(window[1]),
+        }
+        return await self._call(self.endpoints.get(platform, kind), params, _data(parse))
+
     async def _call(
         self,
         endpoint: Endpoint,
         params: Mapping[str, ParamValue],
         parse: Callable[[Envelope], T],
+        *,
+        answers: Callable[[Mapping[str, Any]], bool] | None = None,
     ) -> T:
         outcome = "error"
         try:
-            envelope = await self._exchange(endpoint, params)
+            envelope = await self._exchange(endpoint, params, answers)
             try:
                 result = parse(envelope)
             except MalformedResponse as error:
@@ -253,7 +315,12 @@ class PandaPonClient:
         finally:
             UPSTREAM_REQUESTS.labels(endpoint.name, outcome).inc()
 
-    async def _exchange(self, endpoint: Endpoint, params: Mapping[str, ParamValue]) -> Envelope:
+    async def _exchange(
+        self,
+        endpoint: Endpoint,
+        params: Mapping[str, ParamValue],
+        answers: Callable[[Mapping[str, Any]], bool] | None = None,
+    ) -> Envelope:
         wire = endpoint.wire_params(params)
         await self._limiter.acquire()
         headers = signed_headers(self._credentials, unit=self._unit, signer=self._signer)
@@ -276,11 +343,20 @@ class PandaPonClient:
             ) from error
         finally:
             UPSTREAM_SECONDS.labels(endpoint.name).observe(time.perf_counter() - started)
-        return unwrap(endpoint.name, response)
+        return unwrap(endpoint.name, response, answers=answers)
 
 
-def unwrap(endpoint: str, response: httpx.Response) -> Envelope:
-    """The envelope of §2 → Envelope, or the typed error for this response."""
+def unwrap(
+    endpoint: str,
+    response: httpx.Response,
+    *,
+    answers: Callable[[Mapping[str, Any]], bool] | None = None,
+) -> Envelope:
+    """The envelope of §2 → Envelope, or the typed error for this response.
+
+    ``answers``: an error envelope (HTTP 2xx or 5xx) it says yes to is returned as an Envelope
+    with ``answer=False`` instead of raised (a call that knows that error means "nothing yet").
+    """
     status = response.status_code
     try:
         body = mapping.parse_json(response.content)
@@ -304,6 +380,14 @@ def unwrap(endpoint: str, response: httpx.Response) -> Envelope:
             retry_after=retry_after,
             **context,
         )
+    if (
+        answers is not None
+        and (200 <= status < 300 or status >= 500)
+        and code != 200
+        and answers(envelope)
+    ):
+        data = envelope.get("data")
+        return Envelope(data=data, request_id=request_id, msg=msg, http_status=status, answer=False)
     if status >= 500:
         raise UpstreamServerError(f"{endpoint}: HTTP {status}", **context)
     if status in (401, 403):
@@ -356,6 +440,13 @@ def _data(parse: Callable[[Any], T]) -> Callable[[Envelope], T]:
 
 def _whole(envelope: Envelope) -> Envelope:
     return envelope
+
+
+def _alibaba_parcels(envelope: Envelope) -> list[ShipmentSnapshot]:
+    """A 1688 logistics answer → its parcels; none when it is "not shipped yet"."""
+    if not envelope.answer:
+        return []
+    return mapping.map_shipments(Platform.ALIBABA_1688, envelope.data)
 
 
 def _text(value: Any) -> str | None:

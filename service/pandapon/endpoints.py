@@ -1,4 +1,4 @@
-"""The endpoint table: the 8 query APIs of ``pandapon-api.md`` §4, in one place.
+"""The endpoint table: the query APIs of ``pandapon-api.md`` §4 and §6, in one place.
 
 Each entry says how the request is made (method, path, the upstream names of its parameters)
 and where each of those facts comes from: ``doc`` (a public PandaPon page), ``doc-v2`` (a v2
@@ -27,10 +27,16 @@ from service.ledger.models import Platform
 
 Method = Literal["GET", "POST"]
 Source = Literal["doc", "doc-v2", "assumed"]
-Kind = Literal["order_detail", "logistics", "order_list", "refund_detail"]
+Kind = Literal["order_detail", "logistics", "order_list", "refund_detail", "refund_list"]
 ParamValue = str | int
 
-KINDS: tuple[Kind, ...] = ("order_detail", "logistics", "order_list", "refund_detail")
+KINDS: tuple[Kind, ...] = (
+    "order_detail",
+    "logistics",
+    "order_list",
+    "refund_detail",
+    "refund_list",
+)
 _PREFIX = {Platform.TAOBAO: "taobao", Platform.ALIBABA_1688: "alibaba"}
 OVERRIDES_SETTING = "PANDASYNC_ENDPOINT_OVERRIDES"
 
@@ -141,6 +147,17 @@ DEFAULT_ENDPOINTS: Mapping[str, Endpoint] = {
             {"refund_id": "refundId"},
             ("doc-v2", "doc-v2", "doc-v2"),
         ),
+        # §6 [VN]: the refund list page. Its documented filters (purchaseOrderId, salesOrderId)
+        # are not what a sweep needs; paging and the modified-time window are named as the order
+        # lists name them [assumed].
+        _ep(
+            _TB,
+            "refund_list",
+            "POST",
+            "/open/order/refund/queryList",
+            dict(_LIST_PARAMS),
+            ("doc", "doc", "assumed"),
+        ),
         _ep(
             _AL,
             "order_detail",
@@ -174,6 +191,15 @@ DEFAULT_ENDPOINTS: Mapping[str, Endpoint] = {
             "/alibaba/refund/info",
             {"refund_id": "refundId"},
             ("doc", "doc", "doc"),
+        ),
+        # Not public at all: a path in the style of the 1688 endpoints [assumed].
+        _ep(
+            _AL,
+            "refund_list",
+            "POST",
+            "/alibaba/refund/page",
+            dict(_LIST_PARAMS),
+            ("assumed", "assumed", "assumed"),
         ),
     )
 }

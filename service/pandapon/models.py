@@ -117,3 +117,25 @@ class OrderListPage:
     page_size: int
     orders: tuple[OrderSnapshot, ...]
     unreadable: tuple[UnreadableRecord, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class UnreadableRefund:
+    """A refund-list record the mapping could not read: its refund and order ids, each when
+    that much could be read, and why the rest could not."""
+
+    order_id: str | None
+    refund_id: str | None
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class RefundListPage:
+    """One page of a refund (after-sales) list; unreadable records are set aside in
+    ``unreadable``, as on an order-list page."""
+
+    total: int
+    page_no: int
+    page_size: int
+    refunds: tuple[RefundSnapshot, ...]
+    unreadable: tuple[UnreadableRefund, ...] = ()

@@ -1,4 +1,4 @@
-"""The sandbox as a Starlette app: PandaPon's 8 query endpoints plus a control API.
+"""The sandbox as a Starlette app: PandaPon's query endpoints (the table's) plus a control API.
 
 Upstream side (paths, methods and parameter names from the same endpoint table as the client,
 overrides included, then moved where the upstream variant says): every request is checked like
@@ -6,7 +6,9 @@ PandaPon would check it. Missing headers, a wrong access key, a timestamp outsid
 ±``signature_tolerance_s`` (in the upstream variant's unit), a wrong signature or a nonce seen
 before get **HTTP 401** with an envelope whose ``code`` is 401; a user-id other than the
 configured one gets HTTP 403 / code 403. Unknown ids and bad parameters get HTTP 200 with an
-envelope code 404 / 400 (a business error, as the envelope design suggests).
+envelope code 404 / 400 (a business error, as the envelope design suggests). In the ``snake``
+variant, the 1688 logistics of an order with no parcel answers 1688's own code ``"500_2"``
+(not shipped yet, ``render.logistics_error``).
 
 Order of checks: added latency, then the fault draw (timeout, 429, 5xx), then auth, then the
 request itself — so faults hit signed and unsigned requests alike, like a gateway in front.
@@ -278,13 +280,22 @@ class BadRequest(Exception):
     """A parameter is missing or invalid (code 400 upstream, HTTP 400 on the control API)."""
 
 
+class UpstreamAnswer(Exception):
+    """An error envelope with the upstream's own code, e.g. 1688 logistics' ``500_2``."""
+
+    def __init__(self, code: str, msg: str) -> None:
+        super().__init__(msg)
+        self.code = code
+        self.msg = msg
+
+
 # --- the upstream side ----------------------------------------------------------------------------
 
 
 def _envelope_response(
     data: Any,
     *,
-    code: int = 200,
+    code: int | str = 200,
     msg: str = "成功",
     status: int = 200,
     headers: dict[str, str] | None = None,
@@ -389,6 +400,9 @@ async def handle_upstream(request: Request, state: SandboxState, endpoint: Endpo
     except WorldError as error:
         count["not_found" if error.status == 404 else "bad_request"] += 1
         return _envelope_response(None, code=error.status, msg=str(error))
+    except UpstreamAnswer as error:
+        count["not_shipped"] += 1
+        return _envelope_response(None, code=error.code, msg=error.msg)
     count["ok"] += 1
     return _envelope_response(data)
 
@@ -431,15 +445,25 @@ def serve(
         if platform is Platform.TAOBAO:
             order, line = world.taobao_line(params["sub_order_id"])
             return render.logistics_data(order, line, case)
-        return render.logistics_data(world.order(platform, params["order_id"]))
+        order = world.order(platform, params["order_id"])
+        not_yet = render.logistics_error(order, case)
+        if not_yet is not None:
+            raise UpstreamAnswer(*not_yet)
+        return render.logistics_data(order)
     page_no = _positive_int(params["page_no"], "pageNo")
     page_size = _positive_int(params["page_size"], "pageSize")
     if page_size > MAX_PAGE_SIZE:
         raise BadRequest(f"pageSize must be at most {MAX_PAGE_SIZE}")
     start = _china_time(params["modified_start"], "modifyStartTime")
     end = _china_time(params["modified_end"], "modifyEndTime")
-    found = world.modified_between(platform, start, end)
     first = (page_no - 1) * page_size
+    if endpoint.kind == "refund_list":
+        refunds = world.refunds_modified_between(platform, start, end)
+        with_orders = [
+            (r, world.order(platform, r.order_id)) for r in refunds[first : first + page_size]
+        ]
+        return render.refund_page(with_orders, len(refunds), page_no, page_size, case)
+    found = world.modified_between(platform, start, end)
     page = found[first : first + page_size]
     return render.order_page(page, len(found), page_no, page_size, case)
 
@@ -516,6 +540,10 @@ class RefundIn(_In):
 
 class ResolveIn(_In):
     outcome: Literal["refunded", "rejected", "cancelled"]
+
+
+class RawStatusIn(_In):
+    raw_status: str | None = Field(min_length=1, max_length=128)  # null: the status's own
 
 
 class ScenarioIn(_In):
@@ -704,6 +732,13 @@ async def get_refund(request: Request, state: SandboxState) -> Any:
     return {"refund": refund_truth(refund)}
 
 
+async def set_raw_status(request: Request, state: SandboxState) -> Any:
+    data = await _body(request, RawStatusIn)
+    order = _order(request, state)
+    state.world.set_raw_status(order, data.raw_status)
+    return {"order": order.truth(), "raw_status": render.raw_order_status(order)}
+
+
 async def resolve_refund(request: Request, state: SandboxState) -> Any:
     data = await _body(request, ResolveIn)
     refund = state.world.refund(_platform(request), request.path_params["refund_id"])
@@ -854,6 +889,7 @@ def control_routes() -> list[BaseRoute]:
         Route(f"{order}/deliver", control(deliver), methods=["POST"]),
         Route(f"{order}/confirm", control(confirm), methods=["POST"]),
         Route(f"{order}/cancel", control(cancel), methods=["POST"]),
+        Route(f"{order}/raw-status", control(set_raw_status), methods=["POST"]),
         Route(f"{order}/refunds", control(open_refund, status=201), methods=["POST"]),
         Route(refund, control(get_refund), methods=["GET"]),
         Route(f"{refund}/resolve", control(resolve_refund), methods=["POST"]),

@@ -186,6 +186,14 @@ class SandboxRemote:
     ) -> dict[str, Any]:
         return _dict((await self._act(platform, order_id, "cancel", {"reason": reason}))["order"])
 
+    async def set_raw_status(
+        self, platform: Platform | str, order_id: str, raw_status: str | None
+    ) -> dict[str, Any]:
+        """Render the order's raw status as ``raw_status`` (None: its own again), e.g. one the
+        mapping does not know; a change, so a callback follows."""
+        body = {"raw_status": raw_status}
+        return _dict((await self._act(platform, order_id, "raw-status", body))["order"])
+
     async def open_refund(
         self,
         platform: Platform | str,

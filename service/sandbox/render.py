@@ -113,6 +113,8 @@ def alibaba_time(moment: datetime | None) -> str | None:
 
 
 def raw_order_status(order: WorldOrder) -> str:
+    if order.raw_status is not None:  # set through the control API
+        return order.raw_status
     if order.platform is Platform.TAOBAO:
         return TAOBAO_STATUS[order.status]
     if order.status is OrderStatus.CANCELLED and order.paid_at is not None:
@@ -223,7 +225,7 @@ def taobao_refund(refund: WorldRefund) -> dict[str, Any]:
 
 
 def taobao_order_snake(order: WorldOrder) -> dict[str, Any]:
-    status = TAOBAO_SNAKE_STATUS[order.status]
+    status = order.raw_status or TAOBAO_SNAKE_STATUS[order.status]
     paid = order.paid_at is not None
     return {
         "purchase_id": order.order_id,
@@ -460,6 +462,20 @@ def refund_data(
     return taobao_refund(refund)
 
 
+# §6 [1688]: 1688's own logistics API answers error 500_2 ("not shipped yet, no logistics") for
+# an order that has not shipped. The evidence variant (``snake``) answers so; ``camel`` keeps the
+# contract's empty ``logisticsTrace``.
+ALIBABA_NOT_SHIPPED_CODE = "500_2"
+ALIBABA_NOT_SHIPPED_MSG = "订单未发货，暂无物流信息"
+
+
+def logistics_error(order: WorldOrder, case: PayloadCase = "camel") -> tuple[str, str] | None:
+    """The error (code, msg) a logistics request for ``order`` answers instead of data, if any."""
+    if order.platform is Platform.ALIBABA_1688 and case == "snake" and not order.shipments:
+        return ALIBABA_NOT_SHIPPED_CODE, ALIBABA_NOT_SHIPPED_MSG
+    return None
+
+
 def logistics_data(
     order: WorldOrder, line: WorldLine | None = None, case: PayloadCase = "camel"
 ) -> dict[str, Any]:
@@ -479,15 +495,30 @@ def order_page(
     case: PayloadCase = "camel",
 ) -> dict[str, Any]:
     """The page wrapper keeps the contract's names in either case; only the records change."""
-    return {
-        "total": total,
-        "pageNo": page_no,
-        "pageSize": page_size,
-        "records": [order_data(o, case) for o in orders],
-    }
+    return _page([order_data(o, case) for o in orders], total, page_no, page_size)
 
 
-def envelope(data: Any, request_id: str, *, code: int = 200, msg: str = "成功") -> dict[str, Any]:
+def refund_page(
+    refunds: list[tuple[WorldRefund, WorldOrder]],
+    total: int,
+    page_no: int,
+    page_size: int,
+    case: PayloadCase = "camel",
+) -> dict[str, Any]:
+    """A refund-list page [assumed]: the order list's wrapper around after-sales records
+    rendered as the refund detail renders them (each with its order, for the snake spelling)."""
+    return _page([refund_data(r, case, o) for r, o in refunds], total, page_no, page_size)
+
+
+def _page(
+    records: list[dict[str, Any]], total: int, page_no: int, page_size: int
+) -> dict[str, Any]:
+    return {"total": total, "pageNo": page_no, "pageSize": page_size, "records": records}
+
+
+def envelope(
+    data: Any, request_id: str, *, code: int | str = 200, msg: str = "成功"
+) -> dict[str, Any]:
     return {
         "requestId": request_id,
         "code": code,

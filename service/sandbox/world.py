@@ -49,6 +49,7 @@ class ChangeKind(enum.StrEnum):
     CANCELLED = "cancelled"
     REFUND_OPENED = "refund_opened"
     REFUND_RESOLVED = "refund_resolved"
+    RAW_STATUS = "raw_status"
 
 
 @dataclass
@@ -118,6 +119,8 @@ class WorldOrder:
     cancelled_at: datetime | None = None
     shipments: list[WorldShipment] = field(default_factory=list)
     refunds: list[WorldRefund] = field(default_factory=list)
+    # Rendered instead of the status's own raw value, until cleared (a status PandaPon adds).
+    raw_status: str | None = None
 
     @property
     def total_amount(self) -> Decimal:
@@ -309,6 +312,18 @@ class World:
         found = [o for o in self.orders(platform) if start <= o.modified_at <= end]
         found.sort(key=lambda o: (o.modified_at, o.order_id))
         self._listing = (key, found)
+        return found
+
+    def refunds_modified_between(
+        self, platform: Platform, start: datetime, end: datetime
+    ) -> list[WorldRefund]:
+        """Refunds modified in [start, end], oldest change first (the refund lists)."""
+        found = [
+            r
+            for (of, _), r in self._refunds.items()
+            if of is platform and start <= r.modified_at <= end
+        ]
+        found.sort(key=lambda r: (r.modified_at, r.refund_id))
         return found
 
     # --- changes ------------------------------------------------------------------------------
@@ -550,6 +565,13 @@ class World:
         fully_refunded = order.refunded_amount >= order.total_amount
         if fully_refunded and order.status in (OrderStatus.PAID, OrderStatus.SHIPPED):
             self._close(order, "refunded")
+
+    def set_raw_status(self, order: WorldOrder, raw_status: str | None) -> None:
+        """Render the order's raw status as ``raw_status`` (None: as its status again), as if
+        PandaPon had moved it to a status of its own; a change like any other."""
+        order.raw_status = raw_status
+        self._touch(order)
+        self._emit(ChangeKind.RAW_STATUS, order)
 
     # --- helpers ------------------------------------------------------------------------------
 

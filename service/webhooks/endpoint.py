@@ -31,6 +31,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from service.config import Settings
+from service.ledger import unmapped
 from service.ledger.models import InboxState
 from service.pandapon.signer import HEADER_SIGNATURE, HEADER_USER_ID
 from service.webhooks import metrics
@@ -165,6 +166,7 @@ class Receiver:
             state=InboxState.RECEIVED if routable else InboxState.IGNORED,
             nonce=verified.nonce,
             signature_state=verified.signature,
+            unknown_type=not envelope.known_type,
         )
         if self._writer is None:
             raise StoreUnavailable("store_failed", "the receiver is not started")
@@ -181,6 +183,7 @@ class Receiver:
             metrics.ACCEPTED_BY_KIND[envelope.kind].inc()
             if not envelope.known_type:
                 metrics.UNKNOWN_TYPES.inc()
+                unmapped.count_message_type(envelope.platform)
         # A stored message is recorded, with its request id, by its inbox row; a log line
         # for each would cost a third of the request (structlog's chain runs even for a
         # filtered level, hence the explicit check).

@@ -3,7 +3,8 @@
 The writer groups the rows of concurrent requests into one transaction (group commit): a
 request hands its row to ``InboxWriter.store`` and waits; a flusher takes everything pending
 and writes it with ONE statement (nonces into ``webhook_nonces`` and rows into
-``webhook_inbox``, both ``ON CONFLICT DO NOTHING``), run in autocommit on a held connection so
+``webhook_inbox``, both ``ON CONFLICT DO NOTHING``, and the types of the stored rows the
+receiver does not know into ``unmapped_values``), run in autocommit on a held connection so
 that the statement is the transaction: one round trip commits the batch. Only when it has
 returned is each request resolved with its own outcome. A request is answered 200 only after
 the commit that holds its row (or the row it duplicates); anything else is a
@@ -81,6 +82,8 @@ class InboxRow:
     state: InboxState
     nonce: str | None
     signature_state: SignatureState | None = None
+    # A type the receiver does not know: recorded in unmapped_values when newly stored.
+    unknown_type: bool = False
 
 
 class StoreOutcome(enum.Enum):
@@ -111,9 +114,10 @@ WITH input AS (
     SELECT * FROM unnest(
         $1::int[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
         $8::text[], $9::text[], $10::timestamptz[], $11::bytea[], $12::text[], $13::text[],
-        $14::text[], $15::text[]
+        $14::text[], $15::text[], $16::bool[]
     ) AS t(ord, nonce, account_id, dedupe_key, message_type, kind, platform, order_id,
-           refund_id, pushed_at, raw_body, headers, request_id, state, signature_state)
+           refund_id, pushed_at, raw_body, headers, request_id, state, signature_state,
+           unknown_type)
 ),
 fresh_nonce AS (
     INSERT INTO webhook_nonces (nonce)
@@ -132,6 +136,25 @@ stored AS (
     ORDER BY dedupe_key
     ON CONFLICT (dedupe_key) DO NOTHING
     RETURNING id, dedupe_key
+),
+-- Types the receiver does not know, of the messages stored now (a duplicate is not counted
+-- again), with the last order they named: grouped, since one statement cannot update a row
+-- twice, and sorted, so that concurrent batches lock shared rows in one order. The envelope
+-- already bounds the type to 128 characters without NUL. Known types cost only the empty
+-- scan of this CTE.
+unmapped_type AS (
+    INSERT INTO unmapped_values (account_id, platform, field, value, seen_count, last_order_id)
+    SELECT input.account_id, input.platform, 'message_type', input.message_type, count(*),
+           (array_agg(input.order_id ORDER BY input.ord DESC)
+               FILTER (WHERE input.order_id IS NOT NULL))[1]
+    FROM input JOIN stored ON stored.dedupe_key = input.dedupe_key
+    WHERE input.unknown_type
+    GROUP BY input.account_id, input.platform, input.message_type
+    ORDER BY input.account_id, input.platform, input.message_type
+    ON CONFLICT ON CONSTRAINT uq_unmapped_values_account_id_platform_field_value DO UPDATE
+    SET last_seen_at = now(),
+        seen_count = unmapped_values.seen_count + excluded.seen_count,
+        last_order_id = coalesce(excluded.last_order_id, unmapped_values.last_order_id)
 )
 SELECT input.ord, (input.nonce IS NULL OR fresh_nonce.nonce IS NOT NULL) AS fresh, stored.id
 FROM input
@@ -145,7 +168,7 @@ MAX_BATCH_BYTES = 8 * 1024 * 1024
 
 
 def batch_arguments(rows: Sequence[InboxRow]) -> tuple[list[Any], ...]:
-    """STORE_BATCH's fifteen array parameters, in order."""
+    """STORE_BATCH's sixteen array parameters, in order."""
     return (
         list(range(len(rows))),
         [r.nonce for r in rows],
@@ -162,6 +185,7 @@ def batch_arguments(rows: Sequence[InboxRow]) -> tuple[list[Any], ...]:
         [r.request_id for r in rows],
         [r.state.value for r in rows],
         [r.signature_state.value if r.signature_state else None for r in rows],
+        [r.unknown_type for r in rows],
     )
 
 

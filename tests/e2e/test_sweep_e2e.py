@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,7 +12,7 @@ from service.sandbox.remote import SandboxRemote
 from service.sandbox.settings import DEV_USER_ID
 from tests.conftest import to_asyncpg_dsn
 from tests.support.ledger_truth import ledger_mismatches, wait_for_ledger
-from tests.support.stack import PANDASYNC, Stack
+from tests.support.stack import Stack, run_command
 
 pytestmark = pytest.mark.e2e
 
@@ -70,14 +68,7 @@ async def test_dropped_and_late_callbacks_are_repaired_by_the_sweep(stack: Stack
     finally:
         await conn.close()
     assert repaired >= 2  # at least the orders whose every callback was lost
-    status = await asyncio.to_thread(
-        subprocess.run,
-        [PANDASYNC, "status"],
-        env=stack.env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    status = await run_command(stack, "status")
     assert status.returncode == 0, status.stderr
     assert "last sweep taobao" in status.stdout
     assert "last sweep 1688" in status.stdout

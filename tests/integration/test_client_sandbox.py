@@ -177,6 +177,7 @@ async def test_1688_endpoints_against_the_truth(sandbox_server: SandboxServer) -
         "alibaba_logistics": 1,
         "alibaba_refund_detail": 1,
         "alibaba_order_list": 1,
+        "alibaba_refund_list": 0,
     }
 
 

@@ -88,7 +88,7 @@ async def execute(sessions: async_sessionmaker[AsyncSession], statement: str) ->
         return int(getattr(result, "rowcount", 0) or 0)
 
 
-@pytest.mark.parametrize("case", ["camel"])
+@pytest.mark.parametrize("case", ["camel", "snake"])
 async def test_remap_of_a_ledger_the_mapping_wrote_changes_nothing(
     sessions: async_sessionmaker[AsyncSession], case: render.PayloadCase
 ) -> None:
@@ -190,3 +190,28 @@ async def test_an_order_synced_after_its_payload_was_read_keeps_the_newer_truth(
     rows = await dump(sessions)
     [stored] = [o for o in rows["orders"] if o["order_id"] == order.order_id]
     assert stored["status"] == "unknown"  # untouched by the older re-derived truth
+
+
+async def test_statuses_the_mapping_now_places_leave_unmapped_values(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    await fill(sessions, "camel", orders=3)
+    await execute(
+        sessions,
+        "INSERT INTO unmapped_values (account_id, platform, field, value) VALUES "
+        "('acct-remap', 'taobao', 'order_status', 'WAIT_BUYER_P'), "  # placed by now
+        "('acct-remap', 'taobao', 'order_status', 'SOMETHING_NEW'), "  # still unknown
+        "('acct-remap', '1688', 'refund_status', 'waitbuyermodify'), "  # placed by now
+        "('acct-remap', 'taobao', 'parcel_status', 'SIGNED'), "  # placed by now
+        "('acct-remap', NULL, 'message_type', 'ORDER_SOMETHING_NEW')",  # messages: kept
+    )
+    progress = await remap(sessions)
+    assert progress.placed == 3
+    async with session_scope(sessions) as session:
+        left = (
+            await session.execute(text("SELECT field, value FROM unmapped_values ORDER BY value"))
+        ).all()
+    assert [tuple(r) for r in left] == [
+        ("message_type", "ORDER_SOMETHING_NEW"),
+        ("order_status", "SOMETHING_NEW"),
+    ]

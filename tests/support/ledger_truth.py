@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
@@ -22,8 +23,24 @@ def _amount(value: Any) -> Decimal | None:
     return None if value is None else Decimal(str(value)).quantize(Decimal("0.01"))
 
 
+def _time(value: str | None) -> datetime | None:
+    return None if value is None else datetime.fromisoformat(value)
+
+
+def knowable_refund_status(refund: dict[str, Any]) -> str:
+    """The status the ledger can know of a truth refund.
+
+    1688 has no final "refused": a refusal shows as ``waitbuyermodify``, which is still open
+    (the buyer may amend, pandapon-api.md §6), so the ledger holds it as ``requested``.
+    """
+    if refund["platform"] == "1688" and refund["status"] == "rejected":
+        return "requested"
+    status: str = refund["status"]
+    return status
+
+
 def expected_refund_state(refunds: list[dict[str, Any]]) -> str:
-    statuses = {r["status"] for r in refunds}
+    statuses = {knowable_refund_status(r) for r in refunds}
     for state in ("requested", "refunded", "rejected"):
         if state in statuses:
             return state
@@ -54,6 +71,10 @@ async def order_mismatches(
         if truth.get(name) is not None:
             differ(name, _amount(row[name]), _amount(truth[name]))
     differ("refund_state", row["refund_state"], expected_refund_state(truth["refunds"]))
+    # Upstream times, in every platform and spelling (whole seconds in the truth).
+    differ("upstream_created_at", row["upstream_created_at"], _time(truth["created_at"]))
+    differ("upstream_modified_at", row["upstream_modified_at"], _time(truth["modified_at"]))
+    differ("paid_at", row["paid_at"], _time(truth["paid_at"]))
 
     lines = {
         (r["line_id"], r["quantity"], _amount(r["amount"]))
@@ -94,7 +115,10 @@ async def order_mismatches(
     differ(
         "refunds",
         refunds,
-        {(r["refund_id"], r["status"], _amount(r["amount"])) for r in truth["refunds"]},
+        {
+            (r["refund_id"], knowable_refund_status(r), _amount(r["amount"]))
+            for r in truth["refunds"]
+        },
     )
 
     history = await conn.fetch(

@@ -191,3 +191,15 @@ class Stack:
     def stop(self) -> None:
         for role in reversed(list(self.roles.values())):
             role.stop()
+
+
+async def run_command(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run a ``pandasync`` command against the stack's settings, off the event loop."""
+    return await asyncio.to_thread(
+        subprocess.run,
+        [PANDASYNC, *args],
+        env=stack.env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )

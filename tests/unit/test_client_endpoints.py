@@ -1,4 +1,4 @@
-"""The endpoint table: the 8 query APIs, their provenance, and overrides refused when wrong."""
+"""The endpoint table: the 10 query APIs, their provenance, and overrides refused when wrong."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from service.pandapon.client import PandaPonClient
 from service.pandapon.endpoints import DEFAULT_ENDPOINTS, ENDPOINT_NAMES, EndpointTable
 
 
-def test_the_table_has_the_eight_endpoints_of_the_contract() -> None:
+def test_the_table_has_the_ten_endpoints_of_the_contract() -> None:
     table = EndpointTable()
     rows = {(e.name, e.method, e.path, tuple(e.params.values())) for e in table.all()}
     assert rows == {
@@ -24,6 +24,12 @@ def test_the_table_has_the_eight_endpoints_of_the_contract() -> None:
             ("pageNo", "pageSize", "modifyStartTime", "modifyEndTime"),
         ),
         ("taobao_refund_detail", "GET", "/v2/taobao/order/refund/query", ("refundId",)),
+        (
+            "taobao_refund_list",
+            "POST",
+            "/open/order/refund/queryList",
+            ("pageNo", "pageSize", "modifyStartTime", "modifyEndTime"),
+        ),
         ("alibaba_order_detail", "POST", "/alibaba/order/detail", ("webSite", "orderId")),
         ("alibaba_logistics", "GET", "/alibaba/order/logistics/trace", ("orderId", "webSite")),
         (
@@ -33,10 +39,16 @@ def test_the_table_has_the_eight_endpoints_of_the_contract() -> None:
             ("pageNo", "pageSize", "modifyStartTime", "modifyEndTime"),
         ),
         ("alibaba_refund_detail", "POST", "/alibaba/refund/info", ("refundId",)),
+        (
+            "alibaba_refund_list",
+            "POST",
+            "/alibaba/refund/page",
+            ("pageNo", "pageSize", "modifyStartTime", "modifyEndTime"),
+        ),
     }
-    assert len(ENDPOINT_NAMES) == 8
+    assert len(ENDPOINT_NAMES) == 10
     for platform in Platform:
-        for kind in ("order_detail", "logistics", "order_list", "refund_detail"):
+        for kind in ("order_detail", "logistics", "order_list", "refund_detail", "refund_list"):
             assert table.get(platform, kind).platform is platform  # type: ignore[arg-type]
 
 

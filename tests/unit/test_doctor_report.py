@@ -206,12 +206,16 @@ def test_made_up_params_look_real_and_leave_fixed_ones_to_the_table() -> None:
 
 def test_order_gaps_name_what_the_ledger_needs() -> None:
     data = mapping.parse_json((FIXTURES / "taobao/order_detail__paid.json").read_bytes())
-    data["status"] = "WAIT_BUYER_P"
+    data["status"] = "SELLER_CONSIGNED_PART"
     del data["gmtCreate"]
     del data["subOrders"][0]["product_amount"]
     order = mapping.map_order(TB, data)
     assert order.status is OrderStatus.UNKNOWN
-    assert order_gaps(order) == ["status 'WAIT_BUYER_P' unknown", "created_at", "lines[].amount"]
+    assert order_gaps(order) == [
+        "status 'SELLER_CONSIGNED_PART' unknown",
+        "created_at",
+        "lines[].amount",
+    ]
 
 
 def test_a_shape_check_fails_on_gaps_and_lists_the_missing_paths() -> None:
@@ -378,14 +382,20 @@ ANSWERS = {
     "alibaba_order_detail": "1688/order_detail__waitbuyerreceive.json",
     "alibaba_logistics": "1688/logistics__trace.json",
     "alibaba_refund_detail": "1688/refund_detail__waitselleragree.json",
+    "taobao_refund_list": "taobao/refund_page__first.json",
+    "alibaba_refund_list": "1688/refund_page__first.json",
 }
 
 
 def fake_pandapon(
-    seen: list[tuple[str, str]], accept: Callable[[httpx.Request], bool] = lambda r: True
+    seen: list[tuple[str, str]],
+    accept: Callable[[httpx.Request], bool] = lambda r: True,
+    data: dict[str, Any] | None = None,
 ) -> httpx.MockTransport:
-    """Answers each endpoint of the default table from a fixture; anything else is 404."""
+    """Answers each endpoint of the default table from a fixture (or ``data`` by endpoint
+    name); anything else is 404."""
     routes = {(e.method, e.path): name for name, e in DEFAULT_ENDPOINTS.items()}
+    answers = {name: fixture(path) for name, path in ANSWERS.items()} | (data or {})
 
     def handle(request: httpx.Request) -> httpx.Response:
         seen.append((request.method, request.url.path))
@@ -395,9 +405,7 @@ def fake_pandapon(
         if not accept(request):
             body = {"code": 401, "msg": "timestamp outside the allowed window", "data": None}
             return httpx.Response(401, json=body)
-        return httpx.Response(
-            200, json={"code": 200, "msg": "成功", "data": fixture(ANSWERS[name])}
-        )
+        return httpx.Response(200, json={"code": 200, "msg": "成功", "data": answers[name]})
 
     return httpx.MockTransport(handle)
 
@@ -449,3 +457,42 @@ async def test_an_unreachable_host_is_one_failed_line() -> None:
     assert len(checks) == 1
     assert checks[0].mark is Mark.FAIL
     assert "cannot reach https://pandapon.test" in checks[0].detail
+
+
+async def test_a_shape_nobody_knows_fails_listing_each_field_under_its_first_name() -> None:
+    """An order detail in neither spelling (nor anything else the mapping reads): the check
+    fails, and each field it looked for is listed once, under the contract's name."""
+    unknown = {"orderInfo": {"tid": "3701122334455667788", "orderState": "PAID", "items": []}}
+    checks = await run(settings(), fake_pandapon([], data={"taobao_order_detail": unknown}))
+    by_name = {c.name: c for c in checks}
+    failed = by_name["shapes taobao order"]
+    assert failed.mark is Mark.FAIL
+    assert "cannot understand status: missing" in failed.detail
+    absent = failed.detail.split("not in the payload: ")[1]
+    for name in ("purchaseOrderPriceDTO", "subOrders", "status"):
+        assert name in absent
+    for other in ("sub_purchase_orders", "purchase_amount", "purchase_id", "created_time"):
+        assert other not in absent
+    assert by_name["taobao_order_detail"].mark is Mark.OK  # the request itself was accepted
+    assert by_name["shapes 1688 order"].mark is Mark.OK
+
+
+async def test_snake_payloads_miss_nothing() -> None:
+    """The evidence's spellings (pandapon-api.md §6) are read: no field is listed missing."""
+    snake = {
+        "taobao_order_list": fixture("taobao/order_page__snake.json"),
+        "taobao_order_detail": fixture("taobao/order_detail__snake_shipped.json"),
+        "taobao_logistics": fixture("taobao/logistics__signed_snake.json"),
+        "taobao_refund_detail": fixture("taobao/refund_detail__nested_status_100.json"),
+    }
+    checks = await run(settings(), fake_pandapon([], data=snake))
+    by_name = {c.name: c for c in checks}
+    order = by_name["shapes taobao order"]
+    assert (order.mark, order.notes) == (Mark.OK, ())
+    assert by_name["shapes taobao refund"].mark is Mark.OK
+    logistics = by_name["shapes taobao logistics"]
+    assert logistics.mark is Mark.OK
+    # [TG]'s parcels carry no carrier code: the one optional field not found.
+    assert logistics.notes == (
+        "optional fields not in the payload: pnm_logistics_details[].logisticsCompanyCode",
+    )

@@ -286,6 +286,7 @@ def test_1688_order_page__first() -> None:
     ("raw", "expected"),
     [
         ("BULIDING", OrderStatus.PENDING_PAYMENT),
+        ("WAIT_BUYER_P", OrderStatus.PENDING_PAYMENT),  # [TG] [DJ]
         ("WAIT_BUYER_PAY", OrderStatus.PENDING_PAYMENT),
         ("WAIT_SELLER_SEND_GOODS", OrderStatus.PAID),
         ("WAIT_BUYER_CONFIRM_GOODS", OrderStatus.SHIPPED),
@@ -348,7 +349,7 @@ def test_taobao_refund_status(raw: str, expected: RefundStatus) -> None:
         ("waitselleragree", RefundStatus.REQUESTED),
         ("waitbuyersend", RefundStatus.REQUESTED),
         ("waitsellerreceive", RefundStatus.REQUESTED),
-        ("waitbuyermodify", RefundStatus.REJECTED),
+        ("waitbuyermodify", RefundStatus.REQUESTED),  # refused, the buyer may amend: open
         ("refundsuccess", RefundStatus.REFUNDED),
         ("refundclose", RefundStatus.CANCELLED),
         ("waitarbitrate", RefundStatus.UNKNOWN),

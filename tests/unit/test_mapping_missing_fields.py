@@ -33,6 +33,8 @@ def map_any(name: str, data: Any) -> Any:
         return mapping.map_order(platform, data)
     if kind == "order_page":
         return mapping.map_order_page(platform, data, 1, 50)
+    if kind == "refund_page":
+        return mapping.map_refund_page(platform, data, 1, 50)
     if kind == "refund_detail":
         return mapping.map_refund(platform, data)
     return mapping.map_shipments(platform, data)
