@@ -48,10 +48,11 @@ async def fill(database_url: str, orders: int, seed: int) -> None:
 
     engine = make_engine(database_url, load_settings(database_url=database_url))
     sessions = make_sessionmaker(engine)
-    world = World(seed=seed, clock=lambda: datetime(2026, 11, 28, 8, 0, tzinfo=UTC))
-    rng = random.Random(seed)
     try:
         for start in range(0, orders, CHUNK):
+            # A world per chunk: one world's bookkeeping grows with its orders.
+            world = World(seed=seed + start, clock=lambda: datetime(2026, 11, 28, 8, tzinfo=UTC))
+            rng = random.Random(seed + start)
             made = scenario.generate(world, rng, orders=min(CHUNK, orders - start), steps=6)
             async with session_scope(sessions) as session:
                 for order in made:
