@@ -429,10 +429,8 @@ class SyncFailure(Base):
     resolved_at: Mapped[datetime | None]
 
 
-class SweepCursor(Base):
-    """Where the sweep of one account and platform has reached, and what it last found."""
-
-    __tablename__ = "sweep_cursors"
+class _SweepCursorColumns:
+    """Where the sweep of a list of one account and platform has reached (one row each)."""
 
     account_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     platform: Mapped[Platform] = mapped_column(_enum(Platform, "platform"), primary_key=True)
@@ -442,24 +440,23 @@ class SweepCursor(Base):
     last_started_at: Mapped[datetime | None]
     last_finished_at: Mapped[datetime | None]
     last_examined: Mapped[int] = mapped_column(Integer, server_default="0")
+
+
+class SweepCursor(_SweepCursorColumns, Base):
+    """Where the sweep of one account and platform has reached, and what it last found."""
+
+    __tablename__ = "sweep_cursors"
+
     last_drift: Mapped[int] = mapped_column(
         Integer, server_default="0", comment="Orders the last sweep found out of date."
     )
 
 
-class RefundSweepCursor(Base):
+class RefundSweepCursor(_SweepCursorColumns, Base):
     """Where the sweep of one account and platform's after-sales list has reached."""
 
     __tablename__ = "refund_sweep_cursors"
 
-    account_id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    platform: Mapped[Platform] = mapped_column(_enum(Platform, "platform"), primary_key=True)
-    cursor_at: Mapped[datetime | None] = mapped_column(
-        comment="Upstream modification time up to which every page has been processed."
-    )
-    last_started_at: Mapped[datetime | None]
-    last_finished_at: Mapped[datetime | None]
-    last_examined: Mapped[int] = mapped_column(Integer, server_default="0")
     last_drift: Mapped[int] = mapped_column(
         Integer, server_default="0", comment="Refunds the last sweep found missing or out of date."
     )
