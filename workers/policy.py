@@ -9,8 +9,10 @@
 - Permanent errors (a refused request, a 4xx, a body we cannot understand) and auth errors are
   not retried: they are recorded in ``sync_failures`` with the upstream ``requestId``, ``code``
   and ``msg``, for ``pandasync replay`` once the cause is fixed.
-- Our own database being away (connection errors) is retried like a transient upstream error;
-  any other exception is a bug and is recorded at once, to be replayed after the fix.
+- Our own database being away (connection errors, a server shutting down or still starting,
+  out of connections, a deadlock or serialization failure: ``database_away``) is retried like a
+  transient upstream error; any other exception is a bug and is recorded at once, to be
+  replayed after the fix.
 - When the retries are exhausted the failure is recorded too: a Postgres row outlives the
   broker's dead-letter queue.
 """
@@ -25,7 +27,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from sqlalchemy import func
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.ledger.models import FailureKind, SyncFailure
@@ -76,9 +78,32 @@ async def call_with_retries(call: Callable[[], Awaitable[T]]) -> T:
     return await call()
 
 
+# SQLSTATEs of a database that is away or busy for a moment, not of a bug: connection
+# exceptions (class 08), insufficient resources (class 53: too many connections, out of
+# memory), the server shutting down or still starting (57P01-57P03: asyncpg reports a server
+# in recovery after a restart as 57P03 wrapped in a plain DBAPIError), and a transaction
+# that can simply run again (40001 serialization failure, 40P01 deadlock).
+_AWAY_SQLSTATE_CLASSES = ("08", "53")
+_AWAY_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "40001", "40P01"})
+
+
+def database_away(error: BaseException) -> bool:
+    """True when ``error`` says our own database is briefly unreachable or busy."""
+    if isinstance(error, OperationalError | InterfaceError):
+        return True
+    if not isinstance(error, DBAPIError):
+        return False
+    if error.connection_invalidated:
+        return True
+    state = getattr(error.orig, "sqlstate", None)
+    return isinstance(state, str) and (
+        state in _AWAY_SQLSTATES or state.startswith(_AWAY_SQLSTATE_CLASSES)
+    )
+
+
 def is_transient(error: Exception) -> bool:
     """Upstream trouble worth retrying, or our own database being briefly away."""
-    return isinstance(error, TransientError | OperationalError | InterfaceError | OSError)
+    return isinstance(error, TransientError | OSError) or database_away(error)
 
 
 def decide(error: Exception, retries: int) -> Decision:

@@ -149,9 +149,24 @@ async def _awaited(
     """The ``ids`` (order or refund ids, per ``column``) named by a message still waiting in
     the inbox: a reconcile is on its way for them (the relay sees to that even when the broker
     loses it), which will read them as they are then. Asking again would only add to a
-    backlog, on every sweep until it is worked off."""
+    backlog, on every sweep until it is worked off.
+
+    Not when the order's last reconcile failed (an open sync failure): the relay leaves such
+    a message waiting for ``pandasync replay``, so nothing is on its way, and the sweep is
+    what retries an order whose failure was only recorded as permanent (a fault we did not
+    foresee) while its message waits."""
     if not ids:
         return set()
+    failed = (
+        select(SyncFailure.id)
+        .where(
+            SyncFailure.account_id == WebhookInbox.account_id,
+            SyncFailure.platform == WebhookInbox.platform,
+            SyncFailure.order_id == WebhookInbox.order_id,
+            SyncFailure.resolved_at.is_(None),
+        )
+        .exists()
+    )
     found = await session.execute(
         select(column)
         .distinct()
@@ -160,6 +175,7 @@ async def _awaited(
             WebhookInbox.platform == platform,
             column.in_(ids),
             WebhookInbox.state.in_(_WAITING),
+            ~failed,
         )
     )
     return {value for value in found.scalars() if value is not None}

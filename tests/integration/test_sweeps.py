@@ -145,6 +145,39 @@ async def test_sweep_leaves_orders_whose_message_is_on_its_way(fresh_database_ur
     await engine.dispose()
 
 
+async def test_sweep_retries_an_order_whose_waiting_message_failed(
+    fresh_database_url: str,
+) -> None:
+    """A message left queued behind an open failure waits for `replay`, not for a reconcile:
+    the sweep must not count on it (a failure recorded as permanent by mistake would
+    otherwise keep the order out of the ledger for good)."""
+    engine = create_async_engine(fresh_database_url)
+    sessions = make_sessionmaker(engine)
+    t = NOW - timedelta(hours=2)
+    async with session_scope(sessions) as session:
+        for order_id in ("failed", "waiting"):
+            await session.execute(
+                text(
+                    "INSERT INTO webhook_inbox (account_id, dedupe_key, message_type, kind, "
+                    "platform, order_id, raw_body, headers, state) VALUES (:account, :key, "
+                    "'ORDER_STATUS', 'status', 'taobao', :order_id, '', '{}', 'queued')"
+                ),
+                {"account": ACCOUNT, "key": order_id, "order_id": order_id},
+            )
+        await session.execute(
+            text(
+                "INSERT INTO sync_failures (account_id, platform, order_id, kind, source, error)"
+                " VALUES (:account, 'taobao', 'failed', 'permanent', 'webhook', 'DBAPIError')"
+            ),
+            {"account": ACCOUNT},
+        )
+    upstream = ListedOrders([snap(o, t) for o in ("failed", "waiting")])
+    sent = Recorder()
+    await sweep(sessions, upstream, sent, ACCOUNT, Platform.TAOBAO, lookback=timedelta(days=1))
+    assert [o for _, _, o, _ in sent.sent] == ["failed"]
+    await engine.dispose()
+
+
 class PageWithUnreadable(ListedOrders):
     """One page: a readable order, and two records the mapping set aside."""
 

@@ -47,6 +47,22 @@ def expected_refund_state(refunds: list[dict[str, Any]]) -> str:
     return "none"
 
 
+async def _trail(conn: asyncpg.Connection, account_id: str, truth: dict[str, Any]) -> str:
+    """What the service saw of an order it does not hold: its inbox rows and failures."""
+    key = (account_id, truth["platform"], truth["order_id"])
+    inbox = await conn.fetch(
+        "SELECT id, message_type, state, received_at, queued_at, processed_at FROM webhook_inbox"
+        " WHERE account_id = $1 AND platform = $2 AND order_id = $3 ORDER BY id",
+        *key,
+    )
+    failures = await conn.fetch(
+        "SELECT kind, source, attempts, error, resolved_at FROM sync_failures"
+        " WHERE account_id = $1 AND platform = $2 AND order_id = $3",
+        *key,
+    )
+    return f"inbox {[dict(r) for r in inbox]}, failures {[dict(r) for r in failures]}"
+
+
 async def order_mismatches(
     conn: asyncpg.Connection, account_id: str, truth: dict[str, Any]
 ) -> list[str]:
@@ -59,7 +75,7 @@ async def order_mismatches(
         truth["order_id"],
     )
     if row is None:
-        return [f"{key}: missing from the ledger"]
+        return [f"{key}: missing from the ledger; {await _trail(conn, account_id, truth)}"]
     problems: list[str] = []
 
     def differ(what: str, ours: Any, theirs: Any) -> None:

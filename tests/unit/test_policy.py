@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncpg
 import pytest
+from sqlalchemy.exc import DBAPIError
 
 from service.ledger.models import FailureKind
 from service.pandapon.errors import (
@@ -28,6 +30,41 @@ def test_transient_errors_are_retried_with_growing_backoff(error: Exception) -> 
         delays.append(decision.delay_ms)
     ceilings = [min(policy.MAX_BACKOFF_MS, policy.MIN_BACKOFF_MS << r) for r in range(8)]
     assert all(c // 2 <= d <= c for d, c in zip(delays, ceilings, strict=True))
+
+
+def _wrapped(error: Exception) -> DBAPIError:
+    """A database error as SQLAlchemy raises it from asyncpg."""
+    return DBAPIError("SELECT 1", None, error)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        # What a worker met in the chaos soak right after a Postgres restart.
+        asyncpg.exceptions.CannotConnectNowError(
+            "the database system is not yet accepting connections"
+        ),
+        asyncpg.exceptions.AdminShutdownError("terminating connection due to administrator"),
+        asyncpg.exceptions.TooManyConnectionsError("sorry, too many clients already"),
+        asyncpg.exceptions.DeadlockDetectedError("deadlock detected"),
+        asyncpg.exceptions.SerializationError("could not serialize access"),
+        asyncpg.exceptions.ConnectionFailureError("connection failure"),
+    ],
+)
+def test_our_database_briefly_away_is_retried(error: Exception) -> None:
+    assert isinstance(policy.decide(_wrapped(error), 0), policy.Retry)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        asyncpg.exceptions.StringDataRightTruncationError("value too long"),
+        asyncpg.exceptions.UndefinedTableError('relation "orders" does not exist'),
+        asyncpg.exceptions.UniqueViolationError("duplicate key"),
+    ],
+)
+def test_other_database_errors_are_bugs_recorded_at_once(error: Exception) -> None:
+    assert policy.decide(_wrapped(error), 0) == policy.Record(FailureKind.PERMANENT)
 
 
 def test_retry_after_is_a_floor() -> None:
