@@ -868,8 +868,9 @@ def remap(platform: str | None, batch_size: int) -> None:
         rate = progress.examined / max(now - started, 1e-6)
         click.echo(
             f"{'remapped' if final else 'remapping:'} {progress.examined:,} order(s) "
-            f"({rate:,.0f}/s): {progress.changed:,} changed (status {progress.status_changed:,}, "
-            f"price {progress.price_changed:,}), {progress.newer:,} synced meanwhile, "
+            f"({rate:,.0f}/s): {progress.rewritten:,} written again, {progress.changed:,} "
+            f"changed (status {progress.status_changed:,}, price {progress.price_changed:,}), "
+            f"{progress.newer:,} synced meanwhile, "
             f"{progress.unreadable:,} unreadable"
         )
 

@@ -4,7 +4,8 @@ After a mapping change (a status learned, a field name corrected: ``service/pand
 the normalized columns of orders already synced are still what the old mapping made of them.
 Remap maps each order's stored payloads again (``orders.raw``, each parcel's ``shipments.raw``
 with its events' ``raw``, ``refunds.raw``), with no upstream call, and writes the result through
-the reconcile's own write with ``rederived=True``:
+the reconcile's own write with ``rederived=True``, unless the order's rows already hold what
+the current mapping derives (``already_derived``: the usual case, written nothing):
 
 - history is appended only for real changes (source ``remap``), so a second run writes none;
 - the re-derived truth is versioned as the snapshot it came from: an order a worker synced
@@ -21,16 +22,17 @@ read is left as it is and reported (``unreadable``); the run goes on.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import bindparam, delete, select
+from sqlalchemy import BindParameter, RowMapping, bindparam, delete, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.db import session_scope
 from service.ledger.models import (
     Order,
+    OrderLine,
     OrderStatus,
     Platform,
     Refund,
@@ -41,7 +43,15 @@ from service.ledger.models import (
     UnmappedField,
     UnmappedValue,
 )
-from service.ledger.write import OrderTruth, write_order
+from service.ledger.write import (
+    OrderTruth,
+    line_values,
+    order_values,
+    refund_values,
+    shipment_values,
+    summary_of,
+    write_order,
+)
 from service.pandapon import mapping
 from service.pandapon.errors import MalformedResponse
 from service.pandapon.models import RefundSnapshot, ShipmentSnapshot
@@ -60,9 +70,11 @@ class Unreadable:
 
 @dataclass
 class RemapProgress:
-    """Counts so far; ``changed`` orders got a status or price change (history written)."""
+    """Counts so far; ``rewritten`` orders held something the mapping now derives otherwise
+    (written again), of which ``changed`` got a status or price change (history written)."""
 
     examined: int = 0
+    rewritten: int = 0
     changed: int = 0
     status_changed: int = 0
     price_changed: int = 0
@@ -77,39 +89,56 @@ class RemapProgress:
 
 
 _ORDERS = (
-    select(Order.id, Order.account_id, Order.platform, Order.order_id, Order.raw, Order.snapshot_at)
+    select(Order.__table__)
     .where(Order.id > bindparam("after"))
     .order_by(Order.id)
     .limit(bindparam("limit"))
 )
 _ORDERS_OF_PLATFORM = _ORDERS.where(Order.platform == bindparam("platform"))
-_SHIPMENTS = select(Shipment.id, Shipment.order_pk, Shipment.line_id, Shipment.raw).where(
-    Shipment.order_pk.in_(bindparam("order_pks", expanding=True))
+_of_orders: BindParameter[int] = bindparam("order_pks", expanding=True)
+_LINES = select(*(c for c in OrderLine.__table__.columns if c.name != "raw")).where(
+    OrderLine.order_pk.in_(_of_orders)
 )
+_SHIPMENTS = select(Shipment.__table__).where(Shipment.order_pk.in_(_of_orders))
 _EVENTS = (
-    select(ShipmentEvent.shipment_id, ShipmentEvent.raw)
+    select(ShipmentEvent.shipment_id, ShipmentEvent.event_key, ShipmentEvent.raw)
     .where(ShipmentEvent.shipment_id.in_(bindparam("shipment_ids", expanding=True)))
     .order_by(ShipmentEvent.id)
 )
-_REFUNDS = (
-    select(Refund.order_pk, Refund.raw)
-    .where(Refund.order_pk.in_(bindparam("order_pks", expanding=True)))
-    .order_by(Refund.id)
-)
+_REFUNDS = select(Refund.__table__).where(Refund.order_pk.in_(_of_orders)).order_by(Refund.id)
+
+
+@dataclass(frozen=True, slots=True)
+class _Parcel:
+    row: RowMapping  # the shipments row
+    event_keys: frozenset[str]
+    event_raws: Sequence[Any]
 
 
 @dataclass(frozen=True, slots=True)
 class _Stored:
-    """One order's stored payloads."""
+    """One order's stored rows: its payloads, and what the last write derived from them."""
 
-    pk: int
-    account_id: str
-    platform: Platform
-    order_id: str
-    raw: Any
-    snapshot_at: Any
-    parcels: Sequence[tuple[str | None, Any, Sequence[Any]]]  # (line_id, raw, event raws)
-    refunds: Sequence[Any]
+    row: RowMapping  # the orders row
+    lines: Mapping[str, RowMapping]  # by line_id
+    parcels: Sequence[_Parcel]
+    refunds: Sequence[RowMapping]
+
+    @property
+    def pk(self) -> int:
+        return int(self.row["id"])
+
+    @property
+    def account_id(self) -> str:
+        return str(self.row["account_id"])
+
+    @property
+    def platform(self) -> Platform:
+        return Platform(self.row["platform"])
+
+    @property
+    def order_id(self) -> str:
+        return str(self.row["order_id"])
 
 
 async def _load_batch(
@@ -119,50 +148,88 @@ async def _load_batch(
     statement = _ORDERS
     if platform is not None:
         statement, params["platform"] = _ORDERS_OF_PLATFORM, platform
-    orders = (await session.execute(statement, params)).all()
+    orders = (await session.execute(statement, params)).mappings().all()
     if not orders:
         return []
-    pks = [o.id for o in orders]
-    shipments = (await session.execute(_SHIPMENTS, {"order_pks": pks})).all()
+    pks = {"order_pks": [o["id"] for o in orders]}
+    lines: dict[int, dict[str, RowMapping]] = defaultdict(dict)
+    for line in (await session.execute(_LINES, pks)).mappings():
+        lines[line["order_pk"]][line["line_id"]] = line
+    shipments = (await session.execute(_SHIPMENTS, pks)).mappings().all()
     events: dict[int, list[Any]] = defaultdict(list)
     if shipments:
-        ids = [s.id for s in shipments]
-        for event in (await session.execute(_EVENTS, {"shipment_ids": ids})).all():
-            events[event.shipment_id].append(event.raw)
-    parcels: dict[int, list[tuple[str | None, Any, Sequence[Any]]]] = defaultdict(list)
+        ids = {"shipment_ids": [s["id"] for s in shipments]}
+        for event in (await session.execute(_EVENTS, ids)).all():
+            events[event.shipment_id].append(event)
+    parcels: dict[int, list[_Parcel]] = defaultdict(list)
     for s in shipments:
-        parcels[s.order_pk].append((s.line_id, s.raw, events[s.id]))
-    refunds: dict[int, list[Any]] = defaultdict(list)
-    for refund in (await session.execute(_REFUNDS, {"order_pks": pks})).all():
-        refunds[refund.order_pk].append(refund.raw)
-    return [
-        _Stored(
-            o.id,
-            o.account_id,
-            o.platform,
-            o.order_id,
-            o.raw,
-            o.snapshot_at,
-            parcels[o.id],
-            refunds[o.id],
+        kept = events[s["id"]]
+        parcels[s["order_pk"]].append(
+            _Parcel(s, frozenset(e.event_key for e in kept), [e.raw for e in kept])
         )
-        for o in orders
-    ]
+    refunds: dict[int, list[RowMapping]] = defaultdict(list)
+    for refund in (await session.execute(_REFUNDS, pks)).mappings():
+        refunds[refund["order_pk"]].append(refund)
+    return [_Stored(o, lines[o["id"]], parcels[o["id"]], refunds[o["id"]]) for o in orders]
 
 
 def rederive(stored: _Stored) -> OrderTruth:
     """The truth the current mapping makes of an order's stored payloads; MalformedResponse
     when it cannot read them."""
-    order = mapping.map_order(stored.platform, stored.raw)
+    order = mapping.map_order(stored.platform, stored.row["raw"])
     if order.order_id != stored.order_id:
         raise MalformedResponse(f"the payload names order {order.order_id}, not this order")
     shipments: list[ShipmentSnapshot] = []
-    for line_id, parcel_raw, event_raws in stored.parcels:
+    for parcel in stored.parcels:
         shipments.extend(
-            mapping.map_stored_shipment(stored.platform, parcel_raw, event_raws, line_id)
+            mapping.map_stored_shipment(
+                stored.platform, parcel.row["raw"], parcel.event_raws, parcel.row["line_id"]
+            )
         )
-    refunds: list[RefundSnapshot] = [mapping.map_refund(stored.platform, r) for r in stored.refunds]
-    return OrderTruth(order, shipments, refunds, fetched_at=stored.snapshot_at)
+    refunds: list[RefundSnapshot] = [
+        mapping.map_refund(stored.platform, r["raw"]) for r in stored.refunds
+    ]
+    return OrderTruth(order, shipments, refunds, fetched_at=stored.row["snapshot_at"])
+
+
+# Stored as they came: a write of a re-derived truth puts back the same payloads.
+_PAYLOAD_COLUMNS = frozenset({"raw", "snapshot_at"})
+
+
+def _holds(row: RowMapping | None, values: Mapping[str, Any]) -> bool:
+    """True when ``row`` already holds every derived value of ``values``."""
+    return row is not None and all(
+        row[name] == value for name, value in values.items() if name not in _PAYLOAD_COLUMNS
+    )
+
+
+def already_derived(stored: _Stored, truth: OrderTruth) -> bool:
+    """True when writing ``truth`` would leave every row of the order as it is: the order's
+    columns, each line, parcel (and its events) and refund of the truth, and the summary the
+    write computes over all of them. Such an order is not written (no lock, no statements)."""
+    if not _holds(stored.row, order_values(stored.account_id, truth)):
+        return False
+    if not all(
+        _holds(stored.lines.get(line.line_id), line_values(line)) for line in truth.order.lines
+    ):
+        return False
+    parcels = {p.row["tracking_number"]: p for p in stored.parcels}
+    for shipment in truth.shipments:
+        parcel = parcels.get(shipment.tracking_number)
+        if parcel is None or not _holds(parcel.row, shipment_values(shipment)):
+            return False
+        if not {e.event_key for e in shipment.events} <= parcel.event_keys:
+            return False
+    refunds = {r["refund_id"]: r for r in stored.refunds}
+    for refund in truth.refunds:
+        if not _holds(refunds.get(refund.refund_id), refund_values(refund)):
+            return False
+    summary = summary_of(
+        truth,
+        [(r["status"], r["amount"]) for r in stored.refunds],
+        [(p.row["first_event_at"], p.row["delivered_at"]) for p in stored.parcels],
+    )
+    return _holds(stored.row, summary)
 
 
 async def remap(
@@ -232,6 +299,9 @@ async def _remap_one(session: AsyncSession, stored: _Stored, progress: RemapProg
                 Unreadable(stored.platform, stored.order_id, error.message)
             )
         return
+    if already_derived(stored, truth):
+        return
+    progress.rewritten += 1
     result = await write_order(
         session, stored.account_id, truth, source=SyncSource.REMAP, rederived=True
     )

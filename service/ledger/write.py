@@ -61,7 +61,12 @@ from service.ledger.models import (
     SyncSource,
     WebhookInbox,
 )
-from service.pandapon.models import OrderSnapshot, RefundSnapshot, ShipmentSnapshot
+from service.pandapon.models import (
+    LineSnapshot,
+    OrderSnapshot,
+    RefundSnapshot,
+    ShipmentSnapshot,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,7 +316,7 @@ async def write_order(
         processed = 0 if rederived else await _mark_inbox_processed(conn, account_id, truth)
         return WriteResult(existing.id, False, True, False, False, 0, processed)
 
-    values = _order_values(account_id, truth)
+    values = order_values(account_id, truth)
     before: dict[str, Any] = (
         dict(existing._mapping)
         if existing is not None
@@ -393,7 +398,7 @@ async def write_order(
     )
 
 
-def _order_values(account_id: str, truth: OrderTruth) -> dict[str, Any]:
+def order_values(account_id: str, truth: OrderTruth) -> dict[str, Any]:
     snap = truth.order
     return {
         "account_id": account_id,
@@ -425,22 +430,79 @@ async def _upsert_lines(
     if not snap.lines:
         return
     rows = [
-        {
-            "account_id": account_id,
-            "order_pk": order_pk,
-            "line_id": line.line_id,
-            "product_id": line.product_id,
-            "sku_id": line.sku_id,
-            "title": line.title,
-            "quantity": line.quantity,
-            "unit_price": line.unit_price,
-            "amount": line.amount,
-            "raw_status": line.raw_status,
-            "raw": line.raw,
-        }
-        for line in snap.lines
+        {"account_id": account_id, "order_pk": order_pk, **line_values(line)} for line in snap.lines
     ]
     await conn.execute(_UPSERT_LINES, rows)
+
+
+# --- what a write stores of each part of the truth (``pandasync remap`` compares these) -------
+
+
+def line_values(line: LineSnapshot) -> dict[str, Any]:
+    return {
+        "line_id": line.line_id,
+        "product_id": line.product_id,
+        "sku_id": line.sku_id,
+        "title": line.title,
+        "quantity": line.quantity,
+        "unit_price": line.unit_price,
+        "amount": line.amount,
+        "raw_status": line.raw_status,
+        "raw": line.raw,
+    }
+
+
+def shipment_values(parcel: ShipmentSnapshot) -> dict[str, Any]:
+    times = [e.event_at for e in parcel.events if e.event_at is not None]
+    return {
+        "tracking_number": parcel.tracking_number,
+        "line_id": parcel.line_id,
+        "carrier": parcel.carrier,
+        "carrier_code": parcel.carrier_code,
+        "raw_status": parcel.raw_status,
+        "first_event_at": min(times, default=None),
+        "last_event_at": max(times, default=None),
+        "delivered_at": max(times, default=None) if parcel.delivered else None,
+        "raw": parcel.raw,
+    }
+
+
+def refund_values(refund: RefundSnapshot) -> dict[str, Any]:
+    return {
+        "platform": refund.platform,
+        "refund_id": refund.refund_id,
+        "line_id": refund.line_id,
+        "status": refund.status,
+        "raw_status": refund.raw_status,
+        "currency": refund.currency,
+        "amount": refund.amount,
+        "reason": refund.reason,
+        "requested_at": refund.requested_at,
+        "resolved_at": refund.resolved_at,
+        "upstream_modified_at": refund.modified_at,
+        "raw": refund.raw,
+    }
+
+
+def summary_of(
+    truth: OrderTruth,
+    refunds: Sequence[tuple[RefundStatus, Decimal | None]],
+    parcels: Sequence[tuple[datetime | None, datetime | None]],
+) -> dict[str, Any]:
+    """What ``_SUMMARIZE_ORDER`` sets on the order once ``truth`` is written, given ALL the
+    order's refunds (status, amount) and parcels (first event, delivered) as stored then."""
+    firsts = [first for first, _ in parcels if first is not None]
+    delivered = [at for _, at in parcels if at is not None]
+    all_delivered = bool(truth.shipments) and all(s.delivered for s in truth.shipments)
+    return {
+        "refund_state": refund_state_of([status for status, _ in refunds]),
+        "refunded_amount": sum(
+            (amount or Decimal(0) for status, amount in refunds if status == RefundStatus.REFUNDED),
+            Decimal(0),
+        ),
+        "shipped_at": truth.order.shipped_at or min(firsts, default=None),
+        "delivered_at": max(delivered, default=None) if all_delivered else None,
+    }
 
 
 async def _upsert_shipments(
@@ -448,22 +510,13 @@ async def _upsert_shipments(
 ) -> int:
     new_events = 0
     for parcel in truth.shipments:
-        times = [e.event_at for e in parcel.events if e.event_at is not None]
         shipment_id = (
             await conn.execute(
                 _UPSERT_SHIPMENT,
                 {
                     "account_id": account_id,
                     "order_pk": order_pk,
-                    "tracking_number": parcel.tracking_number,
-                    "line_id": parcel.line_id,
-                    "carrier": parcel.carrier,
-                    "carrier_code": parcel.carrier_code,
-                    "raw_status": parcel.raw_status,
-                    "first_event_at": min(times, default=None),
-                    "last_event_at": max(times, default=None),
-                    "delivered_at": max(times, default=None) if parcel.delivered else None,
-                    "raw": parcel.raw,
+                    **shipment_values(parcel),
                     "keep_synced": keep_synced,
                 },
             )
@@ -506,19 +559,8 @@ async def _upsert_refunds(
             _UPSERT_REFUND,
             {
                 "account_id": account_id,
-                "platform": refund.platform,
-                "refund_id": refund.refund_id,
                 "order_pk": order_pk,
-                "line_id": refund.line_id,
-                "status": refund.status,
-                "raw_status": refund.raw_status,
-                "currency": refund.currency,
-                "amount": refund.amount,
-                "reason": refund.reason,
-                "requested_at": refund.requested_at,
-                "resolved_at": refund.resolved_at,
-                "upstream_modified_at": refund.modified_at,
-                "raw": refund.raw,
+                **refund_values(refund),
                 "keep_synced": keep_synced,
             },
         )

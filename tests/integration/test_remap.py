@@ -97,6 +97,7 @@ async def test_remap_of_a_ledger_the_mapping_wrote_changes_nothing(
     progress = await remap(sessions, batch_size=7)
     assert progress.examined == len(before["orders"])
     assert (progress.changed, progress.newer, progress.unreadable) == (0, 0, 0)
+    assert progress.rewritten == 0  # every order already held what the mapping derives
     assert await dump(sessions) == before  # last_synced_at included: nothing was synced
 
 
@@ -107,6 +108,18 @@ async def test_remap_puts_back_what_an_older_mapping_got_wrong(
     truth = await dump(sessions)
     # As an older mapping would have stored them: statuses it could not place, amounts it did
     # not find, parcels it did not see delivered, refunds it could not read.
+    async with session_scope(sessions) as session:
+        touched = (
+            await session.execute(
+                text(
+                    "SELECT count(*) FROM orders o WHERE status IN ('paid', 'shipped') "
+                    "OR refund_state <> 'none' OR delivered_at IS NOT NULL "
+                    "OR EXISTS (SELECT FROM shipments s WHERE s.order_pk = o.id "
+                    "           AND s.delivered_at IS NOT NULL) "
+                    "OR EXISTS (SELECT FROM refunds r WHERE r.order_pk = o.id)"
+                )
+            )
+        ).scalar_one()
     spoiled = await execute(
         sessions,
         "UPDATE orders SET status = 'unknown', total_amount = NULL "
@@ -119,6 +132,7 @@ async def test_remap_puts_back_what_an_older_mapping_got_wrong(
 
     progress = await remap(sessions, batch_size=9)
     assert progress.examined == len(made)
+    assert progress.rewritten == touched  # and only those: the others are not written
     assert progress.status_changed == spoiled
     assert progress.price_changed == spoiled  # the totals came back
     after = await dump(sessions)
@@ -131,8 +145,36 @@ async def test_remap_puts_back_what_an_older_mapping_got_wrong(
 
     # A second run finds the ledger as the mapping makes it: nothing to change, no history.
     again = await remap(sessions)
-    assert (again.changed, again.newer, again.unreadable) == (0, 0, 0)
+    assert (again.changed, again.newer, again.unreadable, again.rewritten) == (0, 0, 0, 0)
     assert await dump(sessions) == after
+
+
+async def test_a_line_or_an_event_key_the_ledger_lacks_gets_the_order_written_again(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    await fill(sessions, "camel")
+    truth = await dump(sessions)
+    assert truth["shipment_events"], "the scenario made no parcel events"
+    event = truth["shipment_events"][0]
+    line = truth["order_lines"][-1]
+    # As an older mapping keyed it: the current key is not stored.
+    await execute(
+        sessions, f"UPDATE shipment_events SET event_key = 'old' WHERE id = {event['id']}"
+    )
+    await execute(sessions, f"UPDATE order_lines SET title = 'old' WHERE id = {line['id']}")
+
+    progress = await remap(sessions)
+    assert progress.rewritten == len({line["order_pk"], *[
+        s["order_pk"] for s in truth["shipments"] if s["id"] == event["shipment_id"]
+    ]})  # fmt: skip
+    after = await dump(sessions)
+    assert after["order_lines"] == truth["order_lines"]
+
+    def events(rows: dict[str, list[dict[str, Any]]]) -> set[tuple[int, str]]:
+        return {(e["shipment_id"], e["event_key"]) for e in rows["shipment_events"]}
+
+    # The event under its current key is back beside the old one (events are never deleted).
+    assert events(after) == events(truth) | {(event["shipment_id"], "old")}
 
 
 async def test_a_payload_the_mapping_cannot_read_is_left_and_reported(
