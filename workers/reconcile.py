@@ -9,6 +9,7 @@ The job, in order:
    that started after it arrived; nothing to do.
 3. Note the database clock, then fetch the order detail, its logistics and the after-sales
    records it needs (from refund messages, from the order itself, and open refunds in the ledger).
+   An answer that cannot be true (``service.pandapon.sanity``) fails here, before any write.
 4. Write everything in ONE transaction (``service.ledger.write``), resolve any open sync
    failure of the order, and mark the inbox rows received before the fetch as processed.
 
@@ -27,6 +28,8 @@ from datetime import datetime
 from functools import partial
 from typing import Protocol
 
+import structlog
+from prometheus_client import Counter
 from sqlalchemy import CompoundSelect, bindparam, func, select, text, union, update
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
@@ -56,7 +59,17 @@ from service.ledger.write import (
     write_order,
 )
 from service.pandapon.models import OrderSnapshot, RefundSnapshot, ShipmentSnapshot
+from service.pandapon.sanity import check_order
 from workers.policy import call_with_retries
+
+log = structlog.get_logger(__name__)
+
+UPSTREAM_ANOMALIES = Counter(
+    "pandasync_upstream_anomalies_total",
+    "Truths written without a part PandaPon sent but that cannot be a version "
+    "(orders.upstream_anomaly)",
+    ["platform"],
+)
 
 # The first key of the two-int advisory lock form: keeps our locks apart from anyone else's.
 ORDER_LOCK_CLASS = 0x5053  # "PS"
@@ -226,6 +239,7 @@ async def reconcile_order(
             for refund_id in refund_ids
         ]
 
+        check_order(snapshot, refunds)
         truth = OrderTruth(snapshot, shipments, refunds, fetched_at=locked.fetched_at)
         # The write is one transaction on the lock's connection (no second connection per job).
         await set_isolation(locked.conn, TRANSACTIONAL)
@@ -236,11 +250,16 @@ async def reconcile_order(
                 truth,
                 source=request.source,
                 inbox_id=request.inbox_id,
+                # `pandasync resync`: the operator asked for what PandaPon says now.
+                force=request.source is SyncSource.MANUAL,
             )
             # Seen, even in a stale snapshot: PandaPon sent it.
             unmapped = await record_unmapped(session, request.account_id, truth)
             resolved = await resolve_failures(session, request)
         count_unmapped(platform, unmapped)
+    if result.anomaly is not None:
+        UPSTREAM_ANOMALIES.labels(platform.value).inc()
+        log.warning("upstream anomaly", order_id=request.order_id, anomaly=result.anomaly)
     if result.stale:
         return ReconcileResult(Outcome.STALE, result, resolved)
     changed = result.created or result.status_changed or result.price_changed or result.new_events

@@ -50,6 +50,7 @@ from service.ledger.write import (
     refund_values,
     shipment_values,
     summary_of,
+    trusted,
     write_order,
 )
 from service.pandapon import mapping
@@ -299,6 +300,7 @@ async def _remap_one(session: AsyncSession, stored: _Stored, progress: RemapProg
                 Unreadable(stored.platform, stored.order_id, error.message)
             )
         return
+    truth, _ = trusted(truth)  # as the write will see it
     if already_derived(stored, truth):
         return
     progress.rewritten += 1

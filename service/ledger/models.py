@@ -192,6 +192,9 @@ class Order(Base):
     delivered_at: Mapped[datetime | None]
     completed_at: Mapped[datetime | None]
     cancelled_at: Mapped[datetime | None]
+    # Why a part of the last truth written was not trusted (an upstream time in the future);
+    # NULL when it was sane. See service.pandapon.sanity.
+    upstream_anomaly: Mapped[str | None] = mapped_column(Text)
     raw: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
     snapshot_at: Mapped[datetime] = mapped_column(
         comment="When the snapshot now stored was fetched; older snapshots never overwrite it."

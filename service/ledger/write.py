@@ -11,6 +11,13 @@
 - the order's inbox rows received before the fetch started are marked processed: the fetch
   covers them. Rows received later stay open and cause one more reconcile.
 
+An upstream modification time too far in the future (``sanity.untrusted_time``) is not a
+version: the truth is written without it (``upstream_modified_at`` NULL, the reason in
+``orders.upstream_anomaly``), and a stored one is ignored by the guard, so one poisoned answer
+cannot freeze an order. ``force=True`` (``pandasync resync``) skips the guard altogether: the
+operator asked for what PandaPon says now. Lines the truth no longer lists are removed (when it
+lists any): phantom lines of a poisoned answer must not outlive it.
+
 A truth *re-derived* from the payloads the ledger already holds (``pandasync remap``, after a
 mapping change) goes through the same write with ``rederived=True``: it is versioned as the
 stored snapshot it came from (so a newer sync in between wins), keeps every ``last_synced_at``
@@ -24,7 +31,7 @@ worker's CPU per reconcile (``bench/freshness.py`` prints it).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -35,6 +42,7 @@ from sqlalchemy import (
     DateTime,
     bindparam,
     case,
+    delete,
     exists,
     func,
     or_,
@@ -67,6 +75,7 @@ from service.pandapon.models import (
     RefundSnapshot,
     ShipmentSnapshot,
 )
+from service.pandapon.sanity import untrusted_time
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +97,7 @@ class WriteResult:
     price_changed: bool
     new_events: int
     inbox_processed: int
+    anomaly: str | None = None  # why a part of the truth was not trusted (and not written)
 
 
 _AMOUNT_FIELDS = ("total_amount", "product_amount", "shipping_fee")
@@ -101,8 +111,31 @@ def _is_newer(
     """True when ``truth`` may replace what is stored."""
     if truth.fetched_at < stored_snapshot_at:
         return False
+    if untrusted_time(stored_modified_at, truth.fetched_at):
+        return True  # stored before such times were caught: not a version
     modified = truth.order.modified_at
     return stored_modified_at is None or modified is None or modified >= stored_modified_at
+
+
+def trusted(truth: OrderTruth) -> tuple[OrderTruth, str | None]:
+    """``truth`` without the modification times too far ahead of its fetch to be versions,
+    and what was left out (None when nothing)."""
+    now = truth.fetched_at
+    dropped: list[str] = []
+    order = truth.order
+    if untrusted_time(order.modified_at, now):
+        dropped.append(f"order modified at {order.modified_at}")
+        order = replace(order, modified_at=None)
+    refunds = []
+    for refund in truth.refunds:
+        if untrusted_time(refund.modified_at, now):
+            dropped.append(f"refund {refund.refund_id} modified at {refund.modified_at}")
+            refund = replace(refund, modified_at=None)
+        refunds.append(refund)
+    if not dropped:
+        return truth, None
+    anomaly = "upstream time in the future, not used as a version: " + "; ".join(dropped)
+    return replace(truth, order=order, refunds=tuple(refunds)), anomaly
 
 
 # --- the statements -------------------------------------------------------------------------
@@ -162,6 +195,10 @@ _UPSERT_LINES = _upsert(
     insert(OrderLine),
     "uq_order_lines_order_pk_line_id",
     ("product_id", "sku_id", "title", "quantity", "unit_price", "amount", "raw_status", "raw"),
+)
+_DELETE_GONE_LINES = delete(OrderLine).where(
+    OrderLine.order_pk == bindparam("order_pk"),
+    OrderLine.line_id.not_in(bindparam("line_ids", expanding=True)),
 )
 _UPSERT_SHIPMENT = (
     insert(Shipment)
@@ -303,20 +340,26 @@ async def write_order(
     source: SyncSource,
     inbox_id: int | None = None,
     rederived: bool = False,
+    force: bool = False,
 ) -> WriteResult:
-    """Write ``truth`` (see the module docstring); ``rederived`` for ``pandasync remap``."""
+    """Write ``truth`` (see the module docstring); ``rederived`` for ``pandasync remap``,
+    ``force`` to write it whatever the stored version says."""
     conn = await session.connection()
+    truth, anomaly = trusted(truth)
     snap = truth.order
     key = {"account_id": account_id, "platform": snap.platform, "order_id": snap.order_id}
     existing = (await conn.execute(_LOCK_ORDER, key)).one_or_none()
 
-    if existing is not None and not _is_newer(
-        existing.snapshot_at, existing.upstream_modified_at, truth
+    if (
+        existing is not None
+        and not force
+        and not _is_newer(existing.snapshot_at, existing.upstream_modified_at, truth)
     ):
         processed = 0 if rederived else await _mark_inbox_processed(conn, account_id, truth)
         return WriteResult(existing.id, False, True, False, False, 0, processed)
 
     values = order_values(account_id, truth)
+    values["upstream_anomaly"] = anomaly
     before: dict[str, Any] = (
         dict(existing._mapping)
         if existing is not None
@@ -334,7 +377,13 @@ async def write_order(
         if order_pk is None:
             # Another writer created it between our SELECT and INSERT: lock it and start over.
             return await write_order(
-                session, account_id, truth, source=source, inbox_id=inbox_id, rederived=rederived
+                session,
+                account_id,
+                truth,
+                source=source,
+                inbox_id=inbox_id,
+                rederived=rederived,
+                force=force,
             )
     else:
         order_pk = existing.id
@@ -395,6 +444,7 @@ async def write_order(
         price_changed,
         new_events,
         processed,
+        anomaly,
     )
 
 
@@ -428,11 +478,13 @@ async def _upsert_lines(
     conn: AsyncConnection, account_id: str, order_pk: int, snap: OrderSnapshot
 ) -> None:
     if not snap.lines:
-        return
+        return  # the answer lists no lines: it says nothing about them
     rows = [
         {"account_id": account_id, "order_pk": order_pk, **line_values(line)} for line in snap.lines
     ]
     await conn.execute(_UPSERT_LINES, rows)
+    gone = {"order_pk": order_pk, "line_ids": [line.line_id for line in snap.lines]}
+    await conn.execute(_DELETE_GONE_LINES, gone)
 
 
 # --- what a write stores of each part of the truth (``pandasync remap`` compares these) -------
