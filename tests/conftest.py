@@ -27,9 +27,16 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
-from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 
 from service.cli import run_migrations
+from service.config import load_settings
+from service.db import make_engine, make_sessionmaker
 
 ON_CI = bool(os.environ.get("CI"))
 TEMPLATE_DB = f"pandasync_tmpl_{os.getpid()}"
@@ -106,6 +113,20 @@ async def fresh_database_url(
         yield with_database(postgres_server_url, name)
     finally:
         await _admin_execute(postgres_server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+async def fresh_engine(fresh_database_url: str) -> AsyncIterator[AsyncEngine]:
+    """An engine on ``fresh_database_url``, made as the service makes its own."""
+    settings = load_settings(database_url=fresh_database_url)
+    engine = make_engine(fresh_database_url, settings, application_name="pandasync-tests")
+    yield engine
+    await engine.dispose()
+
+
+@pytest.fixture
+def fresh_sessions(fresh_engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return make_sessionmaker(fresh_engine)
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ the fix, and ``resync`` writes what it fetched whatever the stored version says.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -17,8 +17,7 @@ from alembic import command
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from service.cli import alembic_config
-from service.config import load_settings
-from service.db import make_engine, make_sessionmaker, session_scope
+from service.db import session_scope
 from service.ledger.models import OrderStatus, Platform, RefundStatus, SyncSource
 from service.ledger.write import OrderTruth, write_order
 from service.pandapon.models import LineSnapshot, OrderSnapshot, RefundSnapshot, ShipmentSnapshot
@@ -56,16 +55,13 @@ def refund(modified: datetime | None, status: RefundStatus) -> RefundSnapshot:
 
 
 @pytest.fixture
-async def engine(fresh_database_url: str) -> AsyncIterator[AsyncEngine]:
-    settings = load_settings(database_url=fresh_database_url)
-    engine = make_engine(fresh_database_url, settings, application_name="test-poison")
-    yield engine
-    await engine.dispose()
+def engine(fresh_engine: AsyncEngine) -> AsyncEngine:
+    return fresh_engine
 
 
 @pytest.fixture
-def sessions(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
-    return make_sessionmaker(engine)
+def sessions(fresh_sessions: async_sessionmaker[AsyncSession]) -> async_sessionmaker[AsyncSession]:
+    return fresh_sessions
 
 
 async def write(

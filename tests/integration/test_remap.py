@@ -9,7 +9,6 @@ then written into the normalized columns by hand, and remap must put the truth b
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,8 +16,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from service.config import load_settings
-from service.db import make_engine, make_sessionmaker, session_scope
+from service.db import session_scope
 from service.ledger.models import Platform, SyncSource
 from service.ledger.write import OrderTruth, write_order
 from service.sandbox import render, scenario
@@ -46,16 +44,13 @@ def truth_of(order: WorldOrder, case: render.PayloadCase) -> OrderTruth:
 
 
 @pytest.fixture
-async def engine(fresh_database_url: str) -> AsyncIterator[AsyncEngine]:
-    settings = load_settings(database_url=fresh_database_url)
-    engine = make_engine(fresh_database_url, settings, application_name="test-remap")
-    yield engine
-    await engine.dispose()
+def engine(fresh_engine: AsyncEngine) -> AsyncEngine:
+    return fresh_engine
 
 
 @pytest.fixture
-def sessions(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
-    return make_sessionmaker(engine)
+def sessions(fresh_sessions: async_sessionmaker[AsyncSession]) -> async_sessionmaker[AsyncSession]:
+    return fresh_sessions
 
 
 async def fill(
