@@ -32,7 +32,7 @@ import random
 import time
 import uuid
 from collections import Counter, OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -91,8 +91,12 @@ log = structlog.get_logger(__name__)
 MAX_PAGE_SIZE = 200
 NONCE_MEMORY = 100_000
 
-Fault = Literal["timeout", "rate_limit", "server_error"]
+Fault = Literal["timeout", "rate_limit", "server_error", "huge_retry_after", "unstorable_error"]
+Poison = Literal["far_future", "negative_amount"]
+HUGE_RETRY_AFTER_S = 86_400
+FAR_FUTURE = datetime(9999, 12, 30, tzinfo=UTC)  # a day short of the end: +08:00 must fit
 M = TypeVar("M", bound=BaseModel)
+D = TypeVar("D", bound=str)
 # path -> method -> the endpoint served there
 Routes = dict[str, dict[str, Endpoint]]
 UNROUTED = "unrouted"  # the outcomes key of requests no endpoint takes
@@ -220,15 +224,32 @@ class SandboxState:
         return self.faults.get(endpoint) or self.faults.get(ALL_ENDPOINTS) or FaultSpec()
 
     def draw_fault(self, spec: FaultSpec) -> Fault | None:
-        if not (spec.timeout or spec.rate_limit or spec.server_error):
+        shares: tuple[tuple[Fault, float], ...] = (
+            ("timeout", spec.timeout),
+            ("rate_limit", spec.rate_limit),
+            ("server_error", spec.server_error),
+            ("huge_retry_after", spec.huge_retry_after),
+            ("unstorable_error", spec.unstorable_error),
+        )
+        return self._draw(shares)
+
+    def draw_poison(self, spec: FaultSpec) -> Poison | None:
+        shares: tuple[tuple[Poison, float], ...] = (
+            ("far_future", spec.far_future),
+            ("negative_amount", spec.negative_amount),
+        )
+        return self._draw(shares)
+
+    def _draw(self, shares: Sequence[tuple[D, float]]) -> D | None:
+        """One roll against cumulative shares; no roll when every share is zero (so a spec
+        without faults leaves the fault stream where it was)."""
+        if not any(share for _, share in shares):
             return None
-        roll = self.fault_rng.random()
-        if roll < spec.timeout:
-            return "timeout"
-        if roll < spec.timeout + spec.rate_limit:
-            return "rate_limit"
-        if roll < spec.timeout + spec.rate_limit + spec.server_error:
-            return "server_error"
+        roll, edge = self.fault_rng.random(), 0.0
+        for what, share in shares:
+            edge += share
+            if roll < edge:
+                return what
         return None
 
     def verify(self, request: Request) -> Refusal | None:
@@ -386,14 +407,30 @@ async def handle_upstream(request: Request, state: SandboxState, endpoint: Endpo
         count["server_error"] += 1
         status = spec.server_error_status
         return _envelope_response(None, code=status, msg="系统繁忙", status=status)
+    if fault == "huge_retry_after":
+        count["rate_limited"] += 1
+        return _envelope_response(
+            None,
+            code=429,
+            msg="请求过于频繁",
+            status=429,
+            headers={"retry-after": str(HUGE_RETRY_AFTER_S)},
+        )
+    if fault == "unstorable_error":
+        count["server_error"] += 1
+        return JSONResponse(
+            render.envelope(None, "r" * 300, code=503, msg="系统\x00繁忙 " + "x" * 10_000),
+            status_code=503,
+        )
     refusal = state.verify(request)
     if refusal is not None:
         count["auth_rejected"] += 1
         log.info("sandbox refused a request", endpoint=endpoint.name, reason=refusal.msg)
         return _envelope_response(None, code=refusal.status, msg=refusal.msg, status=refusal.status)
+    poison = state.draw_poison(spec) if endpoint.kind == "order_detail" else None
     try:
         params = await _read_params(request, endpoint)
-        data = serve(state.world, endpoint, params, state.upstream.payload_case)
+        data = serve(state.world, endpoint, params, state.upstream.payload_case, poison)
     except BadRequest as error:
         count["bad_request"] += 1
         return _envelope_response(None, code=400, msg=str(error))
@@ -432,12 +469,22 @@ async def _read_params(request: Request, endpoint: Endpoint) -> dict[str, str]:
 
 
 def serve(
-    world: World, endpoint: Endpoint, params: dict[str, str], case: PayloadCase = "camel"
+    world: World,
+    endpoint: Endpoint,
+    params: dict[str, str],
+    case: PayloadCase = "camel",
+    poison: Poison | None = None,
 ) -> Any:
-    """The ``data`` PandaPon would return for this request, Taobao payloads spelled in ``case``."""
+    """The ``data`` PandaPon would return for this request, Taobao payloads spelled in ``case``;
+    an order detail ``poison``ed as asked (the world itself stays true)."""
     platform = endpoint.platform
     if endpoint.kind == "order_detail":
-        return render.order_data(world.order(platform, params["order_id"]), case)
+        order = world.order(platform, params["order_id"])
+        if poison == "far_future":
+            order = replace(order, modified_at=FAR_FUTURE)
+        elif poison == "negative_amount":
+            order = replace(order, product_amount=-order.product_amount - Decimal(1))
+        return render.order_data(order, case)
     if endpoint.kind == "refund_detail":
         refund = world.refund(platform, params["refund_id"])
         return render.refund_data(refund, case, world.order(platform, refund.order_id))

@@ -39,7 +39,10 @@ ALL_ENDPOINTS = "*"
 
 
 class FaultSpec(BaseModel):
-    """Faults for one endpoint; each request draws once: timeout, else 429, else 5xx."""
+    """Faults for one endpoint; each request draws once: timeout, else 429, else 5xx, else the
+    poisoned errors (a 429 asking for a day, a 5xx whose text Postgres cannot store). An order
+    detail that draws none may then be poisoned but parseable: a modification time in the
+    year 9999, or a negative total."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -50,6 +53,10 @@ class FaultSpec(BaseModel):
     retry_after_s: Annotated[int, Field(ge=0)] = 1
     server_error: Probability = 0.0  # share answered with ``server_error_status``
     server_error_status: Annotated[int, Field(ge=500, le=599)] = 503
+    huge_retry_after: Probability = 0.0  # share answered 429 with Retry-After: 86400
+    unstorable_error: Probability = 0.0  # share answered 5xx with a NUL and a 300-char requestId
+    far_future: Probability = 0.0  # share of order details modified "9999-12-30"
+    negative_amount: Probability = 0.0  # share of order details with a negative total
 
 
 def check_endpoint_names(keys: dict[str, Any], *, allow_all: bool = False) -> None:

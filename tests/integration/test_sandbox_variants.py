@@ -617,3 +617,42 @@ async def test_callbacks_follow_the_upstream_unit_unless_told(
     receiver.received.clear()
     received = await one_callback(sandbox_server, hook, timestamp_unit="ms")
     assert len(received.headers["timestamp"]) == 13
+
+
+# --- poisoned upstream ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("platform", [TB, AL])
+async def test_the_sandbox_poisons_order_details_as_asked(
+    sandbox_server: SandboxServer, platform: Platform
+) -> None:
+    order_id = (await sandbox_server.remote.create_order(platform))["order_id"]
+    async with upstream(sandbox_server) as client:
+        await sandbox_server.remote.set_faults({"*": {"far_future": 1.0}})
+        modified = (await client.order_detail(platform, order_id)).modified_at
+        assert modified is not None
+        assert modified.year == 9999
+        await sandbox_server.remote.set_faults({"*": {"negative_amount": 1.0}})
+        total = (await client.order_detail(platform, order_id)).total_amount
+        assert total is not None
+        assert total < 0
+        await sandbox_server.remote.clear_faults()
+        sane = await client.order_detail(platform, order_id)
+    assert sane.modified_at is not None
+    assert sane.modified_at.year == datetime.now(UTC).year
+    assert sane.total_amount is not None
+    assert sane.total_amount > 0
+
+
+async def test_the_sandbox_sends_poisoned_errors_as_asked(sandbox_server: SandboxServer) -> None:
+    order_id = (await sandbox_server.remote.create_order(TB))["order_id"]
+    detail = sandbox_server.url + TB_DETAIL_PATH
+    async with httpx.AsyncClient(trust_env=False) as http:
+        await sandbox_server.remote.set_faults({"*": {"huge_retry_after": 1.0}})
+        limited = await http.get(detail, params={"purchaseOrderId": order_id})
+        await sandbox_server.remote.set_faults({"*": {"unstorable_error": 1.0}})
+        failed = await http.get(detail, params={"purchaseOrderId": order_id})
+    assert (limited.status_code, limited.headers["retry-after"]) == (429, "86400")
+    assert failed.status_code == 503
+    assert "\x00" in failed.json()["msg"]
+    assert len(failed.json()["requestId"]) == 300
