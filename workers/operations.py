@@ -10,16 +10,8 @@ from sqlalchemy import Interval, func, select, text, type_coerce, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.db import session_scope
-from service.ledger.models import (
-    InboxState,
-    Platform,
-    RefundSweepCursor,
-    SweepCursor,
-    SyncFailure,
-    SyncSource,
-    UnmappedField,
-    WebhookInbox,
-)
+from service.domain import WAITING_INBOX_STATES, InboxState, Platform, SyncSource, UnmappedField
+from service.ledger.models import RefundSweepCursor, SweepCursor, SyncFailure, WebhookInbox
 from workers.broker import queue_depth, reconcile_message
 from workers.reconcile import count_open_failures
 
@@ -113,7 +105,6 @@ class Status:
 async def gather_status(
     sessions: async_sessionmaker[AsyncSession], broker: dramatiq.Broker | None
 ) -> Status:
-    open_states = [InboxState.RECEIVED, InboxState.QUEUED]
     async with sessions() as session:
         backlog, unqueued, oldest = (
             await session.execute(
@@ -121,7 +112,7 @@ async def gather_status(
                     func.count(),
                     func.count().filter(WebhookInbox.state == InboxState.RECEIVED),
                     type_coerce(func.now() - func.min(WebhookInbox.received_at), Interval()),
-                ).where(WebhookInbox.state.in_(open_states))
+                ).where(WebhookInbox.state.in_(WAITING_INBOX_STATES))
             )
         ).one()
         failures = await count_open_failures(session)

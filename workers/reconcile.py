@@ -39,16 +39,8 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from service.db import rowcount, session_scope
-from service.ledger.models import (
-    InboxState,
-    Order,
-    Platform,
-    Refund,
-    RefundStatus,
-    SyncFailure,
-    SyncSource,
-    WebhookInbox,
-)
+from service.domain import WAITING_INBOX_STATES, InboxState, Platform, RefundStatus, SyncSource
+from service.ledger.models import Order, Refund, SyncFailure, WebhookInbox
 from service.ledger.unmapped import count as count_unmapped
 from service.ledger.unmapped import record_unmapped
 from service.ledger.write import (
@@ -184,7 +176,7 @@ _OPEN_REFUND_IDS: CompoundSelect[str | None] = union(
         WebhookInbox.platform == bindparam("platform"),
         WebhookInbox.order_id == bindparam("order_id"),
         WebhookInbox.refund_id.is_not(None),
-        WebhookInbox.state.in_([InboxState.RECEIVED, InboxState.QUEUED]),
+        WebhookInbox.state.in_(WAITING_INBOX_STATES),
     ),
     # ...and refunds the ledger holds as still open.
     select(Refund.refund_id)

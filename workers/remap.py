@@ -30,19 +30,8 @@ from sqlalchemy import BindParameter, RowMapping, bindparam, delete, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.db import session_scope
-from service.ledger.models import (
-    Order,
-    OrderLine,
-    OrderStatus,
-    Platform,
-    Refund,
-    RefundStatus,
-    Shipment,
-    ShipmentEvent,
-    SyncSource,
-    UnmappedField,
-    UnmappedValue,
-)
+from service.domain import OrderStatus, Platform, RefundStatus, SyncSource, UnmappedField
+from service.ledger.models import Order, OrderLine, Refund, Shipment, ShipmentEvent, UnmappedValue
 from service.ledger.write import (
     OrderTruth,
     line_values,

@@ -25,7 +25,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from service.config import Settings
 from service.db import session_scope
-from service.ledger.models import JobRun, Platform, SyncSource
+from service.domain import Platform, SyncSource
+from service.ledger.models import JobRun
 from workers.broker import AGE_UNKNOWN, oldest_waiting, reconcile_message
 from workers.sweeps import OrderLister, RefundLister, SweepReport, refresh, refund_sweep, sweep
 

@@ -33,18 +33,20 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import InstrumentedAttribute
 
 from service.db import session_scope
-from service.ledger.models import (
-    BackfillRun,
-    InboxState,
-    Order,
+from service.domain import (
+    WAITING_INBOX_STATES,
     OrderStatus,
     Platform,
-    Refund,
     RefundState,
+    SyncSource,
+)
+from service.ledger.models import (
+    BackfillRun,
+    Order,
+    Refund,
     RefundSweepCursor,
     SweepCursor,
     SyncFailure,
-    SyncSource,
     WebhookInbox,
 )
 from service.pandapon.models import (
@@ -136,9 +138,6 @@ def _later(listed: datetime | None, stored: datetime | None) -> bool:
     return stored is None or (listed is not None and listed > stored)
 
 
-_WAITING = (InboxState.RECEIVED, InboxState.QUEUED)
-
-
 async def _awaited(
     session: AsyncSession,
     account_id: str,
@@ -174,7 +173,7 @@ async def _awaited(
             WebhookInbox.account_id == account_id,
             WebhookInbox.platform == platform,
             column.in_(ids),
-            WebhookInbox.state.in_(_WAITING),
+            WebhookInbox.state.in_(WAITING_INBOX_STATES),
             ~failed,
         )
     )

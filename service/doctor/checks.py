@@ -27,7 +27,7 @@ from datetime import UTC, datetime, timedelta
 import httpx
 
 from service.config import Settings, TimestampUnit
-from service.ledger.models import OrderStatus, Platform, RefundStatus
+from service.domain import OrderStatus, Platform, RefundStatus
 from service.pandapon import mapping
 from service.pandapon.client import PandaPonClient
 from service.pandapon.endpoints import OVERRIDES_SETTING, Endpoint, EndpointTable, ParamValue

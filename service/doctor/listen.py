@@ -26,7 +26,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from service.config import ConfigError, Settings, TimestampUnit
-from service.ledger.models import MessageKind, Platform, SignatureState
+from service.domain import MessageKind, Platform, SignatureState
 from service.pandapon.signer import HEADER_TIMESTAMP, SIGNED_HEADERS, timestamp_to_seconds
 from service.webhooks.envelope import decode_json, is_probe, parse_envelope
 from service.webhooks.errors import MalformedRequest, VerificationFailed

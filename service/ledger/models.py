@@ -33,6 +33,32 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from service.domain import (
+    FailureKind,
+    InboxState,
+    MessageKind,
+    OrderStatus,
+    Platform,
+    RefundState,
+    RefundStatus,
+    SignatureState,
+    SyncSource,
+    UnmappedField,
+)
+
+__all__ = [  # the vocabulary, for callers that read it beside the tables
+    "FailureKind",
+    "InboxState",
+    "MessageKind",
+    "OrderStatus",
+    "Platform",
+    "RefundState",
+    "RefundStatus",
+    "SignatureState",
+    "SyncSource",
+    "UnmappedField",
+]
+
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_N_name)s",
@@ -40,89 +66,6 @@ NAMING_CONVENTION = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
-
-
-class Platform(enum.StrEnum):
-    TAOBAO = "taobao"
-    ALIBABA_1688 = "1688"
-
-
-class OrderStatus(enum.StrEnum):
-    """The normalized order status, the same for both platforms (design §3)."""
-
-    PENDING_PAYMENT = "pending_payment"
-    PAID = "paid"
-    SHIPPED = "shipped"
-    COMPLETED = "completed"
-    CANCELLED = "cancelled"
-    UNKNOWN = "unknown"
-
-
-class RefundState(enum.StrEnum):
-    """The order's refund summary, derived from its refunds."""
-
-    NONE = "none"
-    REQUESTED = "requested"
-    REFUNDED = "refunded"
-    REJECTED = "rejected"
-
-
-class RefundStatus(enum.StrEnum):
-    """The normalized status of one after-sales record."""
-
-    REQUESTED = "requested"
-    REFUNDED = "refunded"
-    REJECTED = "rejected"
-    CANCELLED = "cancelled"
-    UNKNOWN = "unknown"
-
-
-class SyncSource(enum.StrEnum):
-    """What made pandasync look at an order."""
-
-    WEBHOOK = "webhook"
-    SWEEP = "sweep"
-    REFRESH = "refresh"
-    BACKFILL = "backfill"
-    MANUAL = "manual"
-    REPLAY = "replay"
-    REMAP = "remap"  # re-derived from stored payloads after a mapping change, no upstream call
-
-
-class MessageKind(enum.StrEnum):
-    PRICE = "price"
-    STATUS = "status"
-    REFUND = "refund"
-    OTHER = "other"
-
-
-class InboxState(enum.StrEnum):
-    """received: committed, not yet handed to the broker; queued: handed off;
-    processed: a reconcile that started after it finished; ignored: nothing to reconcile."""
-
-    RECEIVED = "received"
-    QUEUED = "queued"
-    PROCESSED = "processed"
-    IGNORED = "ignored"
-
-
-class SignatureState(enum.StrEnum):
-    """What the signature headers of an accepted callback showed (``webhook_inbox``).
-
-    valid: signed as PandaPon signs requests (``pandapon-api.md`` §1), in time; absent: no
-    ``signature`` header; stale: signed right, but the timestamp is outside the tolerance;
-    mismatch: signed, but not as we sign (another secret, algorithm, access key or unit).
-    """
-
-    VALID = "valid"
-    ABSENT = "absent"
-    STALE = "stale"
-    MISMATCH = "mismatch"
-
-
-class FailureKind(enum.StrEnum):
-    PERMANENT = "permanent"
-    EXHAUSTED = "exhausted"
 
 
 def _enum(cls: type[enum.StrEnum], name: str) -> Enum:
@@ -463,15 +406,6 @@ class RefundSweepCursor(_SweepCursorColumns, Base):
     last_drift: Mapped[int] = mapped_column(
         Integer, server_default="0", comment="Refunds the last sweep found missing or out of date."
     )
-
-
-class UnmappedField(enum.StrEnum):
-    """Which kind of upstream value the mapping could not place."""
-
-    ORDER_STATUS = "order_status"
-    REFUND_STATUS = "refund_status"
-    PARCEL_STATUS = "parcel_status"
-    MESSAGE_TYPE = "message_type"
 
 
 class UnmappedValue(Base):

@@ -53,6 +53,7 @@ from sqlalchemy.dialects.postgresql import Insert, insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from service.db import rowcount
+from service.domain import WAITING_INBOX_STATES
 from service.ledger.models import (
     InboxState,
     Order,
@@ -322,7 +323,7 @@ _MARK_INBOX_PROCESSED = (
     update(WebhookInbox)
     .where(
         *rows_of_order(WebhookInbox),
-        WebhookInbox.state.in_([InboxState.RECEIVED, InboxState.QUEUED]),
+        WebhookInbox.state.in_(WAITING_INBOX_STATES),
         WebhookInbox.received_at <= bindparam("fetched_at"),
     )
     .values(state=InboxState.PROCESSED, processed_at=func.now())

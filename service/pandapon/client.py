@@ -35,7 +35,7 @@ import structlog
 from prometheus_client import Counter, Histogram
 
 from service.config import ConfigError, Settings
-from service.ledger.models import Platform
+from service.domain import Platform
 from service.pandapon import mapping
 from service.pandapon.endpoints import Endpoint, EndpointTable, Kind, ParamValue
 from service.pandapon.errors import (

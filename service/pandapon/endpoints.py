@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from service.config import ConfigError
-from service.ledger.models import Platform
+from service.domain import Platform
 
 Method = Literal["GET", "POST"]
 Source = Literal["doc", "doc-v2", "assumed"]

@@ -45,7 +45,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from service.ledger.models import OrderStatus, Platform, RefundStatus
+from service.domain import OrderStatus, Platform, RefundStatus
 from service.pandapon.errors import MalformedResponse
 from service.pandapon.models import (
     LineSnapshot,

@@ -12,7 +12,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from service.ledger.models import OrderStatus, Platform, RefundStatus
+from service.domain import OrderStatus, Platform, RefundStatus
 
 
 @dataclass(frozen=True, slots=True)

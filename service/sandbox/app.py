@@ -49,7 +49,7 @@ from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocketClose
 
 from service.config import ConfigError, TimestampUnit
-from service.ledger.models import Platform, RefundStatus
+from service.domain import Platform, RefundStatus
 from service.pandapon.endpoints import ENDPOINT_NAMES, Endpoint, EndpointTable
 from service.pandapon.signer import (
     HEADER_ACCESS_KEY,
@@ -408,7 +408,7 @@ async def handle_upstream(request: Request, state: SandboxState, endpoint: Endpo
         status = spec.server_error_status
         return _envelope_response(None, code=status, msg="系统繁忙", status=status)
     if fault == "huge_retry_after":
-        count["rate_limited"] += 1
+        count["huge_retry_after"] += 1
         return _envelope_response(
             None,
             code=429,
@@ -417,7 +417,7 @@ async def handle_upstream(request: Request, state: SandboxState, endpoint: Endpo
             headers={"retry-after": str(HUGE_RETRY_AFTER_S)},
         )
     if fault == "unstorable_error":
-        count["server_error"] += 1
+        count["unstorable_error"] += 1
         return JSONResponse(
             render.envelope(None, "r" * 300, code=503, msg="系统\x00繁忙 " + "x" * 10_000),
             status_code=503,
@@ -441,6 +441,8 @@ async def handle_upstream(request: Request, state: SandboxState, endpoint: Endpo
         count["not_shipped"] += 1
         return _envelope_response(None, code=error.code, msg=error.msg)
     count["ok"] += 1
+    if poison is not None:
+        count[poison] += 1  # answered, but poisoned
     return _envelope_response(data)
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from service.ledger.models import Platform
+from service.domain import Platform
 
 PREFIX = "/_sandbox"
 

@@ -22,7 +22,7 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any, Literal
 
-from service.ledger.models import OrderStatus, Platform, RefundStatus
+from service.domain import OrderStatus, Platform, RefundStatus
 from service.sandbox.world import (
     ChangeKind,
     WorldEvent,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from decimal import Decimal
 
-from service.ledger.models import OrderStatus, Platform, RefundStatus
+from service.domain import OrderStatus, Platform, RefundStatus
 from service.sandbox.world import NewEvent, NewLine, World, WorldOrder
 
 _TITLES = (

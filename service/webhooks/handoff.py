@@ -38,7 +38,7 @@ from dramatiq.brokers.stub import StubBroker
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.config import Settings
-from service.ledger.models import SyncSource
+from service.domain import SyncSource
 from service.webhooks import metrics
 from service.webhooks.held import HeldConnections
 from service.webhooks.inbox import InboxRow, describe_error

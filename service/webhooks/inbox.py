@@ -36,7 +36,7 @@ import structlog
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.ledger.models import InboxState, MessageKind, Platform, SignatureState
+from service.domain import InboxState, MessageKind, Platform, SignatureState
 from service.webhooks import metrics
 from service.webhooks.errors import StoreUnavailable
 from service.webhooks.held import HeldConnections

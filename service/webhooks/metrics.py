@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from service.ledger.models import MessageKind, SignatureState
+from service.domain import MessageKind, SignatureState
 
 # Every reason a request can be refused with; used as the ``reason`` label, so it stays small.
 REJECT_REASONS = (

@@ -32,13 +32,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.config import Settings
 from service.db import rowcount, session_scope
-from service.ledger.models import (
-    FailureKind,
-    InboxState,
-    SyncFailure,
-    WebhookInbox,
-    WebhookNonce,
-)
+from service.domain import FailureKind, InboxState
+from service.ledger.models import SyncFailure, WebhookInbox, WebhookNonce
 from service.webhooks import metrics
 from service.webhooks.handoff import (
     BrokerSender,

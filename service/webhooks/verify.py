@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from service.config import ConfigError, Settings, TimestampUnit
-from service.ledger.models import SignatureState
+from service.domain import SignatureState
 from service.pandapon.signer import (
     DEFAULT_SIGNER,
     HEADER_ACCESS_KEY,
