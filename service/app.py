@@ -34,7 +34,7 @@ from service.webhooks.handoff import BrokerSender, Handoff, InlineSender, make_s
 from service.webhooks.inbox import InboxWriter, describe_error
 from service.webhooks.relay import run_relay
 from service.webhooks.request_ids import RequestIdMiddleware
-from workers.broker import RECONCILE_QUEUE, make_broker
+from service.broker import RECONCILE_QUEUE, make_broker
 
 log = structlog.get_logger("pandasync.web")
 

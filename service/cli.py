@@ -199,7 +199,7 @@ def scheduler() -> None:
 
     from prometheus_client import start_http_server
 
-    from workers.broker import make_broker
+    from service.broker import make_broker
     from workers.runtime import WorkerRuntime
     from workers.scheduler import default_jobs, run_scheduler
 
@@ -247,7 +247,7 @@ def dev(demo: bool, sandbox_port: int) -> None:
 
     from service.devserver import DevPlan, run_dev
     from workers.actors import register
-    from workers.broker import configure_broker
+    from service.broker import configure_broker
 
     settings = _settings()
     url = _database_url(settings)
@@ -606,7 +606,7 @@ def backfill(
     from zoneinfo import ZoneInfo
 
     from service.ledger.models import Platform
-    from workers.broker import make_broker
+    from service.broker import make_broker
     from workers.runtime import WorkerRuntime
     from workers.scheduler import enqueue_with
     from workers.sweeps import (
@@ -801,7 +801,7 @@ def replay(platform: str | None, since: str | None, until: str | None) -> None:
 
     from service.db import make_engine, make_sessionmaker
     from service.ledger.models import Platform
-    from workers.broker import make_broker
+    from service.broker import make_broker
     from workers.operations import enqueue_replay, mark_replayed, open_failures
 
     settings = _settings()
@@ -920,7 +920,7 @@ def status() -> None:
     import asyncio
 
     from service.db import make_engine, make_sessionmaker
-    from workers.broker import make_broker
+    from service.broker import make_broker
     from workers.operations import gather_status
 
     settings = _settings()

@@ -21,7 +21,7 @@ from service.db import session_scope
 from service.ledger.models import Platform, SyncSource
 from service.pandapon.errors import PandaPonError
 from workers import policy
-from workers.broker import RECONCILE_ACTOR, RECONCILE_QUEUE, reconcile_message
+from service.broker import RECONCILE_ACTOR, RECONCILE_QUEUE, reconcile_message
 from workers.reconcile import Outcome, ReconcileRequest, count_open_failures, reconcile_order
 from workers.runtime import get_runtime
 

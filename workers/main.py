@@ -18,7 +18,7 @@ from dramatiq.middleware import AsyncIO, Middleware
 from service.config import get_settings
 from service.logs import configure_logging
 from workers.actors import register
-from workers.broker import configure_broker
+from service.broker import configure_broker
 from workers.runtime import close_runtime
 
 

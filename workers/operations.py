@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from service.db import session_scope
 from service.domain import WAITING_INBOX_STATES, InboxState, Platform, SyncSource, UnmappedField
 from service.ledger.models import RefundSweepCursor, SweepCursor, SyncFailure, WebhookInbox
-from workers.broker import queue_depth, reconcile_message
+from service.broker import queue_depth, reconcile_message
 from workers.reconcile import count_open_failures
 
 

@@ -27,7 +27,7 @@ from service.config import Settings
 from service.db import session_scope
 from service.domain import Platform, SyncSource
 from service.ledger.models import JobRun
-from workers.broker import AGE_UNKNOWN, oldest_waiting, reconcile_message
+from service.broker import AGE_UNKNOWN, oldest_waiting, reconcile_message
 from workers.sweeps import OrderLister, RefundLister, SweepReport, refresh, refund_sweep, sweep
 
 log = logging.getLogger(__name__)

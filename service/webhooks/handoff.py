@@ -42,7 +42,7 @@ from service.domain import SyncSource
 from service.webhooks import metrics
 from service.webhooks.held import HeldConnections
 from service.webhooks.inbox import InboxRow, describe_error
-from workers.broker import RECONCILE_QUEUE, make_broker, reconcile_message
+from service.broker import RECONCILE_QUEUE, make_broker, reconcile_message
 
 log = structlog.get_logger("pandasync.webhooks")
 

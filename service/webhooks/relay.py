@@ -42,7 +42,7 @@ from service.webhooks.handoff import (
     send_reconciles,
 )
 from service.webhooks.inbox import describe_error
-from workers.broker import AGE_UNKNOWN, oldest_waiting
+from service.broker import AGE_UNKNOWN, oldest_waiting
 
 log = structlog.get_logger("pandasync.relay")
 

@@ -10,7 +10,7 @@ import pytest
 
 from service.config import load_settings
 from tests.support.broker import enqueue_aged
-from workers.broker import (
+from service.broker import (
     RECONCILE_QUEUE,
     make_broker,
     oldest_waiting,

@@ -31,7 +31,7 @@ from service.ledger.models import Platform, Refund, RefundSweepCursor, SyncSourc
 from service.pandapon.client import PandaPonClient, make_http_client
 from service.pandapon.errors import UpstreamServerError
 from tests.support.servers import SandboxServer
-from workers.broker import RECONCILE_QUEUE
+from service.broker import RECONCILE_QUEUE
 from workers.reconcile import ReconcileRequest, reconcile_order
 from workers.scheduler import default_jobs, enqueue_with
 from workers.sweeps import SweepReport, refund_sweep

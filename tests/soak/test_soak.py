@@ -52,7 +52,7 @@ from tests.support.ledger_truth import (
     ledger_mismatches,
 )
 from tests.support.stack import Stack
-from workers.broker import RECONCILE_QUEUE
+from service.broker import RECONCILE_QUEUE
 
 ORDERS = int(os.environ.get("PANDASYNC_SOAK_ORDERS", "2000"))  # CI: see docs/reliability.md
 SEED = int(os.environ.get("PANDASYNC_SOAK_SEED", "9"))

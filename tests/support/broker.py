@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import dramatiq
 
-from workers.broker import reconcile_message
+from service.broker import reconcile_message
 
 
 def enqueue_aged(broker: dramatiq.Broker, age_s: float, order_id: str = "backlog") -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from service.config import load_settings
-from workers.broker import make_broker, with_socket_timeouts
+from service.broker import make_broker, with_socket_timeouts
 
 
 def test_socket_timeouts_are_added_unless_the_url_sets_them() -> None:

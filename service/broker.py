@@ -1,4 +1,5 @@
-"""The dramatiq broker, chosen from settings. Import this before any actor module.
+"""The dramatiq broker, chosen from settings, shared by the web role (which enqueues) and the
+workers (which consume). Import this before any actor module.
 
 ``redis://`` → RedisBroker, ``amqp://`` → RabbitmqBroker, unset → StubBroker (in-process, for
 ``pandasync dev`` and tests; a Worker in the same process consumes it). dramatiq would otherwise

@@ -1,0 +1,72 @@
+"""The imports run one way (docs/architecture.md): the domain vocabulary under everything, the
+PandaPon client and the ledger above it, the web role and the workers above those, and the
+operator's commands on top. Read from the code itself, so a new import that breaks a rule
+fails here, naming the file and the import."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# room -> the rooms it must never import (module-name prefixes).
+UPWARD = ("service.webhooks", "service.app", "workers", "service.cli", "service.devserver")
+RULES: dict[str, tuple[str, ...]] = {
+    "service.domain": ("service", "workers"),
+    "service.pandapon": (*UPWARD, "service.ledger", "service.broker", "service.sandbox"),
+    "service.ledger": (*UPWARD, "service.broker", "service.sandbox", "service.doctor"),
+    "service.broker": (*UPWARD, "service.ledger", "service.pandapon", "service.sandbox"),
+    "service.sandbox": (*UPWARD, "service.ledger", "service.broker", "service.doctor"),
+    "service.webhooks": ("workers", "service.cli", "service.devserver", "service.sandbox"),
+    "service.app": ("workers", "service.cli", "service.devserver", "service.sandbox"),
+    "workers": ("service.webhooks", "service.app", "service.sandbox", "service.cli"),
+}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path) -> list[tuple[int, str]]:
+    """Every module ``path`` imports, anywhere in the file (a function-level import counts)."""
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.extend((node.lineno, alias.name) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.extend((node.lineno, f"{node.module}.{alias.name}") for alias in node.names)
+    return found
+
+
+def within(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+SOURCES = sorted([*ROOT.joinpath("service").rglob("*.py"), *ROOT.joinpath("workers").rglob("*.py")])
+
+
+@pytest.mark.parametrize("room", sorted(RULES))
+def test_no_room_imports_a_room_above_it(room: str) -> None:
+    broken = []
+    for path in SOURCES:
+        name = module_name(path)
+        if not within(name, room):
+            continue
+        for line, imported in imports(path):
+            forbidden = [
+                p for p in RULES[room] if within(imported, p) and not within(imported, room)
+            ]
+            if forbidden:
+                broken.append(f"{path.relative_to(ROOT)}:{line} imports {imported}")
+    assert broken == [], "\n".join(broken)
+
+
+def test_the_rules_see_every_room() -> None:
+    """A typo in RULES would make its test pass vacuously."""
+    names = {module_name(p) for p in SOURCES}
+    for room in RULES:
+        assert any(within(n, room) for n in names), room
