@@ -27,6 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from service.broker import RECONCILE_QUEUE, make_broker
 from service.config import Settings, get_settings
 from service.db import make_engine, make_sessionmaker
 from service.webhooks.endpoint import Receiver
@@ -34,7 +35,6 @@ from service.webhooks.handoff import BrokerSender, Handoff, InlineSender, make_s
 from service.webhooks.inbox import InboxWriter, describe_error
 from service.webhooks.relay import run_relay
 from service.webhooks.request_ids import RequestIdMiddleware
-from service.broker import RECONCILE_QUEUE, make_broker
 
 log = structlog.get_logger("pandasync.web")
 

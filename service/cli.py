@@ -245,9 +245,9 @@ def dev(demo: bool, sandbox_port: int) -> None:
     """Everything in one process for a first look (embedded Postgres, sandbox upstream)."""
     import asyncio
 
+    from service.broker import configure_broker
     from service.devserver import DevPlan, run_dev
     from workers.actors import register
-    from service.broker import configure_broker
 
     settings = _settings()
     url = _database_url(settings)
@@ -605,8 +605,8 @@ def backfill(
     from datetime import date, timedelta
     from zoneinfo import ZoneInfo
 
-    from service.ledger.models import Platform
     from service.broker import make_broker
+    from service.ledger.models import Platform
     from workers.runtime import WorkerRuntime
     from workers.scheduler import enqueue_with
     from workers.sweeps import (
@@ -799,9 +799,9 @@ def replay(platform: str | None, since: str | None, until: str | None) -> None:
     """Re-run the open sync failures (they close when the order syncs)."""
     import asyncio
 
+    from service.broker import make_broker
     from service.db import make_engine, make_sessionmaker
     from service.ledger.models import Platform
-    from service.broker import make_broker
     from workers.operations import enqueue_replay, mark_replayed, open_failures
 
     settings = _settings()
@@ -919,8 +919,8 @@ def status() -> None:
     """Inbox backlog and lag, queue depth, open failures, last sweeps, unmapped values."""
     import asyncio
 
-    from service.db import make_engine, make_sessionmaker
     from service.broker import make_broker
+    from service.db import make_engine, make_sessionmaker
     from workers.operations import gather_status
 
     settings = _settings()

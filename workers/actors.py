@@ -17,11 +17,11 @@ from dramatiq.asyncio import get_event_loop_thread
 from dramatiq.middleware import CurrentMessage
 from prometheus_client import Counter, Gauge, Histogram
 
+from service.broker import RECONCILE_ACTOR, RECONCILE_QUEUE, reconcile_message
 from service.db import session_scope
 from service.ledger.models import Platform, SyncSource
 from service.pandapon.errors import PandaPonError
 from workers import policy
-from service.broker import RECONCILE_ACTOR, RECONCILE_QUEUE, reconcile_message
 from workers.reconcile import Outcome, ReconcileRequest, count_open_failures, reconcile_order
 from workers.runtime import get_runtime
 

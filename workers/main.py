@@ -15,10 +15,10 @@ import uvloop
 from dramatiq.asyncio import get_event_loop_thread
 from dramatiq.middleware import AsyncIO, Middleware
 
+from service.broker import configure_broker
 from service.config import get_settings
 from service.logs import configure_logging
 from workers.actors import register
-from service.broker import configure_broker
 from workers.runtime import close_runtime
 
 

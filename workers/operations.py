@@ -9,10 +9,10 @@ import dramatiq
 from sqlalchemy import Interval, func, select, text, type_coerce, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from service.broker import queue_depth, reconcile_message
 from service.db import session_scope
 from service.domain import WAITING_INBOX_STATES, InboxState, Platform, SyncSource, UnmappedField
 from service.ledger.models import RefundSweepCursor, SweepCursor, SyncFailure, WebhookInbox
-from service.broker import queue_depth, reconcile_message
 from workers.reconcile import count_open_failures
 
 

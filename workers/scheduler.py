@@ -23,11 +23,11 @@ from sqlalchemy import func, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from service.broker import AGE_UNKNOWN, oldest_waiting, reconcile_message
 from service.config import Settings
 from service.db import session_scope
 from service.domain import Platform, SyncSource
 from service.ledger.models import JobRun
-from service.broker import AGE_UNKNOWN, oldest_waiting, reconcile_message
 from workers.sweeps import OrderLister, RefundLister, SweepReport, refresh, refund_sweep, sweep
 
 log = logging.getLogger(__name__)

@@ -37,12 +37,12 @@ import structlog
 from dramatiq.brokers.stub import StubBroker
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from service.broker import RECONCILE_QUEUE, make_broker, reconcile_message
 from service.config import Settings
 from service.domain import SyncSource
 from service.webhooks import metrics
 from service.webhooks.held import HeldConnections
 from service.webhooks.inbox import InboxRow, describe_error
-from service.broker import RECONCILE_QUEUE, make_broker, reconcile_message
 
 log = structlog.get_logger("pandasync.webhooks")
 

@@ -30,6 +30,7 @@ import structlog
 from sqlalchemy import ColumnElement, and_, delete, false, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from service.broker import AGE_UNKNOWN, oldest_waiting
 from service.config import Settings
 from service.db import rowcount, session_scope
 from service.domain import FailureKind, InboxState
@@ -42,7 +43,6 @@ from service.webhooks.handoff import (
     send_reconciles,
 )
 from service.webhooks.inbox import describe_error
-from service.broker import AGE_UNKNOWN, oldest_waiting
 
 log = structlog.get_logger("pandasync.relay")
 

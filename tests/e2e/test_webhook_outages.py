@@ -18,12 +18,12 @@ import pytest
 from dramatiq.broker import MessageProxy
 
 from service.app import close_broker, create_app
+from service.broker import RECONCILE_QUEUE, make_broker
 from service.config import load_settings
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.webhook_checks import eventually, fetch, postgres_address, sample, via_port
 from tests.support.webhook_requests import WEBHOOK, encode, receiver_settings, signed, taobao_status
 from tests.support.webhook_server import serving
-from service.broker import RECONCILE_QUEUE, make_broker
 
 pytestmark = pytest.mark.redis
 

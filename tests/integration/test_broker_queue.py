@@ -8,8 +8,6 @@ from datetime import UTC, datetime, timedelta
 import dramatiq
 import pytest
 
-from service.config import load_settings
-from tests.support.broker import enqueue_aged
 from service.broker import (
     RECONCILE_QUEUE,
     make_broker,
@@ -17,6 +15,8 @@ from service.broker import (
     queue_depth,
     reconcile_message,
 )
+from service.config import load_settings
+from tests.support.broker import enqueue_aged
 from workers.scheduler import backlog_of
 
 pytestmark = pytest.mark.redis

@@ -26,12 +26,12 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from service.broker import RECONCILE_QUEUE
 from service.db import make_sessionmaker, session_scope
 from service.ledger.models import Platform, Refund, RefundSweepCursor, SyncSource
 from service.pandapon.client import PandaPonClient, make_http_client
 from service.pandapon.errors import UpstreamServerError
 from tests.support.servers import SandboxServer
-from service.broker import RECONCILE_QUEUE
 from workers.reconcile import ReconcileRequest, reconcile_order
 from workers.scheduler import default_jobs, enqueue_with
 from workers.sweeps import SweepReport, refund_sweep

@@ -31,6 +31,7 @@ import asyncpg
 import httpx
 import pytest
 
+from service.broker import RECONCILE_QUEUE
 from service.cli import run_migrations
 from service.pandapon.signer import Credentials
 from service.sandbox.remote import SandboxRemote
@@ -52,7 +53,6 @@ from tests.support.ledger_truth import (
     ledger_mismatches,
 )
 from tests.support.stack import Stack
-from service.broker import RECONCILE_QUEUE
 
 ORDERS = int(os.environ.get("PANDASYNC_SOAK_ORDERS", "2000"))  # CI: see docs/reliability.md
 SEED = int(os.environ.get("PANDASYNC_SOAK_SEED", "9"))

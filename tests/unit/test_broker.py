@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from service.config import load_settings
 from service.broker import make_broker, with_socket_timeouts
+from service.config import load_settings
 
 
 def test_socket_timeouts_are_added_unless_the_url_sets_them() -> None:
