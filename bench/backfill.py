@@ -40,9 +40,9 @@ import psutil
 
 from bench._stack import (
     BenchStack,
-    asyncpg_dsn,
     running_stack,
 )
+from service.db import asyncpg_dsn
 from service.sandbox.remote import SandboxRemote
 from service.sandbox.settings import DEV_ACCESS_KEY, DEV_ACCESS_SECRET, DEV_USER_ID
 from tests.support.stack import PANDASYNC

@@ -38,10 +38,10 @@ import httpx
 from bench._stack import (
     BenchStack,
     CpuMeter,
-    asyncpg_dsn,
     cpu_lines,
     running_stack,
 )
+from service.db import asyncpg_dsn
 from service.pandapon.signer import Credentials, signed_headers
 from service.sandbox.remote import SandboxRemote
 from service.sandbox.settings import DEV_ACCESS_KEY, DEV_ACCESS_SECRET, DEV_USER_ID

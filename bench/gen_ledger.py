@@ -29,6 +29,8 @@ from typing import Any
 
 import asyncpg
 
+from service.db import asyncpg_dsn
+
 LEDGER_TABLES = [
     "shipment_events",
     "shipments",
@@ -531,10 +533,6 @@ class LedgerGenerator:
         return rows
 
 
-def to_asyncpg_dsn(url: str) -> str:
-    return url.replace("postgresql+asyncpg://", "postgresql://", 1)
-
-
 async def generate(
     url: str,
     orders: int,
@@ -551,7 +549,7 @@ async def generate(
     generator = LedgerGenerator(
         orders, now=now or datetime.now(UTC), days=days, accounts=accounts, seed=seed
     )
-    conn = await asyncpg.connect(to_asyncpg_dsn(url))
+    conn = await asyncpg.connect(asyncpg_dsn(url))
     counts = dict.fromkeys(LEDGER_TABLES, 0)
     try:
         # Generated data can be made again: don't wait for the disk on every batch.

@@ -43,10 +43,10 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
+from service.db import asyncpg_dsn, with_database
 from service.pandapon.signer import DEFAULT_SIGNER, new_nonce, timestamp_now
 
 ACCESS_KEY = "ak-bench-0001"
@@ -156,7 +156,7 @@ def _naive_app(database_url: str, pool_size: int) -> Any:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        pools.append(await asyncpg.create_pool(_asyncpg_dsn(database_url), max_size=pool_size))
+        pools.append(await asyncpg.create_pool(asyncpg_dsn(database_url), max_size=pool_size))
         yield
         await pools[0].close()
 
@@ -222,16 +222,8 @@ def serve(args: argparse.Namespace) -> None:
 # --- the harness ----------------------------------------------------------------------------
 
 
-def _asyncpg_dsn(url: str) -> str:
-    return url.replace("postgresql+asyncpg://", "postgresql://", 1)
-
-
-def _with_database(url: str, name: str) -> str:
-    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
-
-
 async def _admin(server_url: str, *statements: str) -> None:
-    conn = await asyncpg.connect(_asyncpg_dsn(_with_database(server_url, "postgres")))
+    conn = await asyncpg.connect(asyncpg_dsn(with_database(server_url, "postgres")))
     try:
         for statement in statements:
             await conn.execute(statement)
@@ -240,7 +232,7 @@ async def _admin(server_url: str, *statements: str) -> None:
 
 
 async def _query(url: str, statement: str) -> Any:
-    conn = await asyncpg.connect(_asyncpg_dsn(url))
+    conn = await asyncpg.connect(asyncpg_dsn(url))
     try:
         return await conn.fetchval(statement)
     finally:
@@ -381,7 +373,7 @@ def stop_server(process: Any) -> None:
 
 
 async def _reset(database_url: str) -> None:
-    conn = await asyncpg.connect(_asyncpg_dsn(database_url))
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
     try:
         await conn.execute("TRUNCATE webhook_inbox, webhook_nonces RESTART IDENTITY CASCADE")
         await conn.execute("CHECKPOINT")
@@ -481,7 +473,7 @@ def run(args: argparse.Namespace) -> int:
         broker_url = default if _redis_reachable(default) else ""
     name = f"pandasync_bench_{uuid.uuid4().hex[:8]}"
     asyncio.run(_admin(server_url, f'CREATE DATABASE "{name}"'))
-    database_url = _with_database(server_url, name)
+    database_url = with_database(server_url, name)
     try:
         from service.cli import run_migrations
 

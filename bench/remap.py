@@ -31,6 +31,7 @@ import time
 from datetime import UTC, datetime
 
 from bench._stack import create_database, drop_database, server_url
+from service.db import asyncpg_dsn
 from tests.support.stack import PANDASYNC
 
 CHUNK = 1000
@@ -65,7 +66,7 @@ async def fill(database_url: str, orders: int, seed: int) -> None:
 async def spoil(database_url: str) -> int:
     import asyncpg
 
-    conn = await asyncpg.connect(database_url.replace("postgresql+asyncpg", "postgresql", 1))
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
     try:
         done = await conn.execute(
             "UPDATE orders SET status = 'unknown', total_amount = NULL "

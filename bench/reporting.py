@@ -24,11 +24,11 @@ import sys
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from bench.gen_ledger import generate, to_asyncpg_dsn
+from bench.gen_ledger import generate
+from service.db import asyncpg_dsn, with_database
 
 TODAY = "(TIMESTAMPTZ '{now}' AT TIME ZONE report_timezone())::date"
 
@@ -87,12 +87,8 @@ QUERIES = [
 BASELINE = Query("baseline: SELECT count(*) FROM orders", "SELECT count(*) FROM orders")
 
 
-def _with_database(url: str, database: str) -> str:
-    return urlunsplit(urlsplit(url)._replace(path=f"/{database}"))
-
-
 async def _ensure_database(server_url: str, name: str) -> None:
-    conn = await asyncpg.connect(to_asyncpg_dsn(_with_database(server_url, "postgres")))
+    conn = await asyncpg.connect(asyncpg_dsn(with_database(server_url, "postgres")))
     try:
         if not await conn.fetchval(
             "SELECT EXISTS (SELECT FROM pg_database WHERE datname = $1)", name
@@ -104,7 +100,7 @@ async def _ensure_database(server_url: str, name: str) -> None:
 
 async def _prepare_ledger(url: str, orders: int, regenerate: bool) -> datetime:
     """Generate the ledger unless the database already holds this one; returns its clock."""
-    conn = await asyncpg.connect(to_asyncpg_dsn(url))
+    conn = await asyncpg.connect(asyncpg_dsn(url))
     try:
         comment = await conn.fetchval(
             "SELECT shobj_description(oid, 'pg_database') FROM pg_database "
@@ -146,7 +142,7 @@ async def _run(url: str, args: argparse.Namespace) -> None:
     from service.ledger.reporting import apply_reporting_settings
 
     applied = await apply_reporting_settings(url, args.timezone)
-    conn = await asyncpg.connect(to_asyncpg_dsn(url))  # a new session sees the settings
+    conn = await asyncpg.connect(asyncpg_dsn(url))  # a new session sees the settings
     defaults: asyncpg.Connection | None = None
     try:
         version = await conn.fetchval("SHOW server_version")
@@ -164,7 +160,7 @@ async def _run(url: str, args: argparse.Namespace) -> None:
         print("settings: " + ", ".join(f"{r['name']}={r['setting']}" for r in settings))
         print(f"applied by migrate: {applied}")
         if args.compare_defaults:
-            defaults = await asyncpg.connect(to_asyncpg_dsn(url))
+            defaults = await asyncpg.connect(asyncpg_dsn(url))
             await defaults.execute("SET jit = on; SET random_page_cost = 4")
         baseline = await _median_ms(conn, BASELINE.sql, args.repeats)
         header = f"{'query':48} {'median ms':>10} {'x count(*)':>11}"
@@ -208,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.database_url:
         parser.error("--database-url (or PANDASYNC_TEST_DATABASE_URL) is required")
     name = f"pandasync_bench_reporting_{args.orders}"
-    url = _with_database(args.database_url, name)
+    url = with_database(args.database_url, name)
     asyncio.run(_ensure_database(args.database_url, name))
     from service.cli import run_migrations
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from sqlalchemy.engine import Result
 from sqlalchemy.ext.asyncio import (
@@ -20,6 +21,16 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from service.config import Settings
+
+
+def asyncpg_dsn(url: str) -> str:
+    """asyncpg itself wants ``postgresql://``; SQLAlchemy wants ``postgresql+asyncpg://``."""
+    return url.replace("postgresql+asyncpg://", "postgresql://", 1)
+
+
+def with_database(url: str, database: str) -> str:
+    """``url`` naming another database on the same server."""
+    return urlunsplit(urlsplit(url)._replace(path=f"/{database}"))
 
 
 def make_engine(

@@ -36,24 +36,14 @@ from sqlalchemy.ext.asyncio import (
 
 from service.cli import run_migrations
 from service.config import load_settings
-from service.db import make_engine, make_sessionmaker
+from service.db import asyncpg_dsn, make_engine, make_sessionmaker, with_database
 
 ON_CI = bool(os.environ.get("CI"))
 TEMPLATE_DB = f"pandasync_tmpl_{os.getpid()}"
 
 
-def with_database(url: str, database: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(path=f"/{database}"))
-
-
-def to_asyncpg_dsn(url: str) -> str:
-    """asyncpg itself wants ``postgresql://``; SQLAlchemy wants ``postgresql+asyncpg://``."""
-    return url.replace("postgresql+asyncpg://", "postgresql://", 1)
-
-
 async def _admin_execute(server_url: str, *statements: str) -> None:
-    conn = await asyncpg.connect(to_asyncpg_dsn(with_database(server_url, "postgres")))
+    conn = await asyncpg.connect(asyncpg_dsn(with_database(server_url, "postgres")))
     try:
         for statement in statements:
             await conn.execute(statement)

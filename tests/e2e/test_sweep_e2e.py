@@ -8,9 +8,9 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from service.db import asyncpg_dsn
 from service.sandbox.remote import SandboxRemote
 from service.sandbox.settings import DEV_USER_ID
-from tests.conftest import to_asyncpg_dsn
 from tests.support.ledger_truth import ledger_mismatches, wait_for_ledger
 from tests.support.stack import Stack, run_command
 
@@ -60,7 +60,7 @@ async def test_dropped_and_late_callbacks_are_repaired_by_the_sweep(stack: Stack
     # Wait for a sweep that started after the last change, then for its reconciles.
     await wait_for_ledger(stack.database_url, DEV_USER_ID, truths, within_s=90)
     assert await ledger_mismatches(stack.database_url, DEV_USER_ID, truths) == []
-    conn = await asyncpg.connect(to_asyncpg_dsn(stack.database_url))
+    conn = await asyncpg.connect(asyncpg_dsn(stack.database_url))
     try:
         repaired = await conn.fetchval(
             "SELECT count(*) FROM order_status_history WHERE source = 'sweep'"

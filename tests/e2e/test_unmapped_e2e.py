@@ -17,10 +17,10 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.db import asyncpg_dsn
 from service.pandapon.signer import Credentials, signed_headers
 from service.sandbox.remote import SandboxRemote
 from service.sandbox.settings import DEV_ACCESS_KEY, DEV_ACCESS_SECRET, DEV_USER_ID
-from tests.conftest import to_asyncpg_dsn
 from tests.support.ledger_truth import wait_for_ledger
 from tests.support.stack import Stack, run_command
 
@@ -43,7 +43,7 @@ async def stack(fresh_database_url: str, clean_redis: str, tmp_path: Path) -> As
 
 
 async def query(stack: Stack, sql: str, *args: Any) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(to_asyncpg_dsn(stack.database_url))
+    conn = await asyncpg.connect(asyncpg_dsn(stack.database_url))
     try:
         return await conn.fetch(sql, *args)
     finally:

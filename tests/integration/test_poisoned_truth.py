@@ -17,12 +17,11 @@ from alembic import command
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from service.cli import alembic_config
-from service.db import session_scope
+from service.db import asyncpg_dsn, session_scope
 from service.ledger.models import OrderStatus, Platform, RefundStatus, SyncSource
 from service.ledger.write import OrderTruth, write_order
 from service.pandapon.models import LineSnapshot, OrderSnapshot, RefundSnapshot, ShipmentSnapshot
 from service.pandapon.sanity import ImplausibleAnswer
-from tests.conftest import to_asyncpg_dsn
 from workers.reconcile import Outcome, ReconcileRequest, reconcile_order
 
 ACCOUNT = "acct-poison"
@@ -77,7 +76,7 @@ async def write(
 
 
 async def query(url: str, sql: str) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(to_asyncpg_dsn(url))
+    conn = await asyncpg.connect(asyncpg_dsn(url))
     try:
         return list(await conn.fetch(sql))
     finally:

@@ -11,12 +11,11 @@ from pathlib import Path
 import asyncpg
 import pytest
 from alembic import command
+from service.cli import alembic_config
+from service.db import asyncpg_dsn
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
-
-from service.cli import alembic_config
-from tests.conftest import to_asyncpg_dsn
 from tests.integration.test_reporting import known_ledger
 
 ROLE = "pandasync_reporting"
@@ -75,7 +74,7 @@ EXPECTED_GRANTS: set[Grant] = (
 
 
 async def _grants(url: str) -> set[Grant]:
-    conn = await asyncpg.connect(to_asyncpg_dsn(url))
+    conn = await asyncpg.connect(asyncpg_dsn(url))
     try:
         rows = await conn.fetch(GRANTS_QUERY)
     finally:
@@ -150,7 +149,7 @@ async def test_downgrade_revokes_what_the_migration_granted(fresh_database_url: 
     config = alembic_config(fresh_database_url)
     await asyncio.to_thread(command.downgrade, config, "0001")
     assert await _grants(fresh_database_url) == set()
-    conn = await asyncpg.connect(to_asyncpg_dsn(fresh_database_url))
+    conn = await asyncpg.connect(asyncpg_dsn(fresh_database_url))
     try:
         left = await conn.fetch(
             "SELECT relname FROM pg_class WHERE relname LIKE 'report%' OR relname IN "
@@ -168,7 +167,7 @@ async def test_downgrade_revokes_what_the_migration_granted(fresh_database_url: 
 
 
 async def test_the_sql_script_grants_what_the_migration_grants(fresh_database_url: str) -> None:
-    conn = await asyncpg.connect(to_asyncpg_dsn(fresh_database_url))
+    conn = await asyncpg.connect(asyncpg_dsn(fresh_database_url))
     try:
         await conn.execute(f"DROP OWNED BY {ROLE}")  # this database's grants only
         assert await _grants(fresh_database_url) == set()

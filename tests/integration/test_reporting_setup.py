@@ -11,18 +11,17 @@ from decimal import Decimal
 
 import asyncpg
 import pytest
-
 from bench.gen_ledger import generate
+from service.db import asyncpg_dsn
 from service.ledger.reporting import (
     PLANNER_SETTINGS,
     ReportingSettingsError,
     apply_reporting_settings,
 )
-from tests.conftest import to_asyncpg_dsn
 
 
 async def _fetchrow(url: str, query: str) -> asyncpg.Record:
-    conn = await asyncpg.connect(to_asyncpg_dsn(url))
+    conn = await asyncpg.connect(asyncpg_dsn(url))
     try:
         row = await conn.fetchrow(query)
     finally:

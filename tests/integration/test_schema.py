@@ -15,8 +15,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.cli import alembic_config
+from service.db import asyncpg_dsn
 from service.ledger.models import Base
-from tests.conftest import to_asyncpg_dsn
 
 LEDGER_TABLES = {
     "orders",
@@ -35,7 +35,7 @@ LEDGER_TABLES = {
 
 
 async def _tables(url: str) -> set[str]:
-    conn = await asyncpg.connect(to_asyncpg_dsn(url))
+    conn = await asyncpg.connect(asyncpg_dsn(url))
     try:
         rows = await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
     finally:

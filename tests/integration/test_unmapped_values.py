@@ -18,7 +18,7 @@ from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
 from service.app import create_app
-from service.db import make_sessionmaker, session_scope
+from service.db import asyncpg_dsn, make_sessionmaker, session_scope
 from service.ledger.models import (
     InboxState,
     MessageKind,
@@ -33,7 +33,6 @@ from service.ledger.write import OrderTruth, write_order
 from service.pandapon.client import PandaPonClient, make_http_client
 from service.pandapon.models import OrderSnapshot, RefundSnapshot, ShipmentSnapshot
 from service.webhooks.inbox import STORE_BATCH, InboxRow, batch_arguments
-from tests.conftest import to_asyncpg_dsn
 from tests.support.servers import SandboxServer
 from tests.support.webhook_checks import fetch, sample
 from tests.support.webhook_requests import (
@@ -287,7 +286,7 @@ def inbox_row(message_type: str, *, unknown: bool = True, **changes: Any) -> Inb
 
 
 async def store_batch(url: str, batch: list[InboxRow]) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(to_asyncpg_dsn(url))
+    conn = await asyncpg.connect(asyncpg_dsn(url))
     try:
         return await conn.fetch(STORE_BATCH, *batch_arguments(batch))
     finally:

@@ -15,12 +15,11 @@ from dramatiq.brokers.stub import StubBroker
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from service.config import Settings
-from service.db import make_engine, make_sessionmaker
+from service.db import asyncpg_dsn, make_engine, make_sessionmaker
 from service.ledger.models import InboxState, MessageKind, Platform
 from service.webhooks.errors import StoreUnavailable
 from service.webhooks.inbox import InboxRow, InboxWriter, StoreOutcome, StoreResult
 from service.webhooks.relay import measure_backlog, purge_nonces, relay_once
-from tests.conftest import to_asyncpg_dsn
 from tests.support.broker import enqueue_aged
 from tests.support.webhook_checks import count, fetch, sample
 from tests.support.webhook_requests import receiver_settings
@@ -161,7 +160,7 @@ async def test_a_row_the_database_refuses_does_not_sink_its_batch(db: Db) -> Non
 async def test_a_locked_inbox_times_out_then_the_writer_recovers(db: Db) -> None:
     writer = InboxWriter(db.engine, timeout_s=0.3)
     writer.start()
-    blocker = await asyncpg.connect(to_asyncpg_dsn(db.url))
+    blocker = await asyncpg.connect(asyncpg_dsn(db.url))
     try:
         transaction = blocker.transaction()
         await transaction.start()
@@ -189,7 +188,7 @@ async def test_a_closed_writer_refuses_rows(db: Db) -> None:
 
 async def insert_rows(url: str, *, age_s: float, n: int, **values: object) -> list[int]:
     """Rows as a process that committed them and then died before sending would leave them."""
-    conn = await asyncpg.connect(to_asyncpg_dsn(url))
+    conn = await asyncpg.connect(asyncpg_dsn(url))
     try:
         ids = []
         for _ in range(n):
@@ -292,7 +291,7 @@ async def test_relay_leaves_rows_of_an_order_that_failed_for_good_to_replay(db: 
     settings = db.settings.model_copy(update={"requeue_after_s": 30.0})
     [refused] = await insert_rows(db.url, age_s=60, n=1, state="queued", order_id="refused")
     [outage] = await insert_rows(db.url, age_s=60, n=1, state="queued", order_id="outage")
-    conn = await asyncpg.connect(to_asyncpg_dsn(db.url))
+    conn = await asyncpg.connect(asyncpg_dsn(db.url))
     try:
         for order_id, kind in (("refused", "permanent"), ("outage", "exhausted")):
             await conn.execute(
@@ -336,7 +335,7 @@ async def test_relay_works_in_batches(db: Db) -> None:
 
 async def test_relay_skips_rows_another_relay_holds(db: Db) -> None:
     held, free = await insert_rows(db.url, age_s=60, n=2)
-    other = await asyncpg.connect(to_asyncpg_dsn(db.url))
+    other = await asyncpg.connect(asyncpg_dsn(db.url))
     try:
         transaction = other.transaction()
         await transaction.start()
@@ -380,7 +379,7 @@ async def test_backlog_gauge_counts_rows_not_handed_off(db: Db) -> None:
 
 async def test_nonces_older_than_twice_the_tolerance_are_purged(db: Db) -> None:
     tolerance = db.settings.signature_tolerance_s
-    conn = await asyncpg.connect(to_asyncpg_dsn(db.url))
+    conn = await asyncpg.connect(asyncpg_dsn(db.url))
     try:
         await conn.executemany(
             "INSERT INTO webhook_nonces (nonce, seen_at) "

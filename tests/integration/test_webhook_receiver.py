@@ -19,12 +19,11 @@ import httpx
 import pytest
 from dramatiq import Message
 from dramatiq.brokers.stub import StubBroker
-from starlette.applications import Starlette
-
 from service.app import create_app
 from service.config import ConfigError
+from service.db import asyncpg_dsn
 from service.pandapon.signer import Credentials, signed_headers
-from tests.conftest import to_asyncpg_dsn
+from starlette.applications import Starlette
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.webhook_checks import (
     count,
@@ -530,7 +529,7 @@ async def test_database_slower_than_the_bound_is_503_and_a_retry_is_stored(
     server: Running,
 ) -> None:
     envelope = taobao_status()
-    blocker = await asyncpg.connect(to_asyncpg_dsn(server.database_url))
+    blocker = await asyncpg.connect(asyncpg_dsn(server.database_url))
     try:
         transaction = blocker.transaction()
         await transaction.start()

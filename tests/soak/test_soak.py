@@ -33,10 +33,10 @@ import pytest
 
 from service.broker import RECONCILE_QUEUE
 from service.cli import run_migrations
+from service.db import asyncpg_dsn
 from service.pandapon.signer import Credentials
 from service.sandbox.remote import SandboxRemote
 from service.sandbox.settings import DEV_ACCESS_KEY, DEV_ACCESS_SECRET, DEV_USER_ID
-from tests.conftest import to_asyncpg_dsn
 from tests.soak.balancer import Balancer
 from tests.soak.servers import DedicatedPostgres, DedicatedRedis
 from tests.soak.traffic import (
@@ -141,7 +141,7 @@ async def chaos(
 
 
 async def fetch(url: str, query: str, *args: Any) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(to_asyncpg_dsn(url))
+    conn = await asyncpg.connect(asyncpg_dsn(url))
     try:
         return list(await conn.fetch(query, *args))
     finally:

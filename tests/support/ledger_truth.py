@@ -16,7 +16,7 @@ from typing import Any
 
 import asyncpg
 
-from tests.conftest import to_asyncpg_dsn
+from service.db import asyncpg_dsn
 
 
 def _amount(value: Any) -> Decimal | None:
@@ -157,7 +157,7 @@ async def order_mismatches(
 
 async def fetch(database_url: str, query: str, *args: Any) -> list[asyncpg.Record]:
     """Run one query on its own connection (tests read the ledger through plain SQL)."""
-    conn = await asyncpg.connect(to_asyncpg_dsn(database_url))
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
     try:
         return list(await conn.fetch(query, *args))
     finally:
@@ -167,7 +167,7 @@ async def fetch(database_url: str, query: str, *args: Any) -> list[asyncpg.Recor
 async def ledger_mismatches(
     database_url: str, account_id: str, truths: list[dict[str, Any]]
 ) -> list[str]:
-    conn = await asyncpg.connect(to_asyncpg_dsn(database_url))
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
     try:
         problems: list[str] = []
         for truth in truths:

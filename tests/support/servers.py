@@ -6,11 +6,10 @@ window in which another process could take the port.
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -105,17 +104,6 @@ class RecordingReceiver:
     def snapshot(self) -> list[Received]:
         with self._lock:
             return list(self.received)
-
-
-async def eventually(
-    check: Callable[[], Awaitable[bool]], *, within_s: float = 10.0, every_s: float = 0.02
-) -> None:
-    """Wait until ``check()`` is true; fail the test if it never becomes so."""
-    deadline = time.monotonic() + within_s
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(every_s)
 
 
 def sandbox_test_settings(**overrides: Any) -> SandboxSettings:

@@ -11,11 +11,11 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 import asyncpg
 from prometheus_client import REGISTRY
 
-from tests.conftest import to_asyncpg_dsn
+from service.db import asyncpg_dsn
 
 
 async def fetch(url: str, query: str, *args: Any) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(to_asyncpg_dsn(url))
+    conn = await asyncpg.connect(asyncpg_dsn(url))
     try:
         return await conn.fetch(query, *args)
     finally:
