@@ -11,11 +11,12 @@ from pathlib import Path
 import asyncpg
 import pytest
 from alembic import command
-from service.cli import alembic_config
-from service.db import asyncpg_dsn
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
+
+from service.cli import alembic_config
+from service.db import asyncpg_dsn
 from tests.integration.test_reporting import known_ledger
 
 ROLE = "pandasync_reporting"

@@ -11,6 +11,7 @@ from decimal import Decimal
 
 import asyncpg
 import pytest
+
 from bench.gen_ledger import generate
 from service.db import asyncpg_dsn
 from service.ledger.reporting import (

@@ -19,11 +19,12 @@ import httpx
 import pytest
 from dramatiq import Message
 from dramatiq.brokers.stub import StubBroker
+from starlette.applications import Starlette
+
 from service.app import create_app
 from service.config import ConfigError
 from service.db import asyncpg_dsn
 from service.pandapon.signer import Credentials, signed_headers
-from starlette.applications import Starlette
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.webhook_checks import (
     count,
