@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from datetime import datetime, timedelta
 from typing import Protocol
 
 import dramatiq
+import structlog
 from prometheus_client import Counter, Gauge, Histogram
 from sqlalchemy import func, select, text
 from sqlalchemy.dialects.postgresql import insert
@@ -30,7 +30,7 @@ from service.domain import Platform, SyncSource
 from service.ledger.models import JobRun
 from workers.sweeps import OrderLister, RefundLister, SweepReport, refresh, refund_sweep, sweep
 
-log = logging.getLogger(__name__)
+log = structlog.get_logger(__name__)
 
 JOB_LOCK_CLASS = 0x4A42  # "JB": apart from the order locks
 
@@ -165,7 +165,7 @@ async def run_claimed(
         except Exception as exc:  # a failing job must not stop the scheduler
             error = f"{type(exc).__name__}: {exc}"[:2000]
             JOB_RUNS.labels(job.name, "error").inc()
-            log.exception("scheduled job %s failed", job.name)
+            log.exception("scheduled job failed", job=job.name)
         finally:
             await autocommit.execute(
                 text("SELECT pg_advisory_unlock(:c, :k)"), {"c": JOB_LOCK_CLASS, "k": key}
@@ -183,7 +183,7 @@ async def run_scheduler(
     tick: float = 1.0,
 ) -> None:
     """Claim and run due jobs until ``stop`` is set; a running job finishes before exit."""
-    log.info("scheduler started with jobs %s", ", ".join(j.name for j in jobs))
+    log.info("scheduler started", jobs=[j.name for j in jobs])
     while not stop.is_set():
         for job in jobs:
             if stop.is_set():
@@ -191,7 +191,7 @@ async def run_scheduler(
             try:
                 await run_claimed(engine, sessions, job)
             except Exception:  # the database may be away for a while: keep ticking
-                log.exception("could not claim job %s", job.name)
+                log.exception("could not claim job", job=job.name)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=tick)
     log.info("scheduler stopped")
@@ -271,13 +271,11 @@ def observe_sweep(metrics: SweepMetrics, report: SweepReport) -> SweepReport:
     metrics.unreadable.labels(platform).inc(report.unreadable)
     log.info(
         metrics.event,
-        extra={
-            "platform": platform,
-            "examined": report.examined,
-            "drift": report.drift,
-            "pages": report.pages,
-            "unreadable": report.unreadable,
-        },
+        platform=platform,
+        examined=report.examined,
+        drift=report.drift,
+        pages=report.pages,
+        unreadable=report.unreadable,
     )
     return report
 

@@ -1,6 +1,7 @@
 """Prometheus metrics of the receiver and the relay (default registry, served at /metrics).
 
-One web process per registry: with ``--workers N`` each process reports its own counters.
+With ``pandasync serve --workers N`` the processes share a ``PROMETHEUS_MULTIPROC_DIR`` (set by
+the command when the environment does not), so one scrape of /metrics sums them all.
 """
 
 from __future__ import annotations
