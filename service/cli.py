@@ -93,7 +93,11 @@ def migrate() -> None:
 
     import asyncio
 
-    from service.ledger.reporting import ReportingSettingsError, apply_reporting_settings
+    from service.ledger.reporting import (
+        ReportingSettingsError,
+        apply_reporting_access,
+        apply_reporting_settings,
+    )
 
     # The views read their time zone from the database. A refusal (not the database's owner)
     # leaves the previous or default settings in force: warn rather than fail the migration.
@@ -103,6 +107,19 @@ def migrate() -> None:
         click.echo(f"pandasync migrate: warning: {error}; see docs/reporting.md", err=True)
     else:
         click.echo("reporting settings: " + ", ".join(f"{k}={v}" for k, v in applied.items()))
+    # The reporting role's timeouts (on it and on its logins) and TEMPORARY taken from PUBLIC;
+    # what the user may not change is a warning too.
+    access = asyncio.run(
+        apply_reporting_access(
+            url,
+            statement_timeout_s=settings.reporting_statement_timeout_s,
+            idle_in_transaction_timeout_s=settings.reporting_idle_in_transaction_timeout_s,
+        )
+    )
+    for change in access.applied:
+        click.echo(f"reporting role: {change}")
+    for warning in access.warnings:
+        click.echo(f"pandasync migrate: warning: {warning}; see docs/reporting.md", err=True)
 
 
 @main.command()

@@ -203,6 +203,20 @@ class Settings(BaseSettings):
         default="Asia/Shanghai",
         description="Time zone of the `day` columns of the report views (IANA name).",
     )
+    reporting_statement_timeout_s: Annotated[int, Field(ge=0)] = Field(
+        default=60,
+        description=(
+            "`statement_timeout` of `pandasync_reporting` and its logins, seconds (0: none); "
+            "set by `pandasync migrate` (docs/reporting.md, Access)."
+        ),
+    )
+    reporting_idle_in_transaction_timeout_s: Annotated[int, Field(ge=0)] = Field(
+        default=300,
+        description=(
+            "`idle_in_transaction_session_timeout` of `pandasync_reporting` and its logins, "
+            "seconds (0: none); set by `pandasync migrate`."
+        ),
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="DEBUG, INFO, WARNING or ERROR."
     )

@@ -1,12 +1,18 @@
 """The pandasync_reporting role: SELECT on the documented tables and views, nothing else.
 
 webhook_inbox is readable without raw_body and headers (the request as received is private).
+Its logins' statements and idle transactions are cut short, and it can neither create objects
+(temporary ones included) nor take the reconcile's advisory locks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -17,7 +23,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.cli import alembic_config
 from service.db import asyncpg_dsn
+from service.ledger.models import Platform
+from service.ledger.reporting import apply_reporting_access
 from tests.integration.test_reporting import known_ledger
+from workers.reconcile import ORDER_LOCK_CLASS, order_lock_key
 
 ROLE = "pandasync_reporting"
 TABLES = [
@@ -48,6 +57,36 @@ INBOX_READABLE = [
     "signature_state",
 ]  # fmt: skip
 SCRIPT = Path(__file__).resolve().parents[2] / "docs" / "sql" / "reporting_role.sql"
+# The reconcile's advisory lock of one order of known_ledger(), as workers/reconcile.py takes it.
+LOCK_CLASS = ORDER_LOCK_CLASS
+LOCK_KEY = order_lock_key("acct", Platform.TAOBAO, "O1")
+# The same order in the one-bigint form of the functions (a lock space of its own in Postgres).
+LOCK_BIGINT = (LOCK_CLASS << 32) | (LOCK_KEY & 0xFFFFFFFF)
+# Every function that takes an advisory lock; ADVISORY_LOCKS calls each on the key of O1.
+LOCK_FUNCTIONS = [
+    "pg_advisory_lock",
+    "pg_advisory_lock_shared",
+    "pg_advisory_xact_lock",
+    "pg_advisory_xact_lock_shared",
+    "pg_try_advisory_lock",
+    "pg_try_advisory_lock_shared",
+    "pg_try_advisory_xact_lock",
+    "pg_try_advisory_xact_lock_shared",
+]
+ADVISORY_LOCKS = [
+    *(f"SELECT {function}({LOCK_CLASS}, {LOCK_KEY})" for function in LOCK_FUNCTIONS),
+    *(f"SELECT {function}({LOCK_BIGINT})" for function in LOCK_FUNCTIONS),
+]
+PUBLIC_PRIVILEGES_QUERY = """
+SELECT
+  EXISTS (SELECT FROM pg_database d, aclexplode(coalesce(d.datacl, acldefault('d', d.datdba))) a
+          WHERE d.datname = current_database() AND a.grantee = 0
+            AND a.privilege_type = 'TEMPORARY') AS temporary,
+  EXISTS (SELECT FROM pg_proc p, aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a
+          WHERE p.pronamespace = 'pg_catalog'::regnamespace
+            AND p.proname LIKE 'pg\\_%advisory\\_%lock%' AND p.proname NOT LIKE '%unlock%'
+            AND a.grantee = 0) AS advisory_locks
+"""
 
 GRANTS_QUERY = f"""
 SELECT 'table' AS kind, c.relname AS name, NULL AS col, a.privilege_type
@@ -163,17 +202,223 @@ async def test_downgrade_revokes_what_the_migration_granted(fresh_database_url: 
         await conn.close()
     assert left == []
     assert role == 1
+    assert tuple(await _public_privileges(fresh_database_url)) == (True, True)
     await asyncio.to_thread(command.upgrade, config, "head")
     assert await _grants(fresh_database_url) == EXPECTED_GRANTS
+    assert tuple(await _public_privileges(fresh_database_url)) == (False, False)
 
 
-async def test_the_sql_script_grants_what_the_migration_grants(fresh_database_url: str) -> None:
+async def test_the_sql_script_grants_what_the_migration_grants(
+    fresh_database_url: str, analyst_dsn: str
+) -> None:
+    analyst = urlsplit(analyst_dsn).username
     conn = await asyncpg.connect(asyncpg_dsn(fresh_database_url))
     try:
         await conn.execute(f"DROP OWNED BY {ROLE}")  # this database's grants only
         assert await _grants(fresh_database_url) == set()
+        # As a migration run by a user that is not a superuser leaves them.
+        await conn.execute(
+            "DO $$ BEGIN EXECUTE format('GRANT TEMPORARY ON DATABASE %I TO PUBLIC', "
+            "current_database()); END $$"
+        )
+        for function in LOCK_FUNCTIONS:
+            for arguments in ("bigint", "integer, integer"):
+                await conn.execute(f"GRANT EXECUTE ON FUNCTION {function}({arguments}) TO PUBLIC")
+        assert tuple(await conn.fetchrow(PUBLIC_PRIVILEGES_QUERY)) == (True, True)
         await conn.execute(SCRIPT.read_text())
         await conn.execute(SCRIPT.read_text())  # idempotent
+        assert tuple(await conn.fetchrow(PUBLIC_PRIVILEGES_QUERY)) == (False, False)
+        # The role's settings do not reach its members: the script gives them their own.
+        analyst_settings = await conn.fetchval(
+            "SELECT setconfig FROM pg_db_role_setting s JOIN pg_database d ON d.oid = "
+            "s.setdatabase WHERE d.datname = current_database() AND s.setrole = $1::regrole",
+            analyst,
+        )
     finally:
         await conn.close()
     assert await _grants(fresh_database_url) == EXPECTED_GRANTS
+    assert sorted(analyst_settings) == [
+        "idle_in_transaction_session_timeout=300s",
+        "statement_timeout=60s",
+    ]
+
+
+@pytest.mark.parametrize("statement", ADVISORY_LOCKS)
+async def test_the_role_may_not_take_the_reconcile_lock_of_an_order(
+    db_session: AsyncSession, statement: str
+) -> None:
+    await db_session.execute(text(f"SET LOCAL ROLE {ROLE}"))
+    with pytest.raises(DBAPIError, match="permission denied for function"):
+        await db_session.execute(text(statement))
+
+
+def _login_dsn(url: str, user: str, password: str) -> str:
+    parts = urlsplit(asyncpg_dsn(url))
+    host = parts.hostname or ""
+    address = f"[{host}]" if ":" in host else host
+    netloc = f"{user}:{password}@{address}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+async def _execute_as_admin(url: str, *statements: str) -> None:
+    conn = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        for statement in statements:
+            await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def analyst_dsn(fresh_database_url: str) -> AsyncIterator[str]:
+    """A login role reading through the reporting role, created as docs/reporting.md says
+    (``GRANT pandasync_reporting TO metabase``); its DSN on the fresh database."""
+    name = f"pandasync_t_analyst_{uuid.uuid4().hex[:10]}"
+    password = uuid.uuid4().hex
+    await _execute_as_admin(
+        fresh_database_url,
+        f"CREATE ROLE {name} LOGIN PASSWORD '{password}'",
+        f"GRANT {ROLE} TO {name}",
+    )
+    try:
+        yield _login_dsn(fresh_database_url, name, password)
+    finally:
+        await _execute_as_admin(fresh_database_url, f"DROP ROLE {name}")
+
+
+async def _limit_reporting(url: str) -> None:
+    """What `pandasync migrate` does, with one-second limits."""
+    await apply_reporting_access(url, statement_timeout_s=1, idle_in_transaction_timeout_s=1)
+
+
+async def test_a_statement_beyond_the_timeout_is_cancelled(
+    fresh_database_url: str, analyst_dsn: str
+) -> None:
+    await _limit_reporting(fresh_database_url)
+    conn = await asyncpg.connect(analyst_dsn)
+    try:
+        started = time.monotonic()
+        with pytest.raises(asyncpg.QueryCanceledError, match="statement timeout"):
+            await conn.execute("SELECT pg_sleep(2.5)")
+        assert time.monotonic() - started < 2
+    finally:
+        await conn.close()
+
+
+async def test_an_idle_transaction_is_ended(fresh_database_url: str, analyst_dsn: str) -> None:
+    await _limit_reporting(fresh_database_url)
+    conn = await asyncpg.connect(analyst_dsn)
+    try:
+        transaction = conn.transaction()
+        await transaction.start()
+        await conn.fetchval("SELECT count(*) FROM orders")
+        await asyncio.sleep(1.5)
+        # The server ends the session; asyncpg says so in one of these words.
+        with pytest.raises(
+            (
+                asyncpg.IdleInTransactionSessionTimeoutError,
+                asyncpg.ConnectionDoesNotExistError,
+                asyncpg.InterfaceError,
+            )
+        ):
+            await conn.fetchval("SELECT 1")
+        assert conn.is_closed()
+    finally:
+        await conn.close()
+
+
+CREATE_TEMPORARY = [
+    "CREATE TEMP TABLE report_scratch (id int)",
+    "CREATE TEMP VIEW report_scratch AS SELECT 1 AS one",
+    "CREATE TEMP SEQUENCE report_scratch",
+    # A function needs CREATE on a schema: pg_temp is the one schema the role could use.
+    "CREATE FUNCTION pg_temp.report_scratch() RETURNS int LANGUAGE sql AS 'SELECT 1'",
+    "CREATE PROCEDURE pg_temp.report_scratch() LANGUAGE sql AS 'SELECT 1'",
+]
+
+
+@pytest.mark.parametrize("statement", CREATE_TEMPORARY)
+async def test_a_login_of_the_role_may_not_create_temporary_objects(
+    fresh_database_url: str, analyst_dsn: str, statement: str
+) -> None:
+    await _limit_reporting(fresh_database_url)
+    conn = await asyncpg.connect(analyst_dsn)
+    try:
+        with pytest.raises(
+            asyncpg.InsufficientPrivilegeError,
+            match="permission denied to create temporary tables",
+        ):
+            await conn.execute(statement)
+        # Nor in any schema it can reach.
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="permission denied"):
+            await conn.execute(
+                "CREATE FUNCTION report_scratch() RETURNS int LANGUAGE sql AS 'SELECT 1'"
+            )
+    finally:
+        await conn.close()
+
+
+async def test_a_login_of_the_role_may_not_take_the_reconcile_lock(
+    fresh_database_url: str, analyst_dsn: str
+) -> None:
+    conn = await asyncpg.connect(analyst_dsn)
+    try:
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="permission denied"):
+            await conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", LOCK_CLASS, LOCK_KEY)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def service_dsn(fresh_database_url: str) -> AsyncIterator[str]:
+    """A non-superuser login that owns the fresh database, as the service's role would."""
+    name = f"pandasync_t_service_{uuid.uuid4().hex[:10]}"
+    password = uuid.uuid4().hex
+    database = urlsplit(fresh_database_url).path.strip("/")
+    await _execute_as_admin(
+        fresh_database_url,
+        f"CREATE ROLE {name} LOGIN PASSWORD '{password}'",
+        f'ALTER DATABASE "{database}" OWNER TO {name}',
+    )
+    try:
+        yield _login_dsn(fresh_database_url, name, password)
+    finally:
+        await _execute_as_admin(
+            fresh_database_url,
+            f'ALTER DATABASE "{database}" OWNER TO CURRENT_USER',
+            f"DROP OWNED BY {name}",  # the privileges the migration granted it here
+            f"DROP ROLE {name}",
+        )
+
+
+async def test_the_service_role_keeps_its_locks_and_temporary_tables(
+    fresh_database_url: str, service_dsn: str
+) -> None:
+    config = alembic_config(fresh_database_url)
+    # The migration grants back what it takes from PUBLIC to the database's owner.
+    await asyncio.to_thread(command.downgrade, config, "0006")  # the revision before 0007
+    await asyncio.to_thread(command.upgrade, config, "head")
+    await _limit_reporting(fresh_database_url)
+    conn = await asyncpg.connect(service_dsn)
+    try:
+        assert (
+            await conn.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
+            is False
+        )
+        assert await conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", LOCK_CLASS, LOCK_KEY)
+        assert await conn.fetchval("SELECT pg_advisory_unlock($1, $2)", LOCK_CLASS, LOCK_KEY)
+        async with conn.transaction():
+            await conn.execute(f"SELECT pg_advisory_xact_lock({LOCK_BIGINT})")
+        await conn.execute("CREATE TEMP TABLE scratch (id int)")
+    finally:
+        await conn.close()
+
+
+async def _public_privileges(url: str) -> asyncpg.Record:
+    conn = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        row = await conn.fetchrow(PUBLIC_PRIVILEGES_QUERY)
+    finally:
+        await conn.close()
+    assert row is not None
+    return row

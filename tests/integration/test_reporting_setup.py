@@ -1,4 +1,5 @@
-"""Reporting set-up: the database settings `pandasync migrate` applies, and the bench generator."""
+"""Reporting set-up: the database settings and role limits `pandasync migrate` applies, and the
+bench generator."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import asyncio
 import os
 import subprocess
 import sys
+import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -17,6 +20,7 @@ from service.db import asyncpg_dsn
 from service.ledger.reporting import (
     PLANNER_SETTINGS,
     ReportingSettingsError,
+    apply_reporting_access,
     apply_reporting_settings,
 )
 
@@ -63,11 +67,13 @@ async def test_an_unknown_zone_is_refused_and_changes_nothing(fresh_database_url
     assert row["tz"] == "Asia/Shanghai"
 
 
-async def test_migrate_stores_the_configured_zone(fresh_database_url: str) -> None:
+async def test_migrate_stores_the_configured_zone_and_limits(fresh_database_url: str) -> None:
     env = {
         **os.environ,
         "PANDASYNC_DATABASE_URL": fresh_database_url,
         "PANDASYNC_REPORTING_TIMEZONE": "America/Sao_Paulo",
+        "PANDASYNC_REPORTING_STATEMENT_TIMEOUT_S": "45",
+        "PANDASYNC_REPORTING_IDLE_IN_TRANSACTION_TIMEOUT_S": "90",
     }
     done = await asyncio.to_thread(
         subprocess.run,
@@ -80,8 +86,38 @@ async def test_migrate_stores_the_configured_zone(fresh_database_url: str) -> No
     )
     assert done.returncode == 0, done.stderr
     assert "pandasync.reporting_tz=America/Sao_Paulo" in done.stdout
+    assert (
+        "reporting role: statement_timeout=45s, idle_in_transaction_session_timeout=90s "
+        "for pandasync_reporting"
+    ) in done.stdout
+    # A database cloned from a template loses its privileges: migrate takes TEMPORARY again.
+    assert "reporting role: TEMPORARY on this database taken from PUBLIC" in done.stdout
+    assert "warning" not in done.stderr
     row = await _fetchrow(fresh_database_url, "SELECT report_timezone() AS tz")
     assert row["tz"] == "America/Sao_Paulo"
+
+
+async def test_limits_a_user_may_not_set_are_warnings(fresh_database_url: str) -> None:
+    name = f"pandasync_t_plain_{uuid.uuid4().hex[:10]}"
+    password = uuid.uuid4().hex
+    admin = await asyncpg.connect(asyncpg_dsn(fresh_database_url))
+    try:
+        await admin.execute(f"CREATE ROLE {name} LOGIN PASSWORD '{password}'")
+        parts = urlsplit(fresh_database_url)
+        port = f":{parts.port}" if parts.port else ""
+        url = urlunsplit(parts._replace(netloc=f"{name}:{password}@{parts.hostname}{port}"))
+        report = await apply_reporting_access(
+            url, statement_timeout_s=60, idle_in_transaction_timeout_s=300
+        )
+    finally:
+        await admin.execute(f"DROP ROLE {name}")
+        await admin.close()
+    assert report.applied == []
+    assert [warning.split(":")[0] for warning in report.warnings] == [
+        "could not set the timeouts of pandasync_reporting",
+        "PUBLIC (so pandasync_reporting) may create temporary tables and functions",
+    ]
+    assert "permission denied" in report.warnings[0]
 
 
 NOW = datetime(2026, 11, 25, 12, tzinfo=UTC)
