@@ -520,8 +520,9 @@ def resync(platform: str, order_id: str) -> None:
     """Reconcile one order now, in this process, and print the outcome."""
     import asyncio
 
+    from service.domain import ReconcileRequest
     from service.ledger.models import Platform, SyncSource
-    from workers.reconcile import ReconcileRequest, reconcile_order
+    from workers.reconcile import reconcile_order
     from workers.runtime import WorkerRuntime
 
     settings = _settings()

@@ -8,6 +8,7 @@ docs/architecture.md). The ledger stores each as text by value with a CHECK cons
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 
 
 class Platform(enum.StrEnum):
@@ -91,6 +92,18 @@ class SignatureState(enum.StrEnum):
 class FailureKind(enum.StrEnum):
     PERMANENT = "permanent"
     EXHAUSTED = "exhausted"
+
+
+@dataclass(frozen=True, slots=True)
+class ReconcileRequest:
+    """One reconcile asked for: which order, why, and what named it (an inbox row, a refund)."""
+
+    account_id: str
+    platform: Platform
+    order_id: str
+    source: SyncSource
+    inbox_id: int | None = None
+    refund_id: str | None = None
 
 
 # The inbox states of a message whose reconcile has not yet covered it.

@@ -19,10 +19,11 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from service.broker import RECONCILE_ACTOR, RECONCILE_QUEUE, reconcile_message
 from service.db import session_scope
+from service.domain import ReconcileRequest
 from service.ledger.models import Platform, SyncSource
 from service.pandapon.errors import PandaPonError
 from workers import policy
-from workers.reconcile import Outcome, ReconcileRequest, count_open_failures, reconcile_order
+from workers.reconcile import Outcome, count_open_failures, reconcile_order
 from workers.runtime import get_runtime
 
 log = structlog.get_logger(__name__)

@@ -34,7 +34,7 @@ from service.ledger.models import FailureKind, SyncFailure
 from service.pandapon.errors import PandaPonError, TransientError, UpstreamRateLimited
 
 if TYPE_CHECKING:
-    from workers.reconcile import ReconcileRequest
+    from service.domain import ReconcileRequest
 
 T = TypeVar("T")
 

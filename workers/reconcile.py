@@ -39,7 +39,14 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from service.db import rowcount, session_scope
-from service.domain import WAITING_INBOX_STATES, InboxState, Platform, RefundStatus, SyncSource
+from service.domain import (
+    WAITING_INBOX_STATES,
+    InboxState,
+    Platform,
+    ReconcileRequest,
+    RefundStatus,
+    SyncSource,
+)
 from service.ledger.models import Order, Refund, SyncFailure, WebhookInbox
 from service.ledger.unmapped import count as count_unmapped
 from service.ledger.unmapped import record_unmapped
@@ -89,16 +96,6 @@ class Outcome(enum.StrEnum):
     STALE = "stale"  # a newer snapshot was already stored
     COALESCED = "coalesced"  # covered by a fetch that started after the message
     BUSY = "busy"  # another worker holds the order's lock
-
-
-@dataclass(frozen=True, slots=True)
-class ReconcileRequest:
-    account_id: str
-    platform: Platform
-    order_id: str
-    source: SyncSource
-    inbox_id: int | None = None
-    refund_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
