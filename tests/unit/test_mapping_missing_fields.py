@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from service.ledger.models import Platform
-from service.pandapon import mapping
+from service.pandapon import fields, mapping
 from service.pandapon.errors import MalformedResponse
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
@@ -145,7 +145,7 @@ def test_off_it_costs_one_lookup_per_absent_field_and_none_per_present_one(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     counter = CountingVar()
-    monkeypatch.setattr(mapping, "_missing", counter)
+    monkeypatch.setattr(fields, "_missing", counter)
     complete = load("taobao/refund_detail__success.json")  # every field read is there
     mapping.map_refund(TB, complete)
     assert counter.lookups == 0
