@@ -27,10 +27,16 @@ from starlette.routing import Route
 
 from service.config import ConfigError, Settings, TimestampUnit
 from service.domain import MessageKind, Platform, SignatureState
-from service.pandapon.signer import HEADER_TIMESTAMP, SIGNED_HEADERS, timestamp_to_seconds
+from service.pandapon.signer import (
+    HEADER_TIMESTAMP,
+    SIGNED_HEADERS,
+    SignatureCheck,
+    check_signature,
+    timestamp_to_seconds,
+)
 from service.webhooks.envelope import decode_json, is_probe, parse_envelope
 from service.webhooks.errors import MalformedRequest, VerificationFailed
-from service.webhooks.verify import SignatureCheck, Verifier, check_signature
+from service.webhooks.verify import Verifier
 
 from .checks import other_unit
 from .report import Check, Fix, Mark

@@ -13,10 +13,12 @@ import hashlib
 import hmac
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
 from service.config import TimestampUnit
+from service.domain import SignatureState
 
 HEADER_ACCESS_KEY = "access-key"
 HEADER_TIMESTAMP = "timestamp"
@@ -107,3 +109,91 @@ def signature_matches(
     """Constant-time comparison of a received signature with the one we compute."""
     expected = signer.sign(access_key, timestamp, nonce, expected_secret)
     return hmac.compare_digest(expected.encode(), signature.strip().upper().encode())
+
+
+# --- checking a signed request (the web role's callbacks, the sandbox's query APIs) ---------
+
+# Headers that must be present for a signature check. ``user-id`` is one of the five headers
+# but is not signed, so refusing a request without it would add no assurance; it only feeds
+# ``account_id`` when the setting USER_ID is unset.
+REQUIRED_SIGNATURE_HEADERS = (HEADER_ACCESS_KEY, HEADER_TIMESTAMP, HEADER_NONCE, HEADER_SIGNATURE)
+# The nonce is stored in webhook_nonces.nonce (varchar 64).
+MAX_NONCE_LENGTH = 64
+
+
+@dataclass(frozen=True, slots=True)
+class SignatureCheck:
+    """What the signature headers of one request showed.
+
+    ``reason`` is the refusal reason a strict mode answers with (the ``reason`` label of
+    ``pandasync_webhook_rejected_total``: ``missing_header``, ``bad_signature`` …), None when
+    ``state`` is valid; ``nonce`` is set when the signature is valid.
+    """
+
+    state: SignatureState
+    reason: str | None = None
+    detail: str | None = None
+    nonce: str | None = None
+
+
+def constant_time_equal(a: str, b: str) -> bool:
+    return hmac.compare_digest(a.encode(), b.encode())
+
+
+def check_signature(
+    headers: Mapping[str, str],
+    *,
+    access_key: str,
+    access_secret: str,
+    unit: TimestampUnit,
+    tolerance_s: float,
+    now: float,
+    signer: Signer = DEFAULT_SIGNER,
+) -> SignatureCheck:
+    """Classify the signature headers of a request (lower-case names) against our credentials.
+
+    The signature is compared before the clock, so a right signature with an old timestamp is
+    ``stale`` (the sender signs as we do; its clock or its retry is late) while anything signed
+    otherwise is ``mismatch``, whatever its timestamp says.
+    """
+    signature = headers.get(HEADER_SIGNATURE, "").strip()
+    if not signature:
+        return SignatureCheck(
+            SignatureState.ABSENT, "missing_header", f"missing header {HEADER_SIGNATURE}"
+        )
+    values: dict[str, str] = {}
+    for name in REQUIRED_SIGNATURE_HEADERS:
+        value = headers.get(name, "").strip()
+        if not value:
+            return SignatureCheck(
+                SignatureState.MISMATCH, "missing_header", f"missing header {name}"
+            )
+        values[name] = value
+    if not constant_time_equal(values[HEADER_ACCESS_KEY], access_key):
+        return SignatureCheck(SignatureState.MISMATCH, "wrong_access_key", "unknown access key")
+    nonce = values[HEADER_NONCE]
+    if len(nonce) > MAX_NONCE_LENGTH:
+        return SignatureCheck(
+            SignatureState.MISMATCH, "bad_nonce", f"nonce longer than {MAX_NONCE_LENGTH}"
+        )
+    try:
+        sent_at = timestamp_to_seconds(values[HEADER_TIMESTAMP], unit)
+    except ValueError:
+        return SignatureCheck(
+            SignatureState.MISMATCH, "bad_timestamp", f"timestamp is not an integer in {unit}"
+        )
+    if not signature_matches(
+        access_secret,
+        values[HEADER_ACCESS_KEY],
+        values[HEADER_TIMESTAMP],
+        nonce,
+        signature,
+        signer=signer,
+    ):
+        return SignatureCheck(SignatureState.MISMATCH, "bad_signature", "signature does not match")
+    skew = now - sent_at
+    if skew > tolerance_s:
+        return SignatureCheck(SignatureState.STALE, "stale_timestamp", "timestamp too old")
+    if skew < -tolerance_s:
+        return SignatureCheck(SignatureState.STALE, "future_timestamp", "timestamp in the future")
+    return SignatureCheck(SignatureState.VALID, nonce=nonce)

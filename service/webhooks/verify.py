@@ -19,109 +19,20 @@ is what authenticates: on the token path a replayed callback is just a duplicate
 
 from __future__ import annotations
 
-import hmac
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from service.config import ConfigError, Settings, TimestampUnit
+from service.config import ConfigError, Settings
 from service.domain import SignatureState
 from service.pandapon.signer import (
     DEFAULT_SIGNER,
-    HEADER_ACCESS_KEY,
-    HEADER_NONCE,
-    HEADER_SIGNATURE,
-    HEADER_TIMESTAMP,
+    SignatureCheck,
     Signer,
-    signature_matches,
-    timestamp_to_seconds,
+    check_signature,
+    constant_time_equal,
 )
 from service.webhooks.errors import VerificationFailed
-
-# Headers that must be present for a signature check. ``user-id`` is one of the five headers
-# but is not signed, so refusing a request without it would add no assurance; it only feeds
-# ``account_id`` when the setting USER_ID is unset.
-REQUIRED_SIGNATURE_HEADERS = (HEADER_ACCESS_KEY, HEADER_TIMESTAMP, HEADER_NONCE, HEADER_SIGNATURE)
-# The nonce is stored in webhook_nonces.nonce (varchar 64).
-MAX_NONCE_LENGTH = 64
-
-
-@dataclass(frozen=True, slots=True)
-class SignatureCheck:
-    """What the signature headers of one request showed.
-
-    ``reason`` is the refusal reason a strict mode answers with (the ``reason`` label of
-    ``pandasync_webhook_rejected_total``: ``missing_header``, ``bad_signature`` …), None when
-    ``state`` is valid; ``nonce`` is set when the signature is valid.
-    """
-
-    state: SignatureState
-    reason: str | None = None
-    detail: str | None = None
-    nonce: str | None = None
-
-
-def _same(a: str, b: str) -> bool:
-    return hmac.compare_digest(a.encode(), b.encode())
-
-
-def check_signature(
-    headers: Mapping[str, str],
-    *,
-    access_key: str,
-    access_secret: str,
-    unit: TimestampUnit,
-    tolerance_s: float,
-    now: float,
-    signer: Signer = DEFAULT_SIGNER,
-) -> SignatureCheck:
-    """Classify the signature headers of a request (lower-case names) against our credentials.
-
-    The signature is compared before the clock, so a right signature with an old timestamp is
-    ``stale`` (the sender signs as we do; its clock or its retry is late) while anything signed
-    otherwise is ``mismatch``, whatever its timestamp says.
-    """
-    signature = headers.get(HEADER_SIGNATURE, "").strip()
-    if not signature:
-        return SignatureCheck(
-            SignatureState.ABSENT, "missing_header", f"missing header {HEADER_SIGNATURE}"
-        )
-    values: dict[str, str] = {}
-    for name in REQUIRED_SIGNATURE_HEADERS:
-        value = headers.get(name, "").strip()
-        if not value:
-            return SignatureCheck(
-                SignatureState.MISMATCH, "missing_header", f"missing header {name}"
-            )
-        values[name] = value
-    if not _same(values[HEADER_ACCESS_KEY], access_key):
-        return SignatureCheck(SignatureState.MISMATCH, "wrong_access_key", "unknown access key")
-    nonce = values[HEADER_NONCE]
-    if len(nonce) > MAX_NONCE_LENGTH:
-        return SignatureCheck(
-            SignatureState.MISMATCH, "bad_nonce", f"nonce longer than {MAX_NONCE_LENGTH}"
-        )
-    try:
-        sent_at = timestamp_to_seconds(values[HEADER_TIMESTAMP], unit)
-    except ValueError:
-        return SignatureCheck(
-            SignatureState.MISMATCH, "bad_timestamp", f"timestamp is not an integer in {unit}"
-        )
-    if not signature_matches(
-        access_secret,
-        values[HEADER_ACCESS_KEY],
-        values[HEADER_TIMESTAMP],
-        nonce,
-        signature,
-        signer=signer,
-    ):
-        return SignatureCheck(SignatureState.MISMATCH, "bad_signature", "signature does not match")
-    skew = now - sent_at
-    if skew > tolerance_s:
-        return SignatureCheck(SignatureState.STALE, "stale_timestamp", "timestamp too old")
-    if skew < -tolerance_s:
-        return SignatureCheck(SignatureState.STALE, "future_timestamp", "timestamp in the future")
-    return SignatureCheck(SignatureState.VALID, nonce=nonce)
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,5 +148,5 @@ class Verifier:
                 raise VerificationFailed("missing_token", "this endpoint needs the token path")
             return
         # A token in the path is checked in every mode: a wrong one is never ignored.
-        if self._token is None or not _same(path_token, self._token):
+        if self._token is None or not constant_time_equal(path_token, self._token):
             raise VerificationFailed("wrong_token", "wrong token")
