@@ -204,6 +204,10 @@ def worker(processes: int | None, threads: int | None) -> None:
         "--queues",
         "reconcile",
         "--skip-logging",  # workers.main configures structured logging itself
+        # A backstop, not the mechanism: reconciles in flight are cancelled and given back at
+        # shutdown (workers.runtime); this bounds whatever would ignore that (dramatiq: 10 min).
+        "--worker-shutdown-timeout",
+        "30000",
     ]
     os.execv(sys.executable, argv)  # noqa: S606 - replace this process: signals go to dramatiq
 

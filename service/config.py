@@ -158,6 +158,13 @@ class Settings(BaseSettings):
     worker_threads: PositiveInt = Field(
         default=4, description="Threads per worker process (`pandasync worker --threads`)."
     )
+    reconcile_upstream_budget_s: PositiveFloat = Field(
+        default=15.0,
+        description=(
+            "Longest one reconcile spends in upstream calls (rate-limit waits not counted), "
+            "seconds; then its message is retried later and the worker thread moves on."
+        ),
+    )
     worker_metrics_port: Annotated[int, Field(ge=0, le=65535)] = Field(
         default=9191, description="Prometheus port of the worker role (0: none)."
     )

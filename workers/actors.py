@@ -3,6 +3,10 @@
 ``reconcile`` is a plain (threaded) actor so it can read its own retry count; the work itself is
 a coroutine run on the worker process's event loop (dramatiq's AsyncIO middleware), where the
 process's engine, HTTP client and rate limiter live (``workers.runtime``).
+
+A reconcile's upstream calls share a time budget (``RECONCILE_UPSTREAM_BUDGET_S``), so a slow
+upstream holds a worker thread for that long at most per attempt; a worker that stops cancels
+what is still running and sends those messages again (``workers.runtime.stop_reconciles``).
 """
 
 from __future__ import annotations
@@ -19,12 +23,17 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from service.broker import RECONCILE_ACTOR, RECONCILE_QUEUE, reconcile_message
 from service.db import session_scope
-from service.domain import ReconcileRequest
-from service.ledger.models import Platform, SyncSource
-from service.pandapon.errors import PandaPonError
+from service.domain import Platform, ReconcileRequest, SyncSource
+from service.pandapon.client import upstream_budget
+from service.pandapon.errors import LOG_TEXT_LIMIT, PandaPonError, clean_text
 from workers import policy
 from workers.reconcile import Outcome, count_open_failures, reconcile_order
-from workers.runtime import get_runtime
+from workers.runtime import (
+    WorkerStopping,
+    cancelled_by_shutdown,
+    get_runtime,
+    reconcile_in_flight,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -50,11 +59,25 @@ RECONCILE_SECONDS = Histogram(
 
 
 async def run_reconcile(request: ReconcileRequest, retries: int) -> Outcome | policy.Decision:
-    """One attempt; upstream failures become a policy decision, recorded when final."""
+    """One attempt; upstream failures become a policy decision, recorded when final. A worker
+    that is stopping gives the message back instead."""
+    try:
+        with reconcile_in_flight():
+            return await _attempt(request, retries)
+    except WorkerStopping:
+        return policy.GiveBack()
+
+
+async def _attempt(request: ReconcileRequest, retries: int) -> Outcome | policy.Decision:
     runtime = await get_runtime()
     try:
-        result = await reconcile_order(runtime.engine, runtime.sessions, runtime.client, request)
+        with upstream_budget(runtime.settings.reconcile_upstream_budget_s):
+            result = await reconcile_order(
+                runtime.engine, runtime.sessions, runtime.client, request
+            )
     except Exception as error:
+        if cancelled_by_shutdown():
+            raise  # the shutdown's doing, not the order's: the message goes back
         decision = policy.decide(error, retries)
         if isinstance(decision, policy.Record):
             async with session_scope(runtime.sessions) as session:
@@ -63,7 +86,7 @@ async def run_reconcile(request: ReconcileRequest, retries: int) -> Outcome | po
         context = error.context() if isinstance(error, PandaPonError) else {}
         log.warning(
             "reconcile failed",
-            error=f"{type(error).__name__}: {error}",
+            error=clean_text(f"{type(error).__name__}: {error}", LOG_TEXT_LIMIT),
             decision=type(decision).__name__.lower(),
             retries=retries,
             **context,
@@ -102,19 +125,22 @@ def reconcile(
         RECONCILES.labels(platform, source, label).inc()
         if isinstance(outcome, policy.Retry):
             raise dramatiq.Retry(delay=outcome.delay_ms)
-        if outcome is Outcome.BUSY:
-            dramatiq.get_broker().enqueue(
-                reconcile_message(
-                    account_id,
-                    platform,
-                    order_id,
-                    source=source,
-                    inbox_id=inbox_id,
-                    request_id=request_id,
-                    refund_id=refund_id,
-                ),
-                delay=BUSY_DELAY_MS,
+        if outcome is Outcome.BUSY or isinstance(outcome, policy.GiveBack):
+            again = reconcile_message(
+                account_id,
+                platform,
+                order_id,
+                source=source,
+                inbox_id=inbox_id,
+                request_id=request_id,
+                refund_id=refund_id,
             )
+            if isinstance(outcome, policy.GiveBack):
+                # Interrupted, not failed: the next attempt keeps this one's retry count.
+                dramatiq.get_broker().enqueue(again.copy(options={"retries": retries}))
+                log.info("given back: the worker is stopping")
+            else:
+                dramatiq.get_broker().enqueue(again, delay=BUSY_DELAY_MS)
         if isinstance(outcome, Outcome):
             log.info("reconciled", outcome=outcome.value)
 

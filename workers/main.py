@@ -19,13 +19,20 @@ from service.broker import configure_broker
 from service.config import get_settings
 from service.logs import configure_logging
 from workers.actors import register
-from workers.runtime import close_runtime
+from workers.runtime import close_runtime, stop_reconciles
 
 
 class ReleaseRuntime(Middleware):
-    """Close the process's engine and HTTP client once its worker threads have finished (a
-    reconcile in flight must not lose its client), while the event loop still runs: this
-    middleware sits before AsyncIO, whose own ``after_worker_shutdown`` stops the loop."""
+    """Stop the reconciles in flight when the worker starts to stop (a slow upstream or a
+    rate-limit pause must not hold the shutdown: their messages go back to the broker), and
+    close the process's engine and HTTP client once its worker threads have finished, while
+    the event loop still runs: this middleware sits before AsyncIO, whose own
+    ``after_worker_shutdown`` stops the loop."""
+
+    def before_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
+        loop = get_event_loop_thread()
+        if loop is not None and loop.loop.is_running():
+            loop.run_coroutine(stop_reconciles())
 
     def after_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
         loop = get_event_loop_thread()

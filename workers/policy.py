@@ -4,8 +4,14 @@
   short wait) is first retried in place, twice, after a short pause (``call_with_retries``): a
   blip costs one more call, not a whole reconcile.
 - Still failing, the reconcile is retried as a message with exponential backoff and jitter; a
-  429's ``Retry-After`` is honoured as a floor. The shared rate limiter
-  waits instead of failing, so its waits never consume a retry.
+  429's ``Retry-After`` is honoured as a floor, up to ``MAX_RETRY_AFTER_S``: it delays that
+  order, not the others (the shared limiter pauses everyone only for a limit that is clearly
+  the account's, ``service.pandapon.ratelimit``). The shared rate limiter waits instead of
+  failing, so its waits never consume a retry.
+- The upstream calls of one reconcile share a time budget (``RECONCILE_UPSTREAM_BUDGET_S``,
+  the rate-limit waits excluded): once it is spent (slow answers, timeouts, in-place retries)
+  the message is retried later like any transient error, and the worker thread is free for
+  other orders. A slow upstream holds a thread for at most the budget per attempt.
 - Permanent errors (a refused request, a 4xx, a body we cannot understand) and auth errors are
   not retried: they are recorded in ``sync_failures`` with the upstream ``requestId``, ``code``
   and ``msg``, for ``pandasync replay`` once the cause is fixed.
@@ -14,7 +20,11 @@
   transient upstream error; any other exception is a bug and is recorded at once, to be
   replayed after the fix.
 - When the retries are exhausted the failure is recorded too: a Postgres row outlives the
-  broker's dead-letter queue.
+  broker's dead-letter queue. Every text of the row that upstream chose (``msg``,
+  ``requestId``, ``code``, the error message quoting them) is cleaned and cut to its column,
+  so a poisoned answer is recorded like any other.
+- A worker that stops gives the message in hand back (``GiveBack``): not a failure, no retry
+  spent.
 """
 
 from __future__ import annotations
@@ -30,8 +40,16 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.ledger.models import FailureKind, SyncFailure
-from service.pandapon.errors import PandaPonError, TransientError, UpstreamRateLimited
+from service.domain import FailureKind
+from service.ledger.models import SyncFailure
+from service.pandapon.client import current_budget
+from service.pandapon.errors import (
+    PandaPonError,
+    TransientError,
+    UpstreamBudgetExceeded,
+    UpstreamRateLimited,
+    clean_text,
+)
 
 if TYPE_CHECKING:
     from service.domain import ReconcileRequest
@@ -40,9 +58,11 @@ T = TypeVar("T")
 
 CALL_BACKOFF_S = (0.2, 0.5)  # pauses before the in-place retries of one upstream call
 MAX_INLINE_RETRY_AFTER_S = 5.0  # a longer Retry-After gives the message back instead
+MAX_RETRY_AFTER_S = 15 * 60  # the longest one Retry-After delays its order's next attempt
 MAX_RETRIES = 8
 MIN_BACKOFF_MS = 1_000
 MAX_BACKOFF_MS = 5 * 60_000
+UNBOUNDED_TEXT_LIMIT = 4000  # characters kept of a text column without a length of its own
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +75,12 @@ class Record:
     kind: FailureKind
 
 
-Decision = Retry | Record
+@dataclass(frozen=True, slots=True)
+class GiveBack:
+    """The worker is stopping: the message goes back to the broker as it is."""
+
+
+Decision = Retry | Record | GiveBack
 
 
 def backoff_ms(retries: int) -> int:
@@ -65,15 +90,25 @@ def backoff_ms(retries: int) -> int:
 
 
 async def call_with_retries(call: Callable[[], Awaitable[T]]) -> T:
-    """Run one upstream call, retrying it in place on a transient error (see the docstring)."""
+    """Run one upstream call, retrying it in place on a transient error (see the docstring).
+
+    Inside an ``upstream_budget`` the pauses count against the budget, and a pause the budget
+    cannot cover gives the error to the message-level policy at once."""
     for pause in CALL_BACKOFF_S:
         try:
             return await call()
+        except UpstreamBudgetExceeded:
+            raise
         except TransientError as error:
             if isinstance(error, UpstreamRateLimited) and error.retry_after is not None:
                 if error.retry_after > MAX_INLINE_RETRY_AFTER_S:
                     raise
                 pause = max(pause, error.retry_after)
+            budget = current_budget()
+            if budget is not None:
+                if pause >= budget.remaining:
+                    raise
+                budget.spent += pause
             await asyncio.sleep(pause)
     return await call()
 
@@ -114,7 +149,7 @@ def decide(error: Exception, retries: int) -> Decision:
         return Record(FailureKind.EXHAUSTED)
     delay = backoff_ms(retries)
     if isinstance(error, UpstreamRateLimited) and error.retry_after is not None:
-        delay = max(delay, int(error.retry_after * 1000))
+        delay = max(delay, int(min(error.retry_after, MAX_RETRY_AFTER_S) * 1000))
     return Retry(delay)
 
 
@@ -133,12 +168,14 @@ async def record_failure(
         "order_id": request.order_id,
         "kind": kind,
         "source": request.source,
-        "error": f"{type(error).__name__}: {error}"[:4000],
-        "endpoint": upstream.endpoint if upstream else None,
+        "error": _storable("error", f"{type(error).__name__}: {error}"),
+        "endpoint": _storable("endpoint", upstream.endpoint if upstream else None),
         "http_status": upstream.http_status if upstream else None,
-        "upstream_code": str(upstream.code) if upstream and upstream.code is not None else None,
-        "upstream_msg": upstream.msg if upstream else None,
-        "upstream_request_id": upstream.request_id if upstream else None,
+        "upstream_code": _storable("upstream_code", upstream.code if upstream else None),
+        "upstream_msg": _storable("upstream_msg", upstream.msg if upstream else None),
+        "upstream_request_id": _storable(
+            "upstream_request_id", upstream.request_id if upstream else None
+        ),
         "attempts": attempts,
     }
     stmt = insert(SyncFailure).values(**values)
@@ -153,3 +190,11 @@ async def record_failure(
             },
         )
     )
+
+
+def _storable(column: str, value: object) -> str | None:
+    """``value`` cleaned and cut to the length of ``sync_failures.<column>``."""
+    if value is None:
+        return None
+    length = SyncFailure.__table__.c[column].type.length  # type: ignore[attr-defined]
+    return clean_text(value, length or UNBOUNDED_TEXT_LIMIT)

@@ -2,11 +2,19 @@
 
 Created lazily on the worker's event loop (the first reconcile) and reused by every actor run
 of the process; ``close_runtime`` releases them at shutdown.
+
+Shutdown must not wait on upstream: a reconcile can sit in a slow call, or behind an
+account-wide rate-limit pause, for a long while, holding its order's lock connection. So each
+reconcile runs inside ``reconcile_in_flight``, and ``stop_reconciles`` (called when the worker
+starts to stop) refuses new ones and, after ``SHUTDOWN_GRACE_S``, cancels those still running:
+their transaction rolls back, their lock is released, and their messages go back to the broker.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import httpx
@@ -61,3 +69,58 @@ async def close_runtime() -> None:
         if _runtime is not None:
             await _runtime.aclose()
             _runtime = None
+
+
+# A healthy reconcile takes well under a second: this lets it finish rather than redo it.
+SHUTDOWN_GRACE_S = 1.0
+
+
+class WorkerStopping(Exception):
+    """The worker is stopping: this reconcile did not run, or was cancelled, and its message
+    goes back to the broker."""
+
+
+_in_flight: set[asyncio.Task[object]] = set()
+_stopping = False
+
+
+@contextmanager
+def reconcile_in_flight() -> Iterator[None]:
+    """Run the block as a reconcile that shutdown may cancel; WorkerStopping when it was, or
+    when the worker is already stopping. Call it from the reconcile's own task."""
+    if _stopping:
+        raise WorkerStopping
+    task = asyncio.current_task()
+    if task is None:
+        raise RuntimeError("reconcile_in_flight needs a running task")
+    _in_flight.add(task)
+    try:
+        yield
+    except (asyncio.CancelledError, Exception):
+        # Our own cancellation, or what it left behind (a connection cut mid-query): the
+        # block's cleanup has run, and this is no failure of the order.
+        if not cancelled_by_shutdown():
+            raise
+        task.uncancel()
+        raise WorkerStopping from None
+    finally:
+        _in_flight.discard(task)
+
+
+def cancelled_by_shutdown() -> bool:
+    """True in a reconcile that ``stop_reconciles`` has cancelled."""
+    task = asyncio.current_task()
+    return _stopping and task is not None and task.cancelling() > 0
+
+
+async def stop_reconciles(grace_s: float = SHUTDOWN_GRACE_S) -> int:
+    """Refuse new reconciles; cancel those still running after ``grace_s``. Returns how many
+    were cancelled."""
+    global _stopping
+    _stopping = True
+    if _in_flight:
+        await asyncio.wait(set(_in_flight), timeout=grace_s)
+    running = [task for task in _in_flight if not task.done()]
+    for task in running:
+        task.cancel()
+    return len(running)

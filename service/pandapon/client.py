@@ -11,7 +11,13 @@ or a worker's startup) and handed in; ``PandaPonClient`` never creates or closes
 
 Nothing is retried here: transport-level retries cover only failed connects (httpx), and 429/5xx
 are retried deliberately by the worker, which knows its budget. A 429's Retry-After is reported
-on the error and also pauses the shared limiter, so every worker backs off, not just this one.
+on the error, so the worker delays that order; the shared limiter is told which order (or page)
+was limited and pauses everyone only when the limit is clearly the account's
+(``RateLimiter.note_limited``): one poisoned answer cannot stall the fleet.
+
+Timeouts: httpx's per-call connect/read/write/pool timeouts, and, inside ``upstream_budget``
+(one per reconcile), a total for the HTTP exchanges of the block; the wait for a rate-limit
+token is not counted (it is our own pacing, and ends).
 
 Metrics: ``pandasync_upstream_requests_total{endpoint,outcome}`` (one per call, ``outcome`` is
 ``ok`` or the error's ``outcome``) and ``pandasync_upstream_request_seconds{endpoint}`` (the HTTP
@@ -24,7 +30,9 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager, nullcontext
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from functools import partial
@@ -44,6 +52,7 @@ from service.pandapon.errors import (
     AuthError,
     MalformedResponse,
     PandaPonError,
+    UpstreamBudgetExceeded,
     UpstreamClientError,
     UpstreamConnectError,
     UpstreamRateLimited,
@@ -117,6 +126,59 @@ def credentials_from(settings: Settings) -> Credentials:
     )
 
 
+@dataclass(slots=True)
+class UpstreamBudget:
+    """Seconds of HTTP exchange with PandaPon that one unit of work (a reconcile) may spend."""
+
+    seconds: float
+    spent: float = 0.0
+
+    @property
+    def remaining(self) -> float:
+        return self.seconds - self.spent
+
+    @asynccontextmanager
+    async def spend(self, endpoint: str) -> AsyncIterator[None]:
+        """Run the block on what is left of the budget; UpstreamBudgetExceeded once it is out."""
+        if self.remaining <= 0:
+            raise _budget_exceeded(endpoint, self.seconds)
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(self.remaining) as deadline:
+                yield
+        except TimeoutError:
+            if deadline.expired():
+                raise _budget_exceeded(endpoint, self.seconds) from None
+            raise
+        finally:
+            self.spent += time.monotonic() - started
+
+
+def _budget_exceeded(endpoint: str, seconds: float) -> UpstreamBudgetExceeded:
+    return UpstreamBudgetExceeded(
+        f"{endpoint}: the {seconds:g} s budget for upstream calls is spent", endpoint=endpoint
+    )
+
+
+_budget: ContextVar[UpstreamBudget | None] = ContextVar("pandasync_upstream_budget", default=None)
+
+
+@contextmanager
+def upstream_budget(seconds: float) -> Iterator[UpstreamBudget]:
+    """Every call of the client made in this block (in this task) shares ``seconds``."""
+    budget = UpstreamBudget(seconds)
+    token = _budget.set(budget)
+    try:
+        yield budget
+    finally:
+        _budget.reset(token)
+
+
+def current_budget() -> UpstreamBudget | None:
+    """The budget of the enclosing ``upstream_budget`` block, if any."""
+    return _budget.get()
+
+
 @dataclass(frozen=True, slots=True)
 class Envelope:
     """A successful response: ``data`` plus what identifies it in PandaPon's logs.
@@ -176,7 +238,10 @@ class PandaPonClient:
     async def order_detail(self, platform: Platform, order_id: str) -> OrderSnapshot:
         endpoint = self.endpoints.get(platform, "order_detail")
         return await self._call(
-            endpoint, {"order_id": order_id}, _data(partial(mapping.map_order, platform))
+            endpoint,
+            {"order_id": order_id},
+            _data(partial(mapping.map_order, platform)),
+            subject=f"{platform.value} order {order_id}",
         )
 
     async def logistics(self, platform: Platform, order: OrderSnapshot) -> list[ShipmentSnapshot]:
@@ -198,6 +263,7 @@ class PandaPonClient:
                 {"order_id": order.order_id},
                 _alibaba_parcels,
                 answers=alibaba_not_shipped_yet,
+                subject=f"{platform.value} order {order.order_id}",
             )
         merged: dict[str, ShipmentSnapshot] = {}
         for line in order.lines:
@@ -212,7 +278,10 @@ class PandaPonClient:
                 )
                 continue
             parse = _data(partial(mapping.map_shipments, platform, line_id=line.line_id))
-            for shipment in await self._call(endpoint, {"sub_order_id": ref}, parse):
+            subject = f"{platform.value} order {order.order_id}"
+            for shipment in await self._call(
+                endpoint, {"sub_order_id": ref}, parse, subject=subject
+            ):
                 seen = merged.get(shipment.tracking_number)
                 merged[shipment.tracking_number] = (
                     shipment if seen is None else _merge_shipments(seen, shipment)
@@ -222,7 +291,10 @@ class PandaPonClient:
     async def refund_detail(self, platform: Platform, refund_id: str) -> RefundSnapshot:
         endpoint = self.endpoints.get(platform, "refund_detail")
         return await self._call(
-            endpoint, {"refund_id": refund_id}, _data(partial(mapping.map_refund, platform))
+            endpoint,
+            {"refund_id": refund_id},
+            _data(partial(mapping.map_refund, platform)),
+            subject=f"{platform.value} refund {refund_id}",
         )
 
     async def order_page(
@@ -254,7 +326,8 @@ class PandaPonClient:
     async def fetch(self, endpoint_name: str, params: Mapping[str, ParamValue]) -> Envelope:
         """Any endpoint of the table by name, unmapped (for tools and diagnosis)."""
         endpoint = self.endpoints[endpoint_name]
-        return await self._call(endpoint, params, _whole)
+        subject = f"{endpoint_name} {sorted(params.items())}"
+        return await self._call(endpoint, params, _whole, subject=subject)
 
     # --- one call -------------------------------------------------------------------------
 
@@ -276,7 +349,10 @@ class PandaPonClient:
             "modified_start": mapping.format_request_time(window[0]),
             "modified_end": mapping.format_request_time(window[1]),
         }
-        return await self._call(self.endpoints.get(platform, kind), params, _data(parse))
+        subject = f"{platform.value} {kind} page {page_no}"
+        return await self._call(
+            self.endpoints.get(platform, kind), params, _data(parse), subject=subject
+        )
 
     async def _call(
         self,
@@ -285,7 +361,10 @@ class PandaPonClient:
         parse: Callable[[Envelope], T],
         *,
         answers: Callable[[Mapping[str, Any]], bool] | None = None,
+        subject: str,
     ) -> T:
+        """One call; ``subject`` names what it is about (an order, a refund, a page), for the
+        rate limiter to tell one order's limit from the account's."""
         outcome = "error"
         try:
             envelope = await self._exchange(endpoint, params, answers)
@@ -305,9 +384,9 @@ class PandaPonClient:
             return result
         except PandaPonError as error:
             outcome = error.outcome
-            log.warning("pandapon call failed", error=error.message, **error.context())
-            if isinstance(error, UpstreamRateLimited) and error.retry_after:
-                await self._limiter.pause(error.retry_after)
+            log.warning("pandapon call failed", error=error.log_message(), **error.context())
+            if isinstance(error, UpstreamRateLimited):
+                await self._limiter.note_limited(subject, error.retry_after)
             raise
         except asyncio.CancelledError:
             outcome = "cancelled"
@@ -325,12 +404,14 @@ class PandaPonClient:
         await self._limiter.acquire()
         headers = signed_headers(self._credentials, unit=self._unit, signer=self._signer)
         url = self._base_url + endpoint.path
+        budget = current_budget()
         started = time.perf_counter()
         try:
-            if endpoint.method == "GET":
-                response = await self._http.get(url, params=wire, headers=headers)
-            else:
-                response = await self._http.post(url, json=wire, headers=headers)
+            async with budget.spend(endpoint.name) if budget else nullcontext():
+                if endpoint.method == "GET":
+                    response = await self._http.get(url, params=wire, headers=headers)
+                else:
+                    response = await self._http.post(url, json=wire, headers=headers)
         except httpx.TimeoutException as error:
             raise UpstreamTimeout(
                 f"{endpoint.name}: no answer in time ({type(error).__name__})",

@@ -4,6 +4,7 @@
 PandaPonError                  base: every failure of a call to PandaPon
 ├── TransientError             worth retrying later, with backoff
 │   ├── UpstreamTimeout        connect, read, write or pool timeout
+│   │   └── UpstreamBudgetExceeded  the reconcile's time for upstream calls is spent
 │   ├── UpstreamConnectError   connection refused, reset or closed mid-response
 │   ├── UpstreamServerError    HTTP 5xx, or an envelope code 5xx
 │   └── UpstreamRateLimited    HTTP 429 or envelope code 429; ``retry_after`` in seconds
@@ -18,14 +19,33 @@ Each error carries its context as attributes (``endpoint``, ``http_status``, ``r
 ``code``, ``msg``) rather than only in its message, so callers can log and branch on them. The
 error codes are not public [assumed]: HTTP 401/403 and envelope codes 401/403 are read as an
 auth failure, envelope 429 and 5xx as transient (``AUTH_CODES``, ``TRANSIENT_CODES`` below).
+
+Every text on an error may come from upstream, as it came: a NUL, a lone surrogate or a
+megabyte in ``msg`` or ``requestId`` is possible. ``clean_text`` makes any of it storable and
+short; ``context()`` (what log lines carry) is already cleaned and cut to ``LOG_TEXT_LIMIT``.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 AUTH_CODES = frozenset({401, 403})
 RATE_LIMIT_CODE = 429
+LOG_TEXT_LIMIT = 500  # characters of one upstream text in a log line
+CUT_MARK = "…"
+
+# What a Postgres text cannot hold: NUL, and lone surrogates (a JSON "\ud800" decodes to one;
+# it has no UTF-8 form).
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def clean_text(value: object, limit: int) -> str:
+    """``value`` as text Postgres can store, at most ``limit`` characters (a cut ends in …)."""
+    text = _UNSTORABLE.sub("", value if isinstance(value, str) else str(value))
+    if len(text) <= limit:
+        return text
+    return text[: limit - len(CUT_MARK)] + CUT_MARK
 
 
 def is_transient_code(code: int) -> bool:
@@ -56,15 +76,36 @@ class PandaPonError(Exception):
         self.msg = msg
 
     def context(self) -> dict[str, object]:
-        """The attributes worth a log line (never a secret: none are kept here)."""
-        return {
-            "endpoint": self.endpoint,
-            "http_status": self.http_status,
-            "request_id": self.request_id,
-            "code": self.code,
-            "msg": self.msg,
-            "outcome": self.outcome,
-        }
+        """The attributes worth a log line (never a secret: none are kept here), each text
+        cleaned and cut to ``LOG_TEXT_LIMIT``: upstream chooses them."""
+        return _for_log(
+            {
+                "endpoint": self.endpoint,
+                "http_status": self.http_status,
+                "request_id": self.request_id,
+                "code": self.code,
+                "msg": self.msg,
+                "outcome": self.outcome,
+            }
+        )
+
+    def log_message(self) -> str:
+        """The message, cleaned and cut for a log line (it may quote upstream's ``msg``)."""
+        return clean_text(self.message, LOG_TEXT_LIMIT)
+
+
+def _for_log(context: dict[str, object]) -> dict[str, object]:
+    return {key: _loggable(value) for key, value in context.items()}
+
+
+def _loggable(value: object) -> object:
+    """A text cleaned and cut for a log line; so is a number too long to read (a code of 600
+    digits); anything else as it is."""
+    if isinstance(value, str):
+        return clean_text(value, LOG_TEXT_LIMIT)
+    if isinstance(value, int) and len(str(value)) > LOG_TEXT_LIMIT:
+        return clean_text(value, LOG_TEXT_LIMIT)
+    return value
 
 
 class TransientError(PandaPonError):
@@ -102,6 +143,13 @@ class UpstreamRateLimited(TransientError):
         return {**super().context(), "retry_after": self.retry_after}
 
 
+class UpstreamBudgetExceeded(UpstreamTimeout):
+    """The time a reconcile may spend on upstream calls is spent (slow answers, timeouts):
+    its message goes back to the broker so that the worker thread serves other orders."""
+
+    outcome = "budget_exceeded"
+
+
 class PermanentError(PandaPonError):
     """Do not retry: the same request would fail the same way."""
 
@@ -128,7 +176,7 @@ class MalformedResponse(PermanentError):
         self.field = field
 
     def context(self) -> dict[str, object]:
-        return {**super().context(), "field": self.field}
+        return {**super().context(), **_for_log({"field": self.field})}
 
 
 class AuthError(PandaPonError):

@@ -5,8 +5,16 @@ taken by an atomic Lua script that reads Redis's own clock, so all processes on 
 one limit and one time source. Without Redis it is an in-process bucket (``pandasync dev``).
 
 A caller that finds the bucket empty *waits* for its token; it never fails, so a worker's
-retries are never spent on our own limiter. ``pause(seconds)`` stops everyone for a while: the
-client calls it with PandaPon's Retry-After so one 429 slows every worker, not just one.
+retries are never spent on our own limiter. ``pause(seconds)`` stops everyone for a while.
+
+A 429 is one order's business until it is clearly the account's: the client reports each one
+with ``note_limited(subject, retry_after)`` (the subject is the order, refund or page asked
+for), and only when ``ACCOUNT_WIDE_SUBJECTS`` different subjects were limited within
+``ACCOUNT_WIDE_WINDOW_S`` does the limiter pause everyone, for the Retry-After (at most
+``MAX_PAUSE_S``). One answer, however long its Retry-After, never stalls other orders: the worker
+delays that order's message instead (``workers.policy``). PandaPon documents 429 (HTTP or
+envelope code) as its one rate-limit signal, with no scope, so no single answer is taken as
+account-wide.
 
 The bucket holds ``burst`` tokens (default: one second's worth) and refills at ``rate``/s, so
 over any window of ``t`` seconds at most ``burst + rate * t`` requests go out.
@@ -30,7 +38,10 @@ from service.config import Settings
 log = structlog.get_logger(__name__)
 
 DEFAULT_KEY = "pandasync:ratelimit:upstream"
-MAX_PAUSE_S = 300.0  # a Retry-After beyond this is capped: a typo upstream must not stall us
+MAX_PAUSE_S = 60.0  # the longest everyone pauses at once, whatever Retry-After says
+ACCOUNT_WIDE_SUBJECTS = 3  # different orders (or pages) limited ...
+ACCOUNT_WIDE_WINDOW_S = 10.0  # ... within this many seconds: the limit is the account's
+DEFAULT_ACCOUNT_PAUSE_S = 1.0  # the pause when the 429 gave no Retry-After
 MAX_POLL_S = 1.0
 MIN_WAIT_S = 0.001  # never spin: a wait below this (float rounding) is rounded up
 EPSILON = 1e-9
@@ -43,9 +54,29 @@ class RateLimiter(Protocol):
         """Return once a request may be sent (waiting as long as that takes)."""
 
     async def pause(self, seconds: float) -> None:
-        """Let no request through for ``seconds`` (Retry-After)."""
+        """Let no request through for ``seconds`` (at most ``MAX_PAUSE_S``)."""
+
+    async def note_limited(self, subject: str, retry_after: float | None) -> float:
+        """A call about ``subject`` was answered 429. Pauses everyone when the limit is the
+        account's; returns that pause in seconds, 0.0 when it is ``subject``'s own."""
 
     async def aclose(self) -> None: ...
+
+
+def account_pause_s(retry_after: float | None) -> float:
+    """How long an account-wide limit pauses everyone."""
+    wanted = DEFAULT_ACCOUNT_PAUSE_S if retry_after is None else retry_after
+    return min(max(wanted, 0.0), MAX_PAUSE_S)
+
+
+def _log_account_wide(seconds: float) -> None:
+    log.warning(
+        "upstream rate limit is account-wide: every upstream call waits; if this repeats, "
+        "lower PANDASYNC_UPSTREAM_RATE_LIMIT_RPS",
+        seconds=seconds,
+        orders_limited=ACCOUNT_WIDE_SUBJECTS,
+        within_s=ACCOUNT_WIDE_WINDOW_S,
+    )
 
 
 def _default_burst(rate: float) -> float:
@@ -73,6 +104,7 @@ class LocalTokenBucket:
         self._tokens = self.burst
         self._stamp = clock()
         self._blocked_until = 0.0
+        self._limited: dict[str, float] = {}  # subject -> when it was last answered 429
 
     def try_take(self) -> float:
         """Take a token: 0.0 when granted, else the seconds to wait before trying again."""
@@ -93,8 +125,27 @@ class LocalTokenBucket:
 
     async def pause(self, seconds: float) -> None:
         with self._lock:
-            until = self._clock() + min(max(seconds, 0.0), MAX_PAUSE_S)
-            self._blocked_until = max(self._blocked_until, until)
+            self._pause_locked(seconds)
+
+    def _pause_locked(self, seconds: float) -> None:
+        until = self._clock() + min(max(seconds, 0.0), MAX_PAUSE_S)
+        self._blocked_until = max(self._blocked_until, until)
+
+    async def note_limited(self, subject: str, retry_after: float | None) -> float:
+        with self._lock:
+            now = self._clock()
+            self._limited[subject] = now
+            self._limited = {
+                s: at for s, at in self._limited.items() if at > now - ACCOUNT_WIDE_WINDOW_S
+            }
+            if len(self._limited) < ACCOUNT_WIDE_SUBJECTS:
+                return 0.0
+            # Counted once: the next account-wide pause needs as many new limits.
+            self._limited.clear()
+            seconds = account_pause_s(retry_after)
+            self._pause_locked(seconds)
+        _log_account_wide(seconds)
+        return seconds
 
     async def aclose(self) -> None:
         return None
@@ -126,20 +177,47 @@ redis.call('PEXPIRE', KEYS[1], math.ceil(ttl * 1000) + 1000)
 return string.format('%.6f', wait)
 """
 
-# KEYS[1]: the bucket; ARGV[1]: seconds during which no token is granted.
-_PAUSE_LUA = """
+# Sets the bucket's blocked_until to now + seconds unless it already blocks longer.
+_BLOCK_LUA = """
+local function block(key, now, seconds)
+  local deadline = now + seconds
+  local blocked = tonumber(redis.call('HGET', key, 'blocked_until')) or 0
+  if deadline > blocked then
+    redis.call('HSET', key, 'blocked_until', string.format('%.6f', deadline))
+    local ttl = redis.call('PTTL', key)
+    local needed = math.ceil(seconds * 1000) + 1000
+    if ttl < needed then redis.call('PEXPIRE', key, needed) end
+  end
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local deadline = now + tonumber(ARGV[1])
-local blocked = tonumber(redis.call('HGET', KEYS[1], 'blocked_until')) or 0
-if deadline > blocked then
-  redis.call('HSET', KEYS[1], 'blocked_until', string.format('%.6f', deadline))
-  local ttl = redis.call('PTTL', KEYS[1])
-  local needed = math.ceil((deadline - now) * 1000) + 1000
-  if ttl < needed then redis.call('PEXPIRE', KEYS[1], needed) end
-end
+"""
+
+# KEYS[1]: the bucket; ARGV[1]: seconds during which no token is granted.
+_PAUSE_LUA = (
+    _BLOCK_LUA
+    + """
+block(KEYS[1], now, tonumber(ARGV[1]))
 return 1
 """
+)
+
+# KEYS[1]: the bucket; KEYS[2]: the subjects limited lately (a sorted set scored by time);
+# ARGV: subject, window (s), subjects that make the limit account-wide, pause (s).
+# Returns the pause applied, "0" when the limit is still the subject's own.
+_NOTE_LIMITED_LUA = (
+    _BLOCK_LUA
+    + """
+local window = tonumber(ARGV[2])
+redis.call('ZADD', KEYS[2], now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - window)
+redis.call('PEXPIRE', KEYS[2], math.ceil(window * 1000) + 1000)
+if redis.call('ZCARD', KEYS[2]) < tonumber(ARGV[3]) then return '0' end
+redis.call('DEL', KEYS[2])
+block(KEYS[1], now, tonumber(ARGV[4]))
+return ARGV[4]
+"""
+)
 
 
 class RedisTokenBucket:
@@ -167,6 +245,7 @@ class RedisTokenBucket:
         self._redis = aioredis.Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=2)
         self._acquire = self._redis.register_script(_ACQUIRE_LUA)
         self._pause = self._redis.register_script(_PAUSE_LUA)
+        self._note_limited = self._redis.register_script(_NOTE_LIMITED_LUA)
         self._fallback = LocalTokenBucket(rate, self.burst, sleep=sleep)
         self._degraded = False
 
@@ -197,6 +276,24 @@ class RedisTokenBucket:
         except RedisError as error:
             self._note_degraded(error)
             await self._fallback.pause(seconds)
+
+    async def note_limited(self, subject: str, retry_after: float | None) -> float:
+        seconds = account_pause_s(retry_after)
+        args: list[str | int] = [
+            subject,
+            repr(ACCOUNT_WIDE_WINDOW_S),
+            ACCOUNT_WIDE_SUBJECTS,
+            repr(seconds),
+        ]
+        try:
+            result = await self._note_limited(keys=[self.key, f"{self.key}:limited"], args=args)
+        except RedisError as error:
+            self._note_degraded(error)
+            return await self._fallback.note_limited(subject, retry_after)
+        paused = float(result.decode() if isinstance(result, bytes) else result)
+        if paused > 0:
+            _log_account_wide(paused)
+        return paused
 
     async def aclose(self) -> None:
         await self._redis.aclose()

@@ -234,7 +234,7 @@ async def test_server_errors_for_one_endpoint_only(sandbox_server: SandboxServer
     assert outcomes["taobao_order_detail"] == {"server_error": 1, "ok": 1}
 
 
-async def test_429_reports_retry_after_and_pauses_the_limiter(
+async def test_429_reports_retry_after_without_pausing_other_calls(
     sandbox_server: SandboxServer,
 ) -> None:
     await sandbox_server.remote.set_faults({"*": {"rate_limit": 1.0, "retry_after_s": 3}})
@@ -244,7 +244,9 @@ async def test_429_reports_retry_after_and_pauses_the_limiter(
             await client.refund_detail(AL, "TQ1")
     assert caught.value.retry_after == 3.0
     assert caught.value.http_status == 429
-    assert limiter.try_take() > 2.0  # every caller of this limiter now waits out the 3 s
+    # One limited call delays its own order only; the fleet pauses when several orders are
+    # limited at once (tests/unit/test_client_ratelimit.py).
+    assert limiter.try_take() == 0.0
 
 
 @pytest.mark.timeout(20)

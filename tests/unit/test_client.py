@@ -441,7 +441,7 @@ def test_retry_after_as_seconds_or_http_date() -> None:
     assert parse_retry_after("nan") is None
 
 
-async def test_a_429_pauses_the_shared_limiter_for_retry_after() -> None:
+async def test_a_429_reports_retry_after_and_tells_the_limiter_what_was_limited() -> None:
     clock = [1000.0]
     slept: list[float] = []
 
@@ -449,7 +449,14 @@ async def test_a_429_pauses_the_shared_limiter_for_retry_after() -> None:
         slept.append(seconds)
         clock[0] += seconds
 
-    limiter = LocalTokenBucket(100.0, clock=lambda: clock[0], sleep=fake_sleep)
+    noted: list[tuple[str, float | None]] = []
+
+    class Noting(LocalTokenBucket):
+        async def note_limited(self, subject: str, retry_after: float | None) -> float:
+            noted.append((subject, retry_after))
+            return await super().note_limited(subject, retry_after)
+
+    limiter = Noting(100.0, clock=lambda: clock[0], sleep=fake_sleep)
     answers = iter(
         [
             httpx.Response(429, headers={"Retry-After": "7"}),
@@ -457,11 +464,12 @@ async def test_a_429_pauses_the_shared_limiter_for_retry_after() -> None:
         ]
     )
     async with client_for(lambda r: next(answers), limiter=limiter) as client:
-        with pytest.raises(UpstreamRateLimited):
+        with pytest.raises(UpstreamRateLimited) as caught:
             await client.order_detail(TB, "O1")
-        assert slept == []
         await client.order_detail(TB, "O1")
-    assert sum(slept) == pytest.approx(7.0)
+    assert caught.value.retry_after == 7.0  # the worker delays this order by it
+    assert noted == [("taobao order O1", 7.0)]
+    assert slept == []  # one order's 429 pauses nobody (tests/unit/test_client_ratelimit.py)
 
 
 async def test_every_call_takes_a_token() -> None:

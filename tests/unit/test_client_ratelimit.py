@@ -1,16 +1,33 @@
-"""The in-process token bucket, on a fake clock: grants counted, waits computed, never a failure."""
+"""The token bucket, on a fake clock: grants counted, waits computed, never a failure; and which
+429s pause everyone (an account-wide limit) and which delay only their own order."""
 
 from __future__ import annotations
 
+import json
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
 import pytest
 
 from service.config import load_settings
+from service.domain import Platform
+from service.pandapon.client import PandaPonClient
+from service.pandapon.errors import UpstreamRateLimited
 from service.pandapon.ratelimit import (
+    ACCOUNT_WIDE_SUBJECTS,
+    ACCOUNT_WIDE_WINDOW_S,
+    DEFAULT_ACCOUNT_PAUSE_S,
     MAX_PAUSE_S,
     LocalTokenBucket,
+    RateLimiter,
     RedisTokenBucket,
     make_rate_limiter,
 )
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
 
 class FakeTime:
@@ -84,3 +101,101 @@ async def test_the_limiter_follows_the_broker_setting() -> None:
     shared = make_rate_limiter(load_settings(broker_url="redis://cache:6379/0"))
     assert isinstance(shared, RedisTokenBucket)
     await shared.aclose()  # connections are lazy: nothing was opened
+
+
+# --- one order's limit, or the account's (the client at the PandaPon boundary) ---------------
+
+HUGE_RETRY_AFTER = "86400"
+
+
+def limited_for(*order_ids: str) -> Callable[[httpx.Request], httpx.Response]:
+    """PandaPon answering 429 with a day's Retry-After for ``order_ids``, the truth otherwise."""
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.params.get("orderId") in order_ids:
+            body = {"requestId": "r", "code": 429, "msg": "too many requests"}
+            return httpx.Response(429, headers={"Retry-After": HUGE_RETRY_AFTER}, json=body)
+        return httpx.Response(200, json={"requestId": "r", "code": 200, "data": ORDER_DETAIL})
+
+    return answer
+
+
+ORDER_DETAIL = json.loads((FIXTURES / "taobao" / "order_detail__paid.json").read_text())
+
+
+@asynccontextmanager
+async def client_on(
+    answer: Callable[[httpx.Request], httpx.Response], limiter: RateLimiter
+) -> AsyncIterator[PandaPonClient]:
+    settings = load_settings(
+        api_base_url="https://pandapon.test",
+        access_key="ak",
+        access_secret="sk",
+        user_id="u",
+        broker_url=None,
+    )
+    async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as http:
+        yield PandaPonClient(settings, http, limiter=limiter)
+
+
+async def test_a_huge_retry_after_on_one_order_does_not_delay_another() -> None:
+    limiter, time = bucket(100.0)
+    async with client_on(limited_for("A"), limiter) as client:
+        for _ in range(ACCOUNT_WIDE_SUBJECTS + 1):  # retries of the same order count once
+            with pytest.raises(UpstreamRateLimited) as caught:
+                await client.order_detail(Platform.TAOBAO, "A")
+            assert caught.value.retry_after == 86400.0  # the worker delays order A by it
+        await client.order_detail(Platform.TAOBAO, "B")
+    assert time.slept == []
+
+
+async def test_an_account_wide_limit_pauses_every_call_capped() -> None:
+    limiter, time = bucket(100.0)
+    limited = [f"L{n}" for n in range(ACCOUNT_WIDE_SUBJECTS)]
+    async with client_on(limited_for(*limited), limiter) as client:
+        for order_id in limited:
+            with pytest.raises(UpstreamRateLimited):
+                await client.order_detail(Platform.TAOBAO, order_id)
+        assert time.slept == []
+        await client.order_detail(Platform.TAOBAO, "B")
+    assert sum(time.slept) == pytest.approx(MAX_PAUSE_S)
+    assert MAX_PAUSE_S <= 60
+
+
+async def test_limits_spread_beyond_the_window_stay_each_orders_own() -> None:
+    limiter, time = bucket(100.0)
+    limited = [f"L{n}" for n in range(ACCOUNT_WIDE_SUBJECTS)]
+    async with client_on(limited_for(*limited), limiter) as client:
+        for order_id in limited:
+            with pytest.raises(UpstreamRateLimited):
+                await client.order_detail(Platform.TAOBAO, order_id)
+            time.now += ACCOUNT_WIDE_WINDOW_S / (ACCOUNT_WIDE_SUBJECTS - 1) + 0.1
+        await client.order_detail(Platform.TAOBAO, "B")
+    assert time.slept == []
+
+
+async def test_an_account_wide_limit_without_retry_after_pauses_briefly() -> None:
+    limiter, time = bucket(100.0)
+    for n in range(ACCOUNT_WIDE_SUBJECTS):
+        paused = await limiter.note_limited(f"order {n}", None)
+    assert paused == DEFAULT_ACCOUNT_PAUSE_S
+    await limiter.acquire()
+    assert sum(time.slept) == pytest.approx(DEFAULT_ACCOUNT_PAUSE_S)
+
+
+@pytest.mark.redis
+async def test_the_shared_bucket_tells_one_orders_limit_from_the_accounts(own_redis: str) -> None:
+    key = f"pandasync:test:ratelimit:{uuid.uuid4().hex}"
+    first = RedisTokenBucket(own_redis, 1000.0, key=key)
+    second = RedisTokenBucket(own_redis, 1000.0, key=key)  # another worker process
+    try:
+        assert await first.note_limited("order A", 86400.0) == 0.0
+        assert await second.note_limited("order A", 86400.0) == 0.0
+        assert await first.try_take() == 0.0  # one order's limit: nobody waits
+        assert await second.note_limited("order B", 86400.0) == 0.0
+        assert await first.note_limited("order C", 86400.0) == MAX_PAUSE_S
+        wait = await second.try_take()
+        assert MAX_PAUSE_S - 1 < wait <= MAX_PAUSE_S  # everyone waits, for the cap at most
+    finally:
+        await first.aclose()
+        await second.aclose()
