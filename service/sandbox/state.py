@@ -1,0 +1,275 @@
+"""What the sandbox's handlers share: the world, the routing of the upstream side, faults,
+credentials and the signature check of PandaPon's gateway (``SandboxState``).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Literal, TypeVar
+
+import structlog
+from pydantic import BaseModel
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from service.config import ConfigError, TimestampUnit
+from service.pandapon.endpoints import ENDPOINT_NAMES, Endpoint, EndpointTable
+from service.pandapon.signer import (
+    HEADER_NONCE,
+    HEADER_USER_ID,
+    SIGNED_HEADERS,
+    Credentials,
+    check_signature,
+)
+from service.sandbox import render
+from service.sandbox.delivery import CallbackDeliverer
+from service.sandbox.settings import (
+    ALL_ENDPOINTS,
+    EndpointMove,
+    FaultSpec,
+    SandboxSettings,
+    UpstreamVariant,
+)
+from service.sandbox.world import (
+    Change,
+    World,
+)
+
+log = structlog.get_logger(__name__)
+
+MAX_PAGE_SIZE = 200
+NONCE_MEMORY = 100_000
+
+Fault = Literal["timeout", "rate_limit", "server_error", "huge_retry_after", "unstorable_error"]
+Poison = Literal["far_future", "negative_amount"]
+HUGE_RETRY_AFTER_S = 86_400
+FAR_FUTURE = datetime(9999, 12, 30, tzinfo=UTC)  # a day short of the end: +08:00 must fit
+M = TypeVar("M", bound=BaseModel)
+D = TypeVar("D", bound=str)
+# path -> method -> the endpoint served there
+Routes = dict[str, dict[str, Endpoint]]
+# The sandbox's words for each reason a signature check fails (what PandaPon's gateway says).
+REFUSALS = {
+    "wrong_access_key": "invalid access-key",
+    "bad_timestamp": "invalid timestamp",
+    "bad_nonce": "invalid nonce",
+    "bad_signature": "signature mismatch",
+    "stale_timestamp": "timestamp outside the allowed window",
+    "future_timestamp": "timestamp outside the allowed window",
+}
+UNROUTED = "unrouted"  # the outcomes key of requests no endpoint takes
+
+
+def served_endpoints(table: EndpointTable, moves: Mapping[str, EndpointMove]) -> list[Endpoint]:
+    """The table's endpoints where the sandbox serves them: each move applied."""
+    served = []
+    for endpoint in table.all():
+        move = moves.get(endpoint.name)
+        if move is not None:
+            endpoint = replace(
+                endpoint, path=move.path or endpoint.path, method=move.method or endpoint.method
+            )
+        served.append(endpoint)
+    return served
+
+
+def build_routes(endpoints: list[Endpoint], moved: Collection[str]) -> Routes:
+    """The routing table; ValueError when a move lands on a route another endpoint has.
+
+    Two endpoints the overrides alone put on one route keep the old rule: the first is served.
+    """
+    routes: Routes = {}
+    for endpoint in endpoints:
+        by_method = routes.setdefault(endpoint.path, {})
+        taken = by_method.setdefault(endpoint.method, endpoint)
+        if taken is not endpoint and (endpoint.name in moved or taken.name in moved):
+            raise ValueError(
+                f"endpoints: {taken.name} and {endpoint.name} would both be served at "
+                f"{endpoint.method} {endpoint.path}"
+            )
+    return routes
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    status: int
+    msg: str
+
+
+@dataclass
+class SandboxState:
+    """Everything the handlers share; lives on ``app.state.sandbox``."""
+
+    settings: SandboxSettings
+    endpoints: EndpointTable
+    credentials: Credentials
+    world: World
+    deliverer: CallbackDeliverer
+    faults: dict[str, FaultSpec]
+    fault_rng: random.Random
+    scenario_rng: random.Random
+    upstream: UpstreamVariant = field(default_factory=UpstreamVariant)
+    served: list[Endpoint] = field(default_factory=list)
+    routes: Routes = field(default_factory=dict)
+    calls: dict[str, Counter[str]] = field(default_factory=dict)
+    unrouted: Counter[str] = field(default_factory=Counter)
+    nonces: OrderedDict[str, float] = field(default_factory=OrderedDict)
+
+    @classmethod
+    def build(cls, settings: SandboxSettings) -> SandboxState:
+        credentials = Credentials(
+            access_key=settings.access_key,
+            access_secret=settings.access_secret.get_secret_value(),
+            user_id=settings.user_id,
+        )
+        state = cls(
+            settings=settings,
+            endpoints=EndpointTable(settings.endpoint_overrides),
+            credentials=credentials,
+            world=World(seed=settings.seed),
+            deliverer=CallbackDeliverer(
+                settings.delivery,
+                credentials,
+                unit=settings.timestamp_unit,
+                seed=settings.seed,
+            ),
+            faults=dict(settings.faults),
+            fault_rng=random.Random(f"{settings.seed}:faults"),
+            scenario_rng=random.Random(f"{settings.seed}:scenario"),
+        )
+        try:
+            state.set_upstream(settings.upstream)
+        except ValueError as error:
+            raise ConfigError(f"PANDASYNC_SANDBOX_UPSTREAM: {error}") from None
+        state.reset_calls()
+        state.world.subscribe(state.on_change)
+        return state
+
+    @property
+    def timestamp_unit(self) -> TimestampUnit:
+        """The unit the upstream side accepts in a request's ``timestamp`` header."""
+        return self.upstream.timestamp_unit or self.settings.timestamp_unit
+
+    def set_upstream(self, variant: UpstreamVariant) -> None:
+        """Switch to ``variant``; ValueError (nothing changed) if its moves collide."""
+        served = served_endpoints(self.endpoints, variant.endpoints)
+        self.routes = build_routes(served, variant.endpoints)
+        self.served = served
+        self.upstream = variant
+        self.deliverer.upstream_unit = self.timestamp_unit
+
+    def reset_world(self) -> None:
+        self.world = World(seed=self.settings.seed)
+        self.world.subscribe(self.on_change)
+
+    def reset_calls(self) -> None:
+        self.calls = {name: Counter() for name in ENDPOINT_NAMES}
+        self.unrouted = Counter()
+
+    def on_change(self, change: Change) -> None:
+        settings = self.deliverer.settings
+        message = render.callback_message(
+            change.kind,
+            change.order,
+            change.refund,
+            style=settings.callback_style,
+            body_as_string=settings.body_as_string,
+            timestamp_ms=int(time.time() * 1000),
+        )
+        self.deliverer.submit(message, change.order.platform.value, change.order.order_id)
+
+    def fault_for(self, endpoint: str) -> FaultSpec:
+        return self.faults.get(endpoint) or self.faults.get(ALL_ENDPOINTS) or FaultSpec()
+
+    def draw_fault(self, spec: FaultSpec) -> Fault | None:
+        shares: tuple[tuple[Fault, float], ...] = (
+            ("timeout", spec.timeout),
+            ("rate_limit", spec.rate_limit),
+            ("server_error", spec.server_error),
+            ("huge_retry_after", spec.huge_retry_after),
+            ("unstorable_error", spec.unstorable_error),
+        )
+        return self._draw(shares)
+
+    def draw_poison(self, spec: FaultSpec) -> Poison | None:
+        shares: tuple[tuple[Poison, float], ...] = (
+            ("far_future", spec.far_future),
+            ("negative_amount", spec.negative_amount),
+        )
+        return self._draw(shares)
+
+    def _draw(self, shares: Sequence[tuple[D, float]]) -> D | None:
+        """One roll against cumulative shares; no roll when every share is zero (so a spec
+        without faults leaves the fault stream where it was)."""
+        if not any(share for _, share in shares):
+            return None
+        roll, edge = self.fault_rng.random(), 0.0
+        for what, share in shares:
+            edge += share
+            if roll < edge:
+                return what
+        return None
+
+    def verify(self, request: Request) -> Refusal | None:
+        """PandaPon's checks on the five headers (§1): all present, then the same signature
+        check as our own receiver's (``signer.check_signature``), then a fresh nonce and the
+        user-id's permission."""
+        headers = {name: request.headers.get(name, "") for name in SIGNED_HEADERS}
+        missing = [name for name, value in headers.items() if not value]
+        if missing:
+            return Refusal(401, f"missing header(s): {', '.join(missing)}")
+        now = time.time()
+        check = check_signature(
+            headers,
+            access_key=self.credentials.access_key,
+            access_secret=self.credentials.access_secret,
+            unit=self.timestamp_unit,
+            tolerance_s=self.settings.signature_tolerance_s,
+            now=now,
+        )
+        if check.reason is not None:
+            return Refusal(401, REFUSALS.get(check.reason, check.detail or check.reason))
+        if self._nonce_seen(headers[HEADER_NONCE], now):
+            return Refusal(401, "nonce already used")
+        if headers[HEADER_USER_ID] != self.credentials.user_id:
+            return Refusal(403, "user-id has no permission")
+        return None
+
+    def _nonce_seen(self, nonce: str, now: float) -> bool:
+        window = self.settings.signature_tolerance_s
+        while self.nonces and (
+            len(self.nonces) > NONCE_MEMORY or next(iter(self.nonces.values())) < now - window
+        ):
+            self.nonces.popitem(last=False)
+        if nonce in self.nonces:
+            return True
+        self.nonces[nonce] = now
+        return False
+
+
+def state_of(request: Request) -> SandboxState:
+    state: SandboxState = request.app.state.sandbox
+    return state
+
+
+class BadRequest(Exception):
+    """A parameter is missing or invalid (code 400 upstream, HTTP 400 on the control API)."""
+
+
+class UpstreamAnswer(Exception):
+    """An error envelope with the upstream's own code, e.g. 1688 logistics' ``500_2``."""
+
+    def __init__(self, code: str, msg: str) -> None:
+        super().__init__(msg)
+        self.code = code
+        self.msg = msg
+
+
+def json_error(status: int, message: str) -> JSONResponse:
+    """A control-API error, or a gateway refusal of the upstream side, as a small JSON body."""
+    return JSONResponse({"error": message}, status_code=status)
