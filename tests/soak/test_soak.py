@@ -67,10 +67,11 @@ SETTLE_AFTER_LAST_SWEEP_S = 300.0
 
 CREDENTIALS = Credentials(DEV_ACCESS_KEY, DEV_ACCESS_SECRET, DEV_USER_ID)
 # Plus the poisoned upstream (issue 16): parseable answers that cannot be true, error texts
-# Postgres cannot store.
+# Postgres cannot store, and now and then a Retry-After of a day.
 UPSTREAM_FAULTS = {"*": {"server_error": 0.10, "rate_limit": 0.05, "retry_after_s": 1,
                          "timeout": 0.02, "timeout_s": 5, "unstorable_error": 0.01,
-                         "far_future": 0.02, "negative_amount": 0.02}}  # fmt: skip
+                         "far_future": 0.02, "negative_amount": 0.02,
+                         "huge_retry_after": 0.002}}  # fmt: skip
 DELIVERY = {"drop": 0.05, "duplicate": 0.20, "reorder": 0.20, "delay": 0.02, "delay_s": 5.0}
 
 pytestmark = [pytest.mark.soak, pytest.mark.e2e]
