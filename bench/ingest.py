@@ -201,21 +201,24 @@ def serve(args: argparse.Namespace) -> None:
 
     from service.config import load_settings
 
+    options: dict[str, Any] = {"http": "httptools", "log_config": None}
     if args.kind == "bare":
         app = _bare_app()
     elif args.kind == "naive":
         app = _naive_app(args.database_url, load_settings().db_pool_size)
     else:
+        from service.webhooks.limits import web_server_options
+
         app = _real_app(args.database_url, args.broker_url or None, args.auth)
+        options = web_server_options(load_settings())  # as deployed: with its HTTP limits
     uvicorn.run(
         app,
         host="127.0.0.1",
         port=args.port,
         loop="uvloop",
-        http="httptools",
         access_log=False,
-        log_config=None,
         log_level="warning",
+        **options,
     )
 
 

@@ -185,4 +185,8 @@ def create_app(
     ]
     if settings.webhook_token is not None:
         routes.append(Route(WEBHOOK_PATH + "/{token}", receiver, methods=["POST"]))
-    return Starlette(routes=routes, middleware=[Middleware(RequestIdMiddleware)], lifespan=lifespan)
+    app = Starlette(routes=routes, middleware=[Middleware(RequestIdMiddleware)], lifespan=lifespan)
+    # No redirect to the path without its trailing slash: it would echo the token in Location.
+    # A path that does not match exactly is a 404.
+    app.router.redirect_slashes = False
+    return app

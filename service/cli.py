@@ -133,6 +133,7 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
 
     import uvicorn
 
+    from service.webhooks.limits import web_server_options
     from service.webhooks.verify import Verifier, describe_mode
 
     settings = _settings()
@@ -157,9 +158,8 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
             host=host or settings.host,
             port=port or settings.port,
             workers=processes,
-            log_config=None,
-            proxy_headers=True,
             timeout_graceful_shutdown=10,
+            **web_server_options(settings),
         )
     finally:
         if metrics_dir is not None:

@@ -147,6 +147,37 @@ class Settings(BaseSettings):
         default=400,
         description="Longest the receiver waits to store a message before answering 503.",
     )
+    max_header_bytes: Annotated[int, Field(ge=1024)] = Field(
+        default=16 * 1024,
+        description=(
+            "Largest request head (request line and header fields; chunked trailers count "
+            "too) the web role reads; 431 and the connection closed above it."
+        ),
+    )
+    header_timeout_s: PositiveFloat = Field(
+        default=10.0,
+        description=(
+            "Longest a client may take to send a request's head, from its connection or its "
+            "first byte; then 408 and the connection closed."
+        ),
+    )
+    body_timeout_s: PositiveFloat = Field(
+        default=10.0,
+        description=(
+            "Longest a client may take to send a request's body after its head; then 408 "
+            "and the connection closed."
+        ),
+    )
+    max_connections: PositiveInt = Field(
+        default=256,
+        description=(
+            "Connections each web process holds at once (uvicorn `limit_concurrency`); a "
+            "request beyond them gets 503."
+        ),
+    )
+    keep_alive_timeout_s: PositiveInt = Field(
+        default=5, description="How long an idle keep-alive connection stays open, seconds."
+    )
     admin_token: SecretStr | None = Field(
         default=None, description="Reserved for operator endpoints. Secret."
     )

@@ -76,17 +76,18 @@ class DevPlan:
     demo: bool
 
 
-def _server(app: Any, host: str, port: int) -> _QuietServer:
+def _server(app: Any, host: str, port: int, **options: Any) -> _QuietServer:
+    """A uvicorn server for ``app``; ``options``: the web role's (``web_server_options``)."""
+    settings: dict[str, Any] = {"log_config": None, "ws": "none", **options}
     return _QuietServer(
         uvicorn.Config(
             app,
             host=host,
             port=port,
-            log_config=None,
             access_log=False,
-            ws="none",
             lifespan="on",
             timeout_graceful_shutdown=5,
+            **settings,
         )
     )
 
@@ -130,13 +131,16 @@ def _start_worker(broker: dramatiq.Broker) -> dramatiq.Worker:
 async def run_dev(plan: DevPlan, broker: dramatiq.Broker, banner: Any) -> None:
     """Run every role until SIGINT/SIGTERM; ``banner(platform, order_id)`` prints the intro."""
     from service.app import create_app
+    from service.webhooks.limits import web_server_options
     from workers.runtime import WorkerRuntime
     from workers.scheduler import default_jobs, run_scheduler
 
     settings = plan.settings
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    servers = [_server(create_app(settings, broker=broker), settings.host, settings.port)]
+    web = create_app(settings, broker=broker)
+    # The web role's HTTP limits, as `pandasync serve` has them.
+    servers = [_server(web, settings.host, settings.port, **web_server_options(settings))]
     if plan.with_sandbox:
         from service.sandbox.app import create_sandbox_app
         from service.sandbox.settings import load_sandbox_settings

@@ -2,10 +2,12 @@
 
 The order of the checks is the order of their cost, and nothing is written before the last:
 
-1. declared body size (413) and content type (415), from the headers alone;
-2. the body, read only up to MAX_BODY_BYTES (413 as soon as it goes over);
-3. JSON (400); a probe (empty body, or no ``messageType``) is answered 200 here, unverified,
-   since it stores nothing and says nothing;
+1. declared body size (413) and content type (415: ``application/json`` only, in UTF-8),
+   from the headers alone;
+2. the body, read only up to MAX_BODY_BYTES (413 as soon as it goes over) and only for
+   BODY_TIMEOUT_S (408);
+3. UTF-8 JSON (400); a probe (empty body, or no ``messageType``) is answered 200 here,
+   unverified, since it stores nothing and says nothing;
 4. verification of the headers and path token (401);
 5. the envelope (400);
 6. the inbox write with the nonce, committed (200 stored or duplicate; 401 replayed nonce;
@@ -15,11 +17,13 @@ Every other failure is caught and answered 503 (the message was not stored, so P
 retry is the right outcome); nothing a client sends reaches Starlette's 500 handler.
 
 The receiver is a plain ASGI endpoint (no Request object): it reads the body from
-``receive`` itself, which is also what lets it stop reading at the limit.
+``receive`` itself, which is also what lets it stop reading at the limit. The request's head
+has its limits before this (size, read timeout: see limits.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -31,14 +35,20 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from service.config import Settings
+from service.domain import InboxState
 from service.ledger import unmapped
-from service.ledger.models import InboxState
-from service.pandapon.signer import HEADER_SIGNATURE, HEADER_USER_ID
+from service.pandapon.signer import (
+    HEADER_ACCESS_KEY,
+    HEADER_NONCE,
+    HEADER_TIMESTAMP,
+    HEADER_USER_ID,
+)
 from service.webhooks import metrics
 from service.webhooks.envelope import MAX_ID_LENGTH, decode_json, is_probe, parse_envelope
 from service.webhooks.errors import (
     MalformedRequest,
     PayloadTooLarge,
+    RequestTimeout,
     StoreUnavailable,
     UnsupportedMediaType,
     VerificationFailed,
@@ -54,8 +64,28 @@ _stdlib_log = logging.getLogger("pandasync.webhooks")
 # Stored, duplicate and probe get the same answer: the sender learns nothing from it.
 OK_BODY = b'{"status":"ok"}'
 JSON = "application/json"
-# Not kept with the stored headers: the signature (design §3) and any credential a proxy adds.
-UNSTORED_HEADERS = frozenset({HEADER_SIGNATURE, "authorization", "proxy-authorization", "cookie"})
+# Read as JSON: application/json, in any case, with any parameters. A "+json" type is another
+# format whatever its suffix; none is named here until PandaPon is seen to send one.
+JSON_MEDIA_TYPES = frozenset({JSON})
+JSON_CHARSETS = frozenset({"utf-8", "utf8"})
+# Kept with a stored message: the headers the receiver reads (the signature headers but the
+# signature itself, design §3; content type and length; the request id) and those that say who
+# sent it. Anything else (a proxy's credentials, cookies, padding) is never stored.
+STORED_HEADERS = (
+    HEADER_ACCESS_KEY,
+    HEADER_TIMESTAMP,
+    HEADER_NONCE,
+    HEADER_USER_ID,
+    "content-type",
+    "content-length",
+    "transfer-encoding",
+    "user-agent",
+    "x-request-id",
+    "x-forwarded-for",
+    "x-real-ip",
+)
+# Each stored value is cut to this many characters (a nonce is 64 at most).
+STORED_HEADER_CHARS = 256
 DEFAULT_ACCOUNT = "default"
 
 
@@ -64,14 +94,24 @@ def _ok() -> Response:
 
 
 def _error(error: WebhookError) -> Response:
-    return Response(json.dumps({"error": error.reason}).encode(), error.status, media_type=JSON)
+    # A client too slow to send its body does not keep the connection for another request.
+    headers = {"connection": "close"} if isinstance(error, RequestTimeout) else None
+    body = json.dumps({"error": error.reason}).encode()
+    return Response(body, error.status, headers=headers, media_type=JSON)
 
 
 def is_json_media_type(value: str | None) -> bool:
+    """``application/json`` in any case, with any parameters but a charset other than UTF-8."""
     if not value:
         return False
-    media = value.split(";", 1)[0].strip().lower()
-    return media == JSON or (media.startswith("application/") and media.endswith("+json"))
+    media, *parameters = value.split(";")
+    if media.strip().lower() not in JSON_MEDIA_TYPES:
+        return False
+    for parameter in parameters:
+        name, _, argument = parameter.partition("=")
+        if name.strip().lower() == "charset":
+            return argument.strip().strip('"').lower() in JSON_CHARSETS
+    return True
 
 
 def header_map(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
@@ -85,12 +125,12 @@ def header_map(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
 
 
 def headers_json(headers: dict[str, str]) -> str:
-    """The headers to store with the message: all but the signature and credentials."""
+    """The headers to store with the message: those of STORED_HEADERS, each cut short."""
     kept = {
         # jsonb cannot hold NUL.
-        name: value.replace("\x00", "\ufffd")
-        for name, value in headers.items()
-        if name not in UNSTORED_HEADERS
+        name: headers[name][:STORED_HEADER_CHARS].replace("\x00", "\ufffd")
+        for name in STORED_HEADERS
+        if name in headers
     }
     return json.dumps(kept)
 
@@ -102,6 +142,7 @@ class Receiver:
         # Built when the app is: a signature mode without credentials fails here, at startup.
         self._verifier = Verifier(settings)
         self._max_body = settings.max_body_bytes
+        self._body_timeout_s = settings.body_timeout_s
         self._user_id = settings.user_id
         self._writer: InboxWriter | None = None
 
@@ -207,7 +248,16 @@ class Receiver:
         return _ok()
 
     async def _read_body(self, receive: Receive) -> bytes:
-        """The body, refusing it as soon as it goes over the limit (the rest is never read)."""
+        """The body, refused as soon as it goes over the size limit (the rest is never read)
+        or when it has not all come within the time limit."""
+        try:
+            async with asyncio.timeout(self._body_timeout_s):
+                return await self._read_body_in_limit(receive)
+        except TimeoutError:
+            detail = f"body not received within {self._body_timeout_s:g} s"
+            raise RequestTimeout("body_timeout", detail) from None
+
+    async def _read_body_in_limit(self, receive: Receive) -> bytes:
         chunks: list[bytes] = []
         size = 0
         while True:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from service.ledger.models import MessageKind, Platform
+from service.domain import MessageKind, Platform
 from service.webhooks.errors import MalformedRequest
 
 # The types the docs (or the white-label copy of the platform) name; others are "unknown".
@@ -39,6 +39,8 @@ PLATFORM_BY_TYPE_PREFIX = (("TAOBAO_", Platform.TAOBAO), ("1688_", Platform.ALIB
 # Column widths of webhook_inbox.
 MAX_TYPE_LENGTH = 128
 MAX_ID_LENGTH = 64
+# A bound on the digits converted; a time past the year 9999 is refused after conversion.
+MAX_TIMESTAMP_DIGITS = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,11 +62,16 @@ def _malformed(detail: str) -> MalformedRequest:
 
 
 def decode_json(raw: bytes) -> dict[str, Any]:
-    """The body as a JSON object, or MalformedRequest."""
+    """The body, UTF-8 JSON, as a JSON object, or MalformedRequest."""
     try:
-        value = json.loads(raw)
+        # Strictly UTF-8 (RFC 8259 §8.1): json.loads of bytes would also guess UTF-16 and 32.
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise MalformedRequest("malformed_json", "body is not UTF-8") from None
+    try:
+        value = json.loads(text.removeprefix("\ufeff"))
     except (ValueError, RecursionError):
-        # ValueError covers bad JSON, bad UTF-8 and over-long integers.
+        # ValueError covers bad JSON and over-long integers.
         raise MalformedRequest("malformed_json", "body is not valid JSON") from None
     if not isinstance(value, dict):
         raise _malformed("body is not a JSON object")
@@ -155,23 +162,42 @@ def extract_order_id(body: dict[str, Any]) -> str | None:
 
 
 def _pushed_at(document: dict[str, Any]) -> tuple[str | None, datetime | None]:
+    """(the timestamp as sent, for the dedupe key; the push time), or MalformedRequest."""
     value = document.get("timestamp")
-    if isinstance(value, bool) or not isinstance(value, str | int):
+    if value is None:
         return None, None
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise _malformed("timestamp must be a string of digits or an integer")
     text = str(value).strip()
-    if not text.isdigit() or len(text) > 16:
+    if not text:
         return text, None
+    # ASCII only: str.isdigit() is also true of "²³" and other scripts' digits.
+    if not (text.isascii() and text.isdigit()):
+        raise _malformed("timestamp must be epoch milliseconds in ASCII digits")
+    if len(text) > MAX_TIMESTAMP_DIGITS:
+        raise _malformed(f"timestamp longer than {MAX_TIMESTAMP_DIGITS} digits")
     number = int(text)
     # 13 digits in the docs' examples (milliseconds); 10 would be seconds.
     seconds = number / 1000 if len(text) >= 12 else float(number)
     try:
         return text, datetime.fromtimestamp(seconds, UTC)
     except (OverflowError, OSError, ValueError):
-        return text, None
+        raise _malformed("timestamp out of range") from None
 
 
 def parse_envelope(document: dict[str, Any]) -> Envelope:
-    """A storable envelope (not a probe: see ``is_probe``), or MalformedRequest."""
+    """A storable envelope (not a probe: see ``is_probe``), or MalformedRequest.
+
+    Whatever the document holds, the outcome is one of the two: an envelope that cannot be read
+    is the sender's fault (400), never a 5xx that PandaPon would retry for good.
+    """
+    try:
+        return _parse_envelope(document)
+    except (ValueError, TypeError, OverflowError, RecursionError) as error:
+        raise _malformed(f"envelope could not be read ({type(error).__name__})") from None
+
+
+def _parse_envelope(document: dict[str, Any]) -> Envelope:
     message_type = document.get("messageType")
     if not isinstance(message_type, str):
         raise _malformed("messageType must be a string")

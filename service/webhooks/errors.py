@@ -4,8 +4,9 @@
     ├── Rejected             the request is at fault (4xx); PandaPon retrying will not help
     │   ├── PayloadTooLarge      413: declared or streamed body over MAX_BODY_BYTES
     │   ├── UnsupportedMediaType 415: the content type is not JSON
-    │   ├── MalformedRequest     400: the body is not JSON, or not an envelope we can read
-    │   └── VerificationFailed   401: signature, timestamp, nonce or token refused
+    │   ├── MalformedRequest     400: the body is not UTF-8 JSON, or not an envelope we can read
+    │   ├── VerificationFailed   401: signature, timestamp, nonce or token refused
+    │   └── RequestTimeout       408: the body did not arrive within BODY_TIMEOUT_S
     └── StoreUnavailable     503: the inbox could not be written in time; PandaPon retries
 
 ``reason`` is also the ``reason`` label of ``pandasync_webhook_rejected_total``, so it is one of
@@ -39,7 +40,7 @@ class PayloadTooLarge(Rejected):
 
 
 class UnsupportedMediaType(Rejected):
-    """The content type is not JSON."""
+    """The content type is not JSON, or names a charset other than UTF-8."""
 
     status = 415
 
@@ -54,6 +55,12 @@ class VerificationFailed(Rejected):
     """The request could not be shown to come from PandaPon."""
 
     status = 401
+
+
+class RequestTimeout(Rejected):
+    """The client did not send the whole body in time."""
+
+    status = 408
 
 
 class StoreUnavailable(WebhookError):

@@ -29,6 +29,7 @@ REJECT_REASONS = (
     "store_timeout",
     "store_failed",
     "client_disconnected",
+    "body_timeout",
     "internal_error",
 )
 

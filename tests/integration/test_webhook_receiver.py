@@ -503,7 +503,19 @@ async def test_streamed_body_over_the_limit_is_413_without_reading_the_rest(
 
 
 @pytest.mark.parametrize(
-    "content_type", [None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data"]
+    "content_type",
+    [
+        None,
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data",
+        "application/evil+json",
+        "application/vnd.pandapon+json",
+        "text/json",
+        "application/jsonp",
+        "application/json; charset=utf-16",
+        "application/json; charset=iso-8859-1",
+    ],
 )
 async def test_body_that_is_not_json_is_415(server: Running, content_type: str | None) -> None:
     headers = {k: v for k, v in signed().items() if k != "content-type"}
@@ -514,13 +526,99 @@ async def test_body_that_is_not_json_is_415(server: Running, content_type: str |
     assert await server.nothing_stored()
 
 
-async def test_json_with_charset_or_a_json_suffix_is_accepted(server: Running) -> None:
-    for content_type in ("application/json; charset=utf-8", "application/vnd.pandapon+json"):
+async def test_json_in_any_case_with_parameters_is_accepted(server: Running) -> None:
+    accepted = (
+        "application/json; charset=utf-8",
+        "Application/JSON",
+        'application/json;charset="UTF-8"',
+        "application/json; charset=utf8; version=1",
+    )
+    for content_type in accepted:
         response = await server.post(
             encode(taobao_status()), {**signed(), "content-type": content_type}
         )
-        assert response.status_code == 200
-    assert len(await server.rows()) == 2
+        assert response.status_code == 200, content_type
+    assert len(await server.rows()) == len(accepted)
+
+
+async def test_body_that_is_not_utf8_is_400(server: Running) -> None:
+    for body in (
+        json.dumps(taobao_status()).encode("utf-16"),
+        json.dumps(taobao_status()).encode("utf-16-le"),
+        json.dumps(taobao_status()).encode("utf-32"),
+    ):
+        response = await server.post(body)
+        assert (response.status_code, reason(response)) == (400, "malformed_json")
+    assert await server.nothing_stored()
+
+
+@pytest.mark.parametrize("timestamp", ["²³", "፩", "-1", "1715669977082.5", "9" * 40])
+async def test_invalid_envelope_timestamp_is_400_not_503(server: Running, timestamp: str) -> None:
+    response = await server.post(encode(taobao_status(timestamp=timestamp)))
+    assert (response.status_code, reason(response)) == (400, "malformed_envelope")
+    assert await server.nothing_stored()
+
+
+async def test_body_not_sent_within_the_body_timeout_is_408(fresh_database_url: str) -> None:
+    async with started(fresh_database_url, body_timeout_s=0.5) as running:
+        body = encode(taobao_status())
+        head = request_head(f"content-length: {len(body)}\r\n")
+        host, port = str(running.client.base_url).removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            writer.write(head + body[:10])  # and the rest never comes
+            await writer.drain()
+            async with asyncio.timeout(5):  # a bound on a hang; the limit is 0.5 s
+                answer = await reader.read()
+        finally:
+            writer.close()
+        assert answer.startswith(b"HTTP/1.1 408")
+        assert answer.endswith(b'{"error": "body_timeout"}')
+        assert await running.nothing_stored()
+
+
+# --- what is kept of the headers ------------------------------------------------------------
+
+
+async def test_only_the_headers_we_read_are_stored_each_cut_short(server: Running) -> None:
+    headers = {
+        **signed(),
+        "x-request-id": "req-1",
+        "user-agent": "PandaPon/1.0 " + "u" * 2000,
+        "x-padding": "p" * 4000,
+        "cookie": "session=secret",
+        "authorization": "Bearer secret",
+        "x-forwarded-for": "203.0.113.7",
+    }
+    assert (await server.post(encode(taobao_status()), headers)).status_code == 200
+    [row] = await server.rows()
+    stored = json.loads(row["headers"])
+    assert set(stored) == {
+        "access-key",
+        "timestamp",
+        "nonce-str",
+        "user-id",
+        "content-type",
+        "content-length",
+        "user-agent",
+        "x-request-id",
+        "x-forwarded-for",
+    }
+    assert stored["user-agent"].startswith("PandaPon/1.0 u")
+    assert all(len(value) <= 256 for value in stored.values())
+
+
+# --- paths ----------------------------------------------------------------------------------
+
+
+async def test_trailing_slash_is_refused_without_a_redirect_or_the_token(auto: Running) -> None:
+    for path in (f"{WEBHOOK}/{TOKEN}/", f"{WEBHOOK}/", f"{WEBHOOK}/{TOKEN}//"):
+        response = await auto.post(encode(taobao_status()), JSON_TYPE, path=path)
+        assert response.status_code == 404, path
+        assert "location" not in response.headers
+        assert TOKEN not in response.text
+        assert all(TOKEN not in value for value in response.headers.values())
+    assert await auto.nothing_stored()
 
 
 # --- 503 ------------------------------------------------------------------------------------

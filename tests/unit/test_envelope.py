@@ -8,6 +8,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from service.ledger.models import MessageKind, Platform
 from service.webhooks.envelope import classify, decode_json, is_probe, parse_envelope
@@ -256,3 +258,77 @@ def test_dedupe_key_differs_between_messages(changed: dict[str, Any]) -> None:
 def test_dedupe_key_differs_between_accounts() -> None:
     assert _key(TAOBAO_PRICE, "a") != _key(TAOBAO_PRICE, "b")
     assert len(_key(TAOBAO_PRICE)) == 64
+
+
+# --- invalid fields are refused, never a crash (issue 16, finding 8) -----------------------
+
+
+@pytest.mark.parametrize(
+    "timestamp",
+    ["²³", "١٧١٥٦٦٩٩٧٧٠٨٢", "-5", -5, 1715669977082.0, "12x", "9" * 17, "9" * 16, True, [1]],
+    ids=[
+        "superscript-digits",
+        "arabic-indic-digits",
+        "negative-string",
+        "negative-integer",
+        "float",
+        "not-digits",
+        "too-many-digits",
+        "out-of-range",
+        "bool",
+        "list",
+    ],
+)
+def test_invalid_timestamp_is_refused_with_a_reason(timestamp: object) -> None:
+    with pytest.raises(MalformedRequest) as caught:
+        parse_envelope({**TAOBAO_PRICE, "timestamp": timestamp})
+    assert caught.value.reason == "malformed_envelope"
+    assert "timestamp" in caught.value.detail
+
+
+@pytest.mark.parametrize("timestamp", [None, "", " 1715669977082 ", 1715669977])
+def test_absent_or_plain_timestamp_is_accepted(timestamp: object) -> None:
+    envelope = {**TAOBAO_PRICE, "timestamp": timestamp}
+    assert parse_envelope(envelope).order_id == "3682557363260579405"
+
+
+# Digits of every script (Nd) and the other numerals (No: superscripts, fractions ...).
+numeral_text = st.text(st.characters(categories=("Nd", "No")), min_size=1, max_size=16)
+timestamp_values = (
+    st.text() | numeral_text | st.integers() | st.floats() | st.booleans() | st.none()
+)
+
+
+@given(timestamp_values)
+@settings(max_examples=300, deadline=None, database=None)
+def test_any_timestamp_is_read_or_refused_never_crashes(timestamp: object) -> None:
+    try:
+        parse_envelope({**TAOBAO_PRICE, "timestamp": timestamp})
+    except MalformedRequest as error:
+        outcome = error.reason
+    else:
+        outcome = "read"
+    assert outcome in ("read", "malformed_envelope")
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        '{"messageType": "ORDER_CREATE"}'.encode("utf-16"),
+        '{"messageType": "ORDER_CREATE"}'.encode("utf-16-le"),
+        '{"messageType": "ORDER_CREATE"}'.encode("utf-32"),
+        b'{"messageType": "ORDER\xffCREATE"}',
+        b'{"messageType": "ORDER\xc3"}',
+    ],
+    ids=["utf-16-bom", "utf-16-le", "utf-32-bom", "invalid-byte", "truncated-sequence"],
+)
+def test_body_that_is_not_utf8_is_refused(raw: bytes) -> None:
+    with pytest.raises(MalformedRequest) as caught:
+        decode_json(raw)
+    assert caught.value.reason == "malformed_json"
+
+
+def test_utf8_body_with_a_byte_order_mark_is_read() -> None:
+    assert decode_json(b'\xef\xbb\xbf{"messageType": "ORDER_CREATE"}') == {
+        "messageType": "ORDER_CREATE"
+    }
