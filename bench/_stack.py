@@ -37,7 +37,7 @@ def server_url(given: str | None) -> str:
 
 def create_database(server: str, prefix: str) -> tuple[str, str]:
     """A fresh migrated database: (name, url)."""
-    from service.cli import run_migrations
+    from service.ledger.migrations import run_migrations
 
     name = f"{prefix}_{uuid.uuid4().hex[:8]}"
     asyncio.run(admin(server, f'CREATE DATABASE "{name}"'))

@@ -617,7 +617,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not args.database_url:
         parser.error("--database-url or PANDASYNC_DATABASE_URL is required")
-    from service.cli import run_migrations
+    from service.ledger.migrations import run_migrations
 
     run_migrations(args.database_url)
     started = time.perf_counter()

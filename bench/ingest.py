@@ -478,7 +478,7 @@ def run(args: argparse.Namespace) -> int:
     asyncio.run(_admin(server_url, f'CREATE DATABASE "{name}"'))
     database_url = with_database(server_url, name)
     try:
-        from service.cli import run_migrations
+        from service.ledger.migrations import run_migrations
 
         run_migrations(database_url)
         (workdir / "ingest.lua").write_text(

@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     name = f"pandasync_bench_reporting_{args.orders}"
     url = with_database(args.database_url, name)
     asyncio.run(_ensure_database(args.database_url, name))
-    from service.cli import run_migrations
+    from service.ledger.migrations import run_migrations
 
     run_migrations(url)
     asyncio.run(_run(url, args))

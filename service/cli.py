@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING
 
 import click
 
@@ -20,7 +20,6 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
     import dramatiq
-    from alembic.config import Config
     from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
     from workers.operations import Status
@@ -46,11 +45,6 @@ def _database_url(settings: Settings) -> str:
     return url
 
 
-def _not_built(command: str) -> NoReturn:
-    click.echo(f"pandasync {command}: not available in this version yet.", err=True)
-    sys.exit(3)
-
-
 def _configure_logging(settings: Settings) -> None:
     from service.logs import configure_logging
 
@@ -62,42 +56,23 @@ def main() -> None:
     """pandasync: mirror PandaPon orders (Taobao and 1688) into Postgres."""
 
 
-def run_migrations(url: str, revision: str = "head") -> None:
-    """``alembic upgrade`` against ``url`` using the project's alembic.ini."""
-    from alembic import command
-
-    command.upgrade(alembic_config(url), revision)
-
-
-def alembic_config(url: str) -> Config:
-    from pathlib import Path
-
-    from alembic.config import Config
-
-    root = Path(__file__).resolve().parent.parent
-    config = Config(str(root / "alembic.ini"))
-    config.set_main_option("script_location", str(root / "migrations"))
-    # Alembic's ini interpolation would choke on a '%' in a password.
-    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
-    return config
-
-
 @main.command()
 def migrate() -> None:
     """Upgrade the database schema to the latest version (alembic upgrade head)."""
-    settings = _settings()
-    _configure_logging(settings)
-    url = _database_url(settings)
-    run_migrations(url)
-    click.echo("database is at the latest schema version")
-
     import asyncio
 
+    from service.ledger.migrations import run_migrations
     from service.ledger.reporting import (
         ReportingSettingsError,
         apply_reporting_access,
         apply_reporting_settings,
     )
+
+    settings = _settings()
+    _configure_logging(settings)
+    url = _database_url(settings)
+    run_migrations(url)
+    click.echo("database is at the latest schema version")
 
     # The views read their time zone from the database. A refusal (not the database's owner)
     # leaves the previous or default settings in force: warn rather than fail the migration.
@@ -268,6 +243,7 @@ def dev(demo: bool, sandbox_port: int) -> None:
 
     from service.broker import configure_broker
     from service.devserver import DevPlan, run_dev
+    from service.ledger.migrations import run_migrations
     from workers.actors import register
 
     settings = _settings()

@@ -34,9 +34,9 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-from service.cli import run_migrations
 from service.config import load_settings
 from service.db import asyncpg_dsn, make_engine, make_sessionmaker, with_database
+from service.ledger.migrations import run_migrations
 
 ON_CI = bool(os.environ.get("CI"))
 TEMPLATE_DB = f"pandasync_tmpl_{os.getpid()}"

@@ -16,8 +16,8 @@ import pytest
 from alembic import command
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from service.cli import alembic_config
 from service.db import asyncpg_dsn, session_scope
+from service.ledger.migrations import alembic_config
 from service.ledger.models import OrderStatus, Platform, RefundStatus, SyncSource
 from service.ledger.write import OrderTruth, write_order
 from service.pandapon.models import LineSnapshot, OrderSnapshot, RefundSnapshot, ShipmentSnapshot

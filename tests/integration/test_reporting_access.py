@@ -21,8 +21,8 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.cli import alembic_config
 from service.db import asyncpg_dsn
+from service.ledger.migrations import alembic_config
 from service.ledger.models import Platform
 from service.ledger.reporting import apply_reporting_access
 from tests.integration.test_reporting import known_ledger

@@ -14,8 +14,8 @@ from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.cli import alembic_config
 from service.db import asyncpg_dsn
+from service.ledger.migrations import alembic_config
 from service.ledger.models import Base
 
 LEDGER_TABLES = {

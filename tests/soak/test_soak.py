@@ -32,8 +32,8 @@ import httpx
 import pytest
 
 from service.broker import RECONCILE_QUEUE
-from service.cli import run_migrations
 from service.db import asyncpg_dsn
+from service.ledger.migrations import run_migrations
 from service.pandapon.signer import Credentials
 from service.sandbox.remote import SandboxRemote
 from service.sandbox.settings import DEV_ACCESS_KEY, DEV_ACCESS_SECRET, DEV_USER_ID
