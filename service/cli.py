@@ -598,22 +598,15 @@ def backfill(
     --again pages a finished range once more.
     """
     import asyncio
-    import contextlib
-    import time as clock
+    import time
     from datetime import date, timedelta
     from zoneinfo import ZoneInfo
 
     from service.broker import make_broker
     from service.ledger.models import Platform
+    from workers.backfill import BackfillEnd, BackfillPlan, BackfillTally, run_backfill
     from workers.runtime import WorkerRuntime
     from workers.scheduler import enqueue_with
-    from workers.sweeps import (
-        BackfillProgress,
-        backfill_done_count,
-        backfill_failed_count,
-        unfinished_backfill_until,
-    )
-    from workers.sweeps import backfill as backfill_range
 
     settings = _settings()
     zone = ZoneInfo(settings.reporting_timezone)
@@ -635,27 +628,26 @@ def backfill(
     _configure_logging(settings)
     _database_url(settings)
     settings = _settings()
-    account_id = _account_id(settings)
     if not settings.broker_url:
         click.echo("pandasync backfill: needs PANDASYNC_BROKER_URL (the workers' broker)", err=True)
         sys.exit(2)
+    plan = BackfillPlan(
+        _account_id(settings),
+        platforms,
+        since_at,
+        until_at,
+        page_size=page_size,
+        again=again,
+        wait=wait,
+        stall_timeout_s=stall_timeout,
+    )
     fancy = sys.stdout.isatty()
 
-    class State:
-        def __init__(self) -> None:
-            self.run_id: int | None = None
-            self.pages = self.seen = self.queued = self.total = self.done = self.failed = 0
-            self.paged = False
-
-        def line(self, name: str) -> str:
-            return (
-                f"backfill {name}: pages {self.pages}, seen {self.seen}"
-                f"{f'/{self.total}' if self.total else ''}, queued {self.queued}, "
-                f"done {self.done}, failed {self.failed}"
-                f"{'' if self.paged else ' (paging)'}"
-            )
-
-    states = {p: State() for p in platforms}
+    def already_paged(p: Platform, orders: int) -> None:
+        click.echo(
+            f"backfill {p.value}: this range was paged already ({orders} orders); "
+            "--again pages it again"
+        )
 
     async def run() -> int:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
@@ -663,7 +655,6 @@ def backfill(
 
         runtime = WorkerRuntime.build(settings)
         broker = make_broker(settings)
-        enqueue = enqueue_with(broker)
         bar = Progress(
             Text("{task.description}"),
             BarColumn(),
@@ -673,100 +664,44 @@ def backfill(
             disable=not fancy,
         )
         tasks = {p: bar.add_task(p.value, total=None, stats="") for p in platforms}
-        last_line = 0.0
+        last_line = [0.0]
 
-        def show(force: bool = False) -> None:
-            nonlocal last_line
-            for p, s in states.items():
+        def show(tallies: dict[Platform, BackfillTally], force: bool) -> None:
+            for p, t in tallies.items():
                 bar.update(
                     tasks[p],
-                    total=s.total or None,
-                    completed=s.done + s.failed,
-                    stats=f"seen {s.seen} queued {s.queued} done {s.done} failed {s.failed}",
+                    total=t.total or None,
+                    completed=t.done + t.failed,
+                    stats=f"seen {t.seen} queued {t.queued} done {t.done} failed {t.failed}",
                 )
-            now = clock.monotonic()
-            if not fancy and (force or now - last_line >= 2.0):
-                last_line = now
-                for p, s in states.items():
-                    click.echo(s.line(p.value))
-
-        async def refresh_counts() -> None:
-            for s in states.values():
-                if s.run_id is not None:
-                    done, _ = await backfill_done_count(runtime.sessions, s.run_id)
-                    s.done = done
-                    s.failed = await backfill_failed_count(runtime.sessions, s.run_id)
-
-        async def ticker() -> None:
-            while True:
-                await asyncio.sleep(0.5)
-                await refresh_counts()
-                show()
-
-        def on_page(progress: BackfillProgress) -> None:
-            s = states[progress.platform]
-            s.run_id, s.pages, s.seen = progress.run_id, progress.pages_done, progress.orders_seen
-            s.queued, s.total = progress.orders_queued, max(progress.total, progress.orders_seen)
-            s.paged = progress.finished
+            if not fancy and (force or time.monotonic() - last_line[0] >= 2.0):
+                last_line[0] = time.monotonic()
+                for p, t in tallies.items():
+                    click.echo(t.line(p.value))
 
         try:
             with bar:
-                tick = asyncio.create_task(ticker())
-                try:
-                    end = until_at or await unfinished_backfill_until(
-                        runtime.sessions, account_id, platforms, since_at
-                    )
-                    end = end or datetime.now(UTC).replace(microsecond=0)
-                    for p in platforms:
-                        progress = await backfill_range(
-                            runtime.sessions,
-                            runtime.client,
-                            enqueue,
-                            account_id,
-                            p,
-                            since_at,
-                            end,
-                            page_size=page_size,
-                            on_page=on_page,
-                            again=again,
-                        )
-                        if progress.already_finished:
-                            click.echo(
-                                f"backfill {p.value}: this range was paged already "
-                                f"({progress.orders_seen} orders); --again pages it again"
-                            )
-                    if not wait:
-                        return 0
-                    last_change, last_counts = clock.monotonic(), (-1, -1)
-                    while True:
-                        await refresh_counts()
-                        counts = (
-                            sum(s.done for s in states.values()),
-                            sum(s.failed for s in states.values()),
-                        )
-                        if all(s.done + s.failed >= s.seen for s in states.values()):
-                            break
-                        if counts != last_counts:
-                            last_change, last_counts = clock.monotonic(), counts
-                        elif clock.monotonic() - last_change > stall_timeout:
-                            show(force=True)
-                            click.echo(
-                                f"pandasync backfill: nothing synced for {stall_timeout:.0f} s; "
-                                "the queued orders stay queued (see `pandasync status`)",
-                                err=True,
-                            )
-                            return 1
-                        await asyncio.sleep(0.5)
-                finally:
-                    tick.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await tick
-                    await refresh_counts()
-                    show(force=True)
+                end = await run_backfill(
+                    runtime.sessions,
+                    runtime.client,
+                    enqueue_with(broker),
+                    plan,
+                    show,
+                    already_paged,
+                )
         finally:
             await runtime.aclose()
             broker.close()
-        return 1 if any(s.failed for s in states.values()) else 0
+        if end is BackfillEnd.STALLED:
+            click.echo(
+                f"pandasync backfill: nothing synced for {stall_timeout:.0f} s; "
+                "the queued orders stay queued (see `pandasync status`)",
+                err=True,
+            )
+            return 1
+        if end is BackfillEnd.NOT_WAITED:
+            return 0
+        return 1 if any(t.failed for t in plan.tallies.values()) else 0
 
     try:
         code = asyncio.run(run())
@@ -775,7 +710,7 @@ def backfill(
         click.echo("run the same command again to continue where it stopped", err=True)
         sys.exit(1)
     if code:
-        failed = sum(s.failed for s in states.values())
+        failed = sum(t.failed for t in plan.tallies.values())
         if failed:
             click.echo(
                 f"pandasync backfill: {failed} order(s) failed to sync; see `pandasync status`, "
@@ -783,10 +718,8 @@ def backfill(
                 err=True,
             )
         sys.exit(code)
-    click.echo(
-        "backfill finished: "
-        + ", ".join(f"{p.value} {s.seen} order(s), {s.done} synced" for p, s in states.items())
-    )
+    done = [f"{p.value} {t.seen} order(s), {t.done} synced" for p, t in plan.tallies.items()]
+    click.echo("backfill finished: " + ", ".join(done))
 
 
 @main.command()

@@ -13,8 +13,8 @@ on messages alone:
   found nowhere else.
 - **refresh** asks for a reconcile of orders that are not final and have not been synced for a
   while, because logistics move without any message.
-- **backfill** pages through a time range on demand and reconciles everything, resumably: the
-  page reached is stored after each page.
+
+``workers/backfill.py`` pages through a time range on demand, with the same list and enqueue.
 
 All of them only *enqueue* reconciles (``Enqueue``); the workers do the fetching and writing.
 """
@@ -27,7 +27,7 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 import structlog
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import func, or_, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import InstrumentedAttribute
@@ -41,7 +41,6 @@ from service.domain import (
     SyncSource,
 )
 from service.ledger.models import (
-    BackfillRun,
     Order,
     Refund,
     RefundSweepCursor,
@@ -123,7 +122,7 @@ def _log_unreadable(
         )
 
 
-def _set_aside(platform: Platform, page: OrderListPage) -> list[str]:
+def set_aside(platform: Platform, page: OrderListPage) -> list[str]:
     """Log the page's unreadable records; return the ids of those that have one.
 
     Such an order is reconciled anyway: its detail may read well, and if it does not, the
@@ -188,7 +187,7 @@ async def _out_of_date(
     unreadable: list[str],
 ) -> list[str]:
     """Order ids of the page that the ledger lacks or holds at an older modification time,
-    or whose record could not be read (``unreadable``, from ``_set_aside``), and for which
+    or whose record could not be read (``unreadable``, from ``set_aside``), and for which
     no message waits in the inbox (``_awaited``)."""
     orders = page.orders
     ids = [o.order_id for o in orders] + unreadable
@@ -334,7 +333,7 @@ async def sweep(
         page = await client.order_page(platform, page_no, page_size, start, end)
         async with sessions() as session:
             stale = await _out_of_date(
-                session, account_id, platform, page, _set_aside(platform, page)
+                session, account_id, platform, page, set_aside(platform, page)
             )
         for order_id in stale:
             enqueue(account_id, platform, order_id, SyncSource.SWEEP)
@@ -403,167 +402,3 @@ async def refresh(
     for account_id, platform, order_id in rows:
         enqueue(account_id, platform, order_id, SyncSource.REFRESH)
     return len(rows)
-
-
-@dataclass(frozen=True, slots=True)
-class BackfillProgress:
-    run_id: int
-    platform: Platform
-    pages_done: int
-    orders_seen: int
-    orders_queued: int
-    finished: bool
-    total: int = 0  # orders in the range, as the last page's total said
-    already_finished: bool = False  # an earlier command paged this range: nothing was listed
-
-
-async def backfill(
-    sessions: async_sessionmaker[AsyncSession],
-    client: OrderLister,
-    enqueue: Enqueue,
-    account_id: str,
-    platform: Platform,
-    since: datetime,
-    until: datetime,
-    *,
-    page_size: int = PAGE_SIZE,
-    on_page: Callable[[BackfillProgress], None] | None = None,
-    again: bool = False,
-) -> BackfillProgress:
-    """Page through ``[since, until)`` and reconcile every order.
-
-    The latest run of the same range decides: unfinished, it is resumed from its next page;
-    finished, nothing is paged again (a command killed while the other platform was paging,
-    or while it waited for the workers, must not list this one twice) unless ``again``.
-    """
-    async with session_scope(sessions) as session:
-        run = (
-            await session.execute(
-                select(BackfillRun)
-                .where(
-                    BackfillRun.account_id == account_id,
-                    BackfillRun.platform == platform,
-                    BackfillRun.since == since,
-                    BackfillRun.until == until,
-                )
-                .order_by(BackfillRun.id.desc())
-                .limit(1)
-            )
-        ).scalar_one_or_none()
-        if run is not None and run.finished_at is not None and not again:
-            done = BackfillProgress(
-                run.id,
-                platform,
-                run.next_page - 1,
-                run.orders_seen,
-                run.orders_queued,
-                finished=True,
-                total=run.orders_seen,
-                already_finished=True,
-            )
-            if on_page:
-                on_page(done)
-            return done
-        if run is None or run.finished_at is not None:
-            run = BackfillRun(account_id=account_id, platform=platform, since=since, until=until)
-            session.add(run)
-            await session.flush()
-        run_id, page_no = run.id, run.next_page or 1
-        seen, queued = run.orders_seen or 0, run.orders_queued or 0
-
-    while True:
-        page = await client.order_page(platform, page_no, page_size, since, until)
-        order_ids = [o.order_id for o in page.orders] + _set_aside(platform, page)
-        for order_id in order_ids:
-            enqueue(account_id, platform, order_id, SyncSource.BACKFILL)
-        seen += len(page.orders) + len(page.unreadable)
-        queued += len(order_ids)
-        finished = not page.orders or page_no * page_size >= page.total
-        async with session_scope(sessions) as session:
-            await session.execute(
-                update(BackfillRun)
-                .where(BackfillRun.id == run_id)
-                .values(
-                    next_page=page_no + 1,
-                    orders_seen=seen,
-                    orders_queued=queued,
-                    finished_at=func.now() if finished else None,
-                )
-            )
-        progress = BackfillProgress(
-            run_id, platform, page_no, seen, queued, finished, total=page.total
-        )
-        if on_page:
-            on_page(progress)
-        if finished:
-            return progress
-        page_no += 1
-
-
-async def backfill_done_count(
-    sessions: async_sessionmaker[AsyncSession], run_id: int
-) -> tuple[int, int]:
-    """(orders of the run's range synced since it started, orders of it in the ledger)."""
-    async with sessions() as session:
-        run = await session.get(BackfillRun, run_id)
-        if run is None:
-            return 0, 0
-        in_range = and_(
-            Order.account_id == run.account_id,
-            Order.platform == run.platform,
-            Order.upstream_modified_at >= run.since,
-            Order.upstream_modified_at < run.until,
-        )
-        done = (
-            await session.execute(
-                select(func.count()).where(in_range, Order.last_synced_at >= run.started_at)
-            )
-        ).scalar_one()
-        total = (await session.execute(select(func.count()).where(in_range))).scalar_one()
-    return int(done), int(total)
-
-
-async def unfinished_backfill_until(
-    sessions: async_sessionmaker[AsyncSession],
-    account_id: str,
-    platforms: Sequence[Platform],
-    since: datetime,
-) -> datetime | None:
-    """The end of the latest unfinished run from ``since`` on any of ``platforms``: a command
-    started "until now" and interrupted resumes that range on every platform (one range per
-    command, so the platforms it had finished are not paged again)."""
-    async with sessions() as session:
-        until: datetime | None = (
-            await session.execute(
-                select(BackfillRun.until)
-                .where(
-                    BackfillRun.account_id == account_id,
-                    BackfillRun.platform.in_(platforms),
-                    BackfillRun.since == since,
-                    BackfillRun.finished_at.is_(None),
-                )
-                .order_by(BackfillRun.id.desc())
-                .limit(1)
-            )
-        ).scalar_one_or_none()
-    return until
-
-
-async def backfill_failed_count(sessions: async_sessionmaker[AsyncSession], run_id: int) -> int:
-    """Open sync failures of backfill reconciles on the run's platform since it started."""
-    async with sessions() as session:
-        run = await session.get(BackfillRun, run_id)
-        if run is None:
-            return 0
-        failed = (
-            await session.execute(
-                select(func.count()).where(
-                    SyncFailure.account_id == run.account_id,
-                    SyncFailure.platform == run.platform,
-                    SyncFailure.source == SyncSource.BACKFILL,
-                    SyncFailure.resolved_at.is_(None),
-                    SyncFailure.last_failed_at >= run.started_at,
-                )
-            )
-        ).scalar_one()
-    return int(failed)

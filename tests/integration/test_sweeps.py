@@ -14,13 +14,8 @@ from service.db import make_sessionmaker, session_scope
 from service.ledger.models import BackfillRun, Order, OrderStatus, Platform, SweepCursor, SyncSource
 from service.ledger.write import OrderTruth, write_order
 from service.pandapon.models import OrderListPage, OrderSnapshot, UnreadableRecord
-from workers.sweeps import (
-    backfill,
-    backfill_done_count,
-    refresh,
-    sweep,
-    unfinished_backfill_until,
-)
+from workers.backfill import backfill, backfill_done_count, unfinished_backfill_until
+from workers.sweeps import refresh, sweep
 
 ACCOUNT = "acct"
 NOW = datetime.now(UTC)
