@@ -41,12 +41,12 @@ from sqlalchemy.ext.asyncio import (
 from service.db import rowcount, session_scope
 from service.domain import (
     WAITING_INBOX_STATES,
-    InboxState,
     Platform,
     ReconcileRequest,
     RefundStatus,
     SyncSource,
 )
+from service.ledger.inbox import COVERED_INBOX_STATES
 from service.ledger.models import Order, Refund, SyncFailure, WebhookInbox
 from service.ledger.unmapped import count as count_unmapped
 from service.ledger.unmapped import record_unmapped
@@ -74,8 +74,6 @@ UPSTREAM_ANOMALIES = Counter(
 ORDER_LOCK_CLASS = 0x5053  # "PS"
 # Postgres' default level, for the write transaction after the lock's autocommit statements.
 TRANSACTIONAL = "READ COMMITTED"
-# An inbox row in one of these states was covered by a fetch that started after it arrived.
-_COVERED = frozenset({InboxState.PROCESSED.value, InboxState.IGNORED.value})
 
 
 class UpstreamClient(Protocol):
@@ -216,7 +214,7 @@ async def reconcile_order(
     async with order_lock(engine, request) as locked:
         if locked is None:
             return ReconcileResult(Outcome.BUSY)
-        if request.inbox_id is not None and locked.inbox_state in _COVERED:
+        if request.inbox_id is not None and locked.inbox_state in COVERED_INBOX_STATES:
             return ReconcileResult(Outcome.COALESCED)
 
         platform = request.platform

@@ -52,10 +52,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import Insert, insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from service.db import rowcount
-from service.domain import WAITING_INBOX_STATES
+from service.ledger.inbox import mark_processed
 from service.ledger.models import (
-    InboxState,
     Order,
     OrderLine,
     OrderPriceChange,
@@ -68,7 +66,6 @@ from service.ledger.models import (
     Shipment,
     ShipmentEvent,
     SyncSource,
-    WebhookInbox,
 )
 from service.pandapon.models import (
     LineSnapshot,
@@ -317,17 +314,6 @@ def rows_of_order(model: Any) -> tuple[ColumnElement[bool], ...]:
 
 def order_params(account_id: str, platform: Platform, order_id: str) -> dict[str, Any]:
     return {"of_account": account_id, "of_platform": platform, "of_order": order_id}
-
-
-_MARK_INBOX_PROCESSED = (
-    update(WebhookInbox)
-    .where(
-        *rows_of_order(WebhookInbox),
-        WebhookInbox.state.in_(WAITING_INBOX_STATES),
-        WebhookInbox.received_at <= bindparam("fetched_at"),
-    )
-    .values(state=InboxState.PROCESSED, processed_at=func.now())
-)
 
 
 # --- the write --------------------------------------------------------------------------------
@@ -629,11 +615,5 @@ def refund_state_of(statuses: Sequence[RefundStatus]) -> RefundState:
 
 
 async def _mark_inbox_processed(conn: AsyncConnection, account_id: str, truth: OrderTruth) -> int:
-    result = await conn.execute(
-        _MARK_INBOX_PROCESSED,
-        {
-            **order_params(account_id, truth.order.platform, truth.order.order_id),
-            "fetched_at": truth.fetched_at,
-        },
-    )
-    return rowcount(result)
+    order = truth.order
+    return await mark_processed(conn, account_id, order.platform, order.order_id, truth.fetched_at)

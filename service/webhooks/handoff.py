@@ -40,6 +40,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from service.broker import RECONCILE_QUEUE, make_broker, reconcile_message
 from service.config import Settings
 from service.domain import SyncSource
+from service.ledger.inbox import MARK_QUEUED_SQL
 from service.webhooks import metrics
 from service.webhooks.held import HeldConnections
 from service.webhooks.inbox import InboxRow, describe_error
@@ -335,18 +336,12 @@ def make_sender(broker: dramatiq.Broker, settings: Settings) -> Sender:
     return ProcessSender(settings)
 
 
-MARK_QUEUED = (
-    "UPDATE webhook_inbox SET state = 'queued', queued_at = now() "
-    "WHERE id = ANY($1::bigint[]) AND state = 'received'"
-)
-
-
 class Handoff:
     """Sends the reconciles of freshly committed rows, then marks those rows ``queued``."""
 
     def __init__(self, sender: Sender, engine: AsyncEngine, *, db_timeout_s: float) -> None:
         self._sender = sender
-        self._connections = HeldConnections(engine, [MARK_QUEUED])
+        self._connections = HeldConnections(engine, [MARK_QUEUED_SQL])
         self._db_timeout_s = db_timeout_s
         self._waiting: deque[PendingReconcile] = deque()
         self._wakeup = asyncio.Event()

@@ -27,13 +27,14 @@ from datetime import UTC, datetime, timedelta
 
 import dramatiq
 import structlog
-from sqlalchemy import ColumnElement, and_, delete, false, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, delete, false, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.broker import AGE_UNKNOWN, oldest_waiting
 from service.config import Settings
 from service.db import rowcount, session_scope
 from service.domain import FailureKind, InboxState
+from service.ledger.inbox import mark_handed_off, mark_ignored
 from service.ledger.models import SyncFailure, WebhookInbox, WebhookNonce
 from service.webhooks import metrics
 from service.webhooks.handoff import (
@@ -101,11 +102,7 @@ async def relay_once(
             ]
             unroutable = [r.id for r in rows if r.platform is None or r.order_id is None]
             if unroutable:
-                await session.execute(
-                    update(WebhookInbox)
-                    .where(WebhookInbox.id.in_(unroutable))
-                    .values(state=InboxState.IGNORED)
-                )
+                await mark_ignored(session, unroutable)
             sent: list[int] = []
             error: BaseException | None = None
             if items and sender is not None:
@@ -113,11 +110,7 @@ async def relay_once(
             elif items:
                 sent, error = await asyncio.to_thread(send_reconciles, broker, items)
             if sent:
-                await session.execute(
-                    update(WebhookInbox)
-                    .where(WebhookInbox.id.in_(sent))
-                    .values(state=InboxState.QUEUED, queued_at=func.now())
-                )
+                await mark_handed_off(session, sent)
         handed_off += len(sent)
         metrics.RELAY_HANDED_OFF.inc(len(sent))
         again = len(handed_off_before.intersection(sent))

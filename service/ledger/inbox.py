@@ -1,0 +1,86 @@
+"""The life of a ``webhook_inbox`` row, every change of its state in one place.
+
+```
+received ──hand-off──▶ queued ──a reconcile covered it──▶ processed
+   │                     ▲ │
+   │                     └─┘ the broker lost it: the relay hands it off again
+   └── nothing to reconcile (no platform or order id) ──▶ ignored
+```
+
+- **received**: committed by the receiver (``service/webhooks/inbox.py``); the request is
+  answered 200 only after this commit.
+- **queued**: a reconcile was sent to the broker, right after the commit
+  (``service/webhooks/handoff.py``, ``MARK_QUEUED_SQL`` on its held connections) or later by the
+  relay (``service/webhooks/relay.py``, ``mark_handed_off``), which also sends again a queued row
+  whose message the broker lost.
+- **processed**: the ledger write of the order (``service/ledger/write.py``) marks, in its own
+  transaction, every waiting row of the order received before its fetch started
+  (``mark_processed``): that fetch covered them.
+- **ignored**: nothing to reconcile (``mark_ignored``).
+
+``WAITING_INBOX_STATES`` (received, queued) and ``COVERED_INBOX_STATES`` (processed, ignored)
+are what the sweeps, the reconcile's coalescing and ``pandasync status`` read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy import BindParameter, bindparam, func, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+
+from service.db import rowcount
+from service.domain import WAITING_INBOX_STATES, InboxState, Platform
+from service.ledger.models import WebhookInbox
+
+COVERED_INBOX_STATES = frozenset({InboxState.PROCESSED, InboxState.IGNORED})
+
+# Raw SQL for the hand-off's held asyncpg connections (one prepared statement, no ORM).
+MARK_QUEUED_SQL = (
+    "UPDATE webhook_inbox SET state = 'queued', queued_at = now() "
+    "WHERE id = ANY($1::bigint[]) AND state = 'received'"
+)
+
+_ids: BindParameter[int] = bindparam("ids", expanding=True)
+_MARK_HANDED_OFF = (
+    update(WebhookInbox)
+    .where(WebhookInbox.id.in_(_ids))
+    .values(state=InboxState.QUEUED, queued_at=func.now())
+)
+_MARK_IGNORED = (
+    update(WebhookInbox).where(WebhookInbox.id.in_(_ids)).values(state=InboxState.IGNORED)
+)
+_MARK_PROCESSED = (
+    update(WebhookInbox)
+    .where(
+        WebhookInbox.account_id == bindparam("of_account"),
+        WebhookInbox.platform == bindparam("of_platform"),
+        WebhookInbox.order_id == bindparam("of_order"),
+        WebhookInbox.state.in_(WAITING_INBOX_STATES),
+        WebhookInbox.received_at <= bindparam("fetched_at"),
+    )
+    .values(state=InboxState.PROCESSED, processed_at=func.now())
+)
+
+
+async def mark_handed_off(session: AsyncSession, ids: Sequence[int]) -> None:
+    """Rows whose reconcile the relay just sent (received, or queued and lost)."""
+    await session.execute(_MARK_HANDED_OFF, {"ids": list(ids)})
+
+
+async def mark_ignored(session: AsyncSession, ids: Sequence[int]) -> None:
+    await session.execute(_MARK_IGNORED, {"ids": list(ids)})
+
+
+async def mark_processed(
+    conn: AsyncConnection, account_id: str, platform: Platform, order_id: str, fetched_at: datetime
+) -> int:
+    """The order's waiting rows received before ``fetched_at``; how many."""
+    params = {
+        "of_account": account_id,
+        "of_platform": platform,
+        "of_order": order_id,
+        "fetched_at": fetched_at,
+    }
+    return rowcount(await conn.execute(_MARK_PROCESSED, params))
