@@ -541,8 +541,11 @@ def _code(value: Any) -> int | None:
         return None
     if isinstance(value, int):
         return value
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value)
+    # ASCII digits only, and few of them: "²" and "፩" are digits to str.isdigit() but not to
+    # int(), and int() of thousands of digits raises too.
+    text = value.strip() if isinstance(value, str) else ""
+    if text.isascii() and text.isdigit() and len(text) <= 9:
+        return int(text)
     return None
 
 

@@ -17,7 +17,7 @@ from prometheus_client import REGISTRY
 
 from service.config import ConfigError, Settings, load_settings
 from service.ledger.models import OrderStatus, Platform
-from service.pandapon.client import PandaPonClient, make_http_client, parse_retry_after
+from service.pandapon.client import PandaPonClient, make_http_client, parse_retry_after, unwrap
 from service.pandapon.errors import (
     AuthError,
     MalformedResponse,
@@ -554,3 +554,11 @@ async def test_make_http_client_has_explicit_timeouts() -> None:
         assert (http.timeout.connect, http.timeout.read) == (1.5, 7.0)
         assert (http.timeout.write, http.timeout.pool) == (2.5, 3.5)
         assert http.follow_redirects is False
+
+
+@pytest.mark.parametrize("code", ["²", "፩", "9" * 5000])
+def test_an_envelope_code_that_is_no_number_is_malformed_not_a_crash(code: str) -> None:
+    response = httpx.Response(200, json={"code": code, "msg": "x", "data": None})
+    with pytest.raises(MalformedResponse) as caught:
+        unwrap("taobao_order_detail", response)
+    assert caught.value.field == "code"
