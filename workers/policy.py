@@ -89,11 +89,16 @@ def backoff_ms(retries: int) -> int:
     return ceiling // 2 + random.randint(0, ceiling // 2)
 
 
-async def call_with_retries(call: Callable[[], Awaitable[T]]) -> T:
+async def call_with_retries(
+    call: Callable[[], Awaitable[T]],
+    *,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> T:
     """Run one upstream call, retrying it in place on a transient error (see the docstring).
 
     Inside an ``upstream_budget`` the pauses count against the budget, and a pause the budget
-    cannot cover gives the error to the message-level policy at once."""
+    cannot cover gives the error to the message-level policy at once. ``sleep`` makes the
+    pauses (tests pass one that only records them)."""
     for pause in CALL_BACKOFF_S:
         try:
             return await call()
@@ -109,7 +114,7 @@ async def call_with_retries(call: Callable[[], Awaitable[T]]) -> T:
                 if pause >= budget.remaining:
                     raise
                 budget.spent += pause
-            await asyncio.sleep(pause)
+            await sleep(pause)
     return await call()
 
 

@@ -109,6 +109,13 @@ def test_permanent_and_unknown_errors_are_recorded_at_once(error: Exception) -> 
     assert policy.decide(error, 0) == policy.Record(FailureKind.PERMANENT)
 
 
+class Pauses(list[float]):
+    """A sleep that only records how long it was asked to pause."""
+
+    async def __call__(self, seconds: float) -> None:
+        self.append(seconds)
+
+
 async def test_a_transient_blip_is_retried_in_place() -> None:
     calls: list[int] = []
 
@@ -118,8 +125,10 @@ async def test_a_transient_blip_is_retried_in_place() -> None:
             raise UpstreamServerError("503")
         return "ok"
 
-    assert await policy.call_with_retries(flaky) == "ok"
+    pauses = Pauses()
+    assert await policy.call_with_retries(flaky, sleep=pauses) == "ok"
     assert len(calls) == 3
+    assert pauses == list(policy.CALL_BACKOFF_S)
 
 
 async def test_in_place_retries_give_up_and_leave_the_rest_to_the_message() -> None:
@@ -130,7 +139,7 @@ async def test_in_place_retries_give_up_and_leave_the_rest_to_the_message() -> N
         raise UpstreamTimeout("read timeout")
 
     with pytest.raises(UpstreamTimeout):
-        await policy.call_with_retries(down)
+        await policy.call_with_retries(down, sleep=Pauses())
     assert len(calls) == len(policy.CALL_BACKOFF_S) + 1
 
 
