@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import uvicorn
-
 from service.app import create_app
 from service.config import Settings
 from service.webhooks.limits import web_server_options
+from tests.support.servers import uvicorn_thread
 from tests.support.webhook_checks import count
 from tests.support.webhook_requests import WEBHOOK, encode, receiver_settings, signed, taobao_status
 
@@ -32,7 +30,6 @@ BODY_TIMEOUT_S = 0.5
 KEEP_ALIVE_S = 1
 # How long past a limit's time a test waits for it to act: generous, the machine is shared.
 MARGIN_S = 1.5
-STARTUP_TIMEOUT_S = 20.0
 HEALTHZ_AND_CLOSE = b"GET /healthz HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n"
 
 
@@ -50,30 +47,9 @@ def limited_settings(database_url: str, **overrides: Any) -> Settings:
 @contextmanager
 def web_role(settings: Settings) -> Iterator[Address]:
     """The app under uvicorn with the web role's options, in a thread; yields its address."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    address: Address = sock.getsockname()
-    config = uvicorn.Config(
-        create_app(settings),
-        **web_server_options(settings),
-        lifespan="on",
-        timeout_graceful_shutdown=1,
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    try:
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the web role did not start (see its log)")
-            time.sleep(0.01)
+    options = {**web_server_options(settings), "timeout_graceful_shutdown": 1}
+    with uvicorn_thread(create_app(settings), **options) as address:
         yield address
-    finally:
-        server.should_exit = True
-        thread.join(15)
-        sock.close()
 
 
 def connect(address: Address) -> socket.socket:

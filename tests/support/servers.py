@@ -30,47 +30,46 @@ from service.sandbox.settings import (
     SandboxSettings,
 )
 
-STARTUP_TIMEOUT_S = 15.0
+STARTUP_TIMEOUT_S = 20.0
 
 
 @contextmanager
-def serve_in_thread(app: Any, *, host: str = "127.0.0.1") -> Iterator[str]:
-    """Run ``app`` with uvicorn in a thread; yields its base URL; stops it on exit."""
+def uvicorn_thread(
+    app: Any, *, host: str = "127.0.0.1", **options: Any
+) -> Iterator[tuple[str, int]]:
+    """Run ``app`` under uvicorn in a thread of its own (its own event loop, so the test's
+    loop may block); yields its (host, port); stops it on exit. ``options`` are
+    ``uvicorn.Config`` keywords."""
     # IPPROTO_TCP explicitly: asyncio only sets TCP_NODELAY on sockets that say they are TCP,
     # and without it every response waits out the client's delayed ACK (~40 ms).
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        log_config=None,
-        access_log=False,
-        lifespan="on",
-        ws="none",
-        http="h11",
-        loop="asyncio",
-        timeout_graceful_shutdown=2,
-    )
-    server = uvicorn.Server(config)
+    settings = {"log_config": None, "access_log": False, "timeout_graceful_shutdown": 2, **options}
+    server = uvicorn.Server(uvicorn.Config(app, lifespan="on", **settings))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            server.should_exit = True
-            thread.join(5)
-            sock.close()
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.01)
     try:
-        yield f"http://{host}:{port}"
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the test server did not start (see its log)")
+            time.sleep(0.01)
+        yield host, port
     finally:
         server.should_exit = True
-        thread.join(15)
+        thread.join(30)
         sock.close()
+        if thread.is_alive():
+            raise RuntimeError("the test server did not stop")
+
+
+@contextmanager
+def serve_in_thread(app: Any, *, host: str = "127.0.0.1") -> Iterator[str]:
+    """``uvicorn_thread`` on plain h11 and asyncio; yields the base URL."""
+    with uvicorn_thread(app, host=host, ws="none", http="h11", loop="asyncio") as (_, port):
+        yield f"http://{host}:{port}"
 
 
 @dataclass
