@@ -1,0 +1,19 @@
+"""The ``pandasync`` command (design §3).
+
+Each command reads Settings once; an invalid setting stops it with a message naming the setting
+(exit 2). When ``PANDASYNC_DATABASE_URL`` is unset the commands that need a database start the
+embedded Postgres under ``PANDASYNC_DATA_DIR`` and export its URL to their child processes.
+"""
+
+from __future__ import annotations
+
+import click
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """pandasync: mirror PandaPon orders (Taobao and 1688) into Postgres."""
+
+
+# The commands register themselves on ``main`` when imported.
+from service.cli import bulk, operate, roles  # noqa: E402, F401

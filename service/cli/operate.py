@@ -1,0 +1,312 @@
+"""The operator's commands: send-test-message, doctor, resync, replay, status."""
+
+from __future__ import annotations
+
+import sys
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+import click
+
+from service.config import ConfigError
+
+if TYPE_CHECKING:
+    from workers.operations import Status
+
+from service.cli import main
+from service.cli.common import (
+    account_id_or_exit,
+    configure_logging,
+    database_url_or_embedded,
+    settings_or_exit,
+)
+
+
+@main.command("send-test-message")
+@click.option(
+    "--url",
+    default=None,
+    help="Webhook URL (default: this machine's web role, on the token URL when a token is set).",
+)
+@click.option("--platform", type=click.Choice(["taobao", "1688"]), default="taobao")
+@click.option("--order-id", required=True)
+def send_test_message(url: str | None, platform: str, order_id: str) -> None:
+    """Send one signed status-change message, as PandaPon would, and print the answer."""
+    import json
+    import re
+    import time
+
+    import httpx
+
+    from service.pandapon.signer import Credentials, signed_headers
+
+    settings = settings_or_exit()
+    if settings.access_key and settings.access_secret and settings.user_id:
+        credentials = Credentials(
+            settings.access_key, settings.access_secret.get_secret_value(), settings.user_id
+        )
+    else:
+        from service.sandbox.settings import DEV_ACCESS_KEY, DEV_ACCESS_SECRET, DEV_USER_ID
+
+        credentials = Credentials(DEV_ACCESS_KEY, DEV_ACCESS_SECRET, DEV_USER_ID)
+    if url is None:
+        from service.devserver import read_dev_token
+
+        url = f"http://{settings.host}:{settings.port}/webhooks/pandapon"
+        token = settings.webhook_token.get_secret_value() if settings.webhook_token else None
+        token = token or read_dev_token(settings.data_dir)
+        if token:
+            url += "/" + token
+    # The token is a credential: the printed URL shows where it goes, not what it is.
+    shown = re.sub(r"(/webhooks/pandapon/)[^/?#]+", r"\1<token>", url)
+    body: dict[str, object]
+    if platform == "taobao":
+        message_type, body = (
+            "TAOBAO_ORDER_BUYER_VIEW_ORDER_STATUS_CHANGE",
+            {"salesOrderId": order_id, "subOrders": []},
+        )
+    else:
+        message_type, body = (
+            "1688_ORDER_BUYER_VIEW_ORDER_STATUS_CHANGE",
+            {"baseInfo": {"idOfStr": order_id}},
+        )
+    envelope = {
+        "messageType": message_type,
+        "messageBody": body,
+        "messagePlatform": 0 if platform == "taobao" else 1,
+        "timestamp": str(int(time.time() * 1000)),
+    }
+    headers = {
+        **signed_headers(credentials, unit=settings.timestamp_unit),
+        "content-type": "application/json",
+    }
+    try:
+        response = httpx.post(url, content=json.dumps(envelope), headers=headers, timeout=5)
+    except httpx.HTTPError as error:
+        click.echo(f"pandasync send-test-message: {shown}: {error}", err=True)
+        sys.exit(1)
+    click.echo(f"{shown} answered {response.status_code} {response.text}".rstrip())
+    sys.exit(0 if response.status_code == 200 else 1)
+
+
+@main.command()
+@click.option(
+    "--listen",
+    "listen_s",
+    type=click.FloatRange(min=1),
+    default=None,
+    metavar="SECONDS",
+    help="Then receive PandaPon's callbacks for this long and describe each one.",
+)
+@click.option(
+    "--order",
+    "orders",
+    multiple=True,
+    metavar="PLATFORM:ID",
+    help="Check the shapes on this order (taobao:ID or 1688:ID; once per platform).",
+)
+@click.option("--host", default=None, help="Interface --listen binds (default: setting HOST).")
+@click.option("--port", type=int, default=None, help="Port --listen binds (default: setting PORT).")
+def doctor(
+    listen_s: float | None, orders: tuple[str, ...], host: str | None, port: int | None
+) -> None:
+    """Check the live PandaPon contract with the configured credentials (read-only).
+
+    Credentials and timestamp unit, every endpoint of the endpoint table, the payload shapes
+    of a real order per platform, and the webhook URL to enter in PandaPon's console; with
+    --listen, what PandaPon's callbacks look like and whether they verify. Prints one line
+    per check (✓ passed, ✗ failed, ? could not be checked) and the PANDASYNC_…=… lines to set.
+    Calls only the query APIs and needs no database.
+
+    \b
+    Exit status:
+      0  every check passed
+      1  a check failed (✗)
+      2  nothing failed but something could not be checked (?),
+         or the settings are invalid
+    """
+    from service.doctor import OrderRef, run_doctor
+
+    settings = settings_or_exit()
+    try:
+        refs = [OrderRef.parse(text) for text in orders]
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--order") from None
+    try:
+        code = run_doctor(
+            settings,
+            click.echo,
+            orders=refs,
+            listen_s=listen_s,
+            host=host or settings.host,
+            port=settings.port if port is None else port,
+        )
+    except ConfigError as error:
+        click.echo(f"pandasync doctor: {error}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("pandasync doctor: interrupted", err=True)
+        sys.exit(130)
+    except Exception as error:  # an operator command: one line, never a traceback
+        click.echo(f"pandasync doctor: {type(error).__name__}: {error}", err=True)
+        sys.exit(1)
+    sys.exit(code)
+
+
+@main.command()
+@click.argument("platform", type=click.Choice(["taobao", "1688"]))
+@click.argument("order_id")
+def resync(platform: str, order_id: str) -> None:
+    """Reconcile one order now, in this process, and print the outcome."""
+    import asyncio
+
+    from service.domain import ReconcileRequest
+    from service.ledger.models import Platform, SyncSource
+    from workers.reconcile import reconcile_order
+    from workers.runtime import WorkerRuntime
+
+    settings = settings_or_exit()
+    configure_logging(settings)
+    database_url_or_embedded(settings)
+    settings = settings_or_exit()
+    account_id = account_id_or_exit(settings)
+
+    async def run() -> str:
+        runtime = WorkerRuntime.build(settings)
+        try:
+            request = ReconcileRequest(account_id, Platform(platform), order_id, SyncSource.MANUAL)
+            result = await reconcile_order(
+                runtime.engine, runtime.sessions, runtime.client, request
+            )
+            return result.outcome.value
+        finally:
+            await runtime.aclose()
+
+    try:
+        outcome = asyncio.run(run())
+    except Exception as error:  # an operator command: say what failed, exit non-zero
+        click.echo(f"pandasync resync: {type(error).__name__}: {error}", err=True)
+        sys.exit(1)
+    click.echo(f"{platform} {order_id}: {outcome}")
+
+
+@main.command()
+@click.option("--platform", type=click.Choice(["taobao", "1688"]), default=None)
+@click.option("--since", default=None, help="Only failures last seen at or after (ISO date/time).")
+@click.option("--until", default=None, help="Only failures last seen before (ISO date/time).")
+def replay(platform: str | None, since: str | None, until: str | None) -> None:
+    """Re-run the open sync failures (they close when the order syncs)."""
+    import asyncio
+
+    from service.broker import make_broker
+    from service.db import make_engine, make_sessionmaker
+    from service.ledger.models import Platform
+    from workers.operations import enqueue_replay, mark_replayed, open_failures
+
+    settings = settings_or_exit()
+    configure_logging(settings)
+    url = database_url_or_embedded(settings)
+    if not settings.broker_url:
+        click.echo("pandasync replay: needs PANDASYNC_BROKER_URL (the workers' broker)", err=True)
+        sys.exit(2)
+
+    async def run() -> int:
+        engine = make_engine(url, settings, application_name="pandasync-replay")
+        sessions = make_sessionmaker(engine)
+        try:
+            failures = await open_failures(
+                sessions,
+                platform=Platform(platform) if platform else None,
+                since=_parse_time(since),
+                until=_parse_time(until),
+            )
+            enqueue_replay(make_broker(settings), failures)
+            await mark_replayed(sessions, [f.id for f in failures])
+            return len(failures)
+        finally:
+            await engine.dispose()
+
+    count = asyncio.run(run())
+    click.echo(f"queued {count} failed order(s) for another sync")
+
+
+def _parse_time(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(f"not an ISO date or date-time: {value!r}") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+@main.command()
+def status() -> None:
+    """Inbox backlog and lag, queue depth, open failures, last sweeps, unmapped values."""
+    import asyncio
+
+    from service.broker import make_broker
+    from service.db import make_engine, make_sessionmaker
+    from workers.operations import gather_status
+
+    settings = settings_or_exit()
+    url = database_url_or_embedded(settings)
+
+    async def run() -> None:
+        engine = make_engine(url, settings, application_name="pandasync-status")
+        try:
+            broker = make_broker(settings) if settings.broker_url else None
+            report = await gather_status(make_sessionmaker(engine), broker)
+        finally:
+            await engine.dispose()
+        age = report.oldest_unprocessed_age
+        click.echo(f"inbox backlog:        {report.inbox_backlog} message(s) not yet processed")
+        click.echo(f"  not yet queued:     {report.inbox_unqueued}")
+        click.echo(f"  oldest unprocessed: {age if age is not None else '-'}")
+        depth = report.queue_depth
+        click.echo(f"queue depth:          {depth if depth is not None else 'n/a'}")
+        click.echo(f"open failures:        {report.open_failures}")
+        if not report.sweeps:
+            click.echo("last sweep:           never")
+        for label, rows in (("sweep", report.sweeps), ("refund sweep", report.refund_sweeps)):
+            for sweep in rows:
+                click.echo(
+                    f"last {label} {sweep.platform.value:<7} {sweep.last_finished_at or 'never'}  "
+                    f"examined {sweep.last_examined}, drift {sweep.last_drift}"
+                )
+        _echo_unmapped(report)
+
+    asyncio.run(run())
+
+
+def _echo_unmapped(report: Status) -> None:
+    """The values the mapping could not place, one line each, the latest seen first."""
+    if not report.unmapped:
+        click.echo("unmapped values: none")
+        return
+    click.echo(f"unmapped values: {report.unmapped_total} (per account: report_unmapped_values)")
+    table = [("value", "platform", "field", "orders", "seen", "first seen", "last seen")]
+    table += [
+        (
+            _printable(u.value),
+            u.platform.value if u.platform else "-",
+            u.field.value,
+            "-" if u.orders is None else str(u.orders),
+            str(u.seen),
+            u.first_seen_at.replace(microsecond=0).isoformat(" "),
+            u.last_seen_at.replace(microsecond=0).isoformat(" "),
+        )
+        for u in report.unmapped
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        click.echo(("  " + "  ".join(cells)).rstrip())
+    if report.unmapped_total > len(report.unmapped):
+        click.echo(f"  … and {report.unmapped_total - len(report.unmapped)} more")
+
+
+def _printable(value: str) -> str:
+    """PandaPon (or whoever has the webhook URL) chose the value: no control character of
+    it reaches the operator's terminal."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in value)
