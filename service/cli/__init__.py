@@ -7,13 +7,8 @@ embedded Postgres under ``PANDASYNC_DATA_DIR`` and export its URL to their child
 
 from __future__ import annotations
 
-import click
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def main() -> None:
-    """pandasync: mirror PandaPon orders (Taobao and 1688) into Postgres."""
-
-
 # The commands register themselves on ``main`` when imported.
-from service.cli import bulk, operate, roles  # noqa: E402, F401
+from service.cli import bulk, operate, roles  # noqa: F401
+from service.cli.common import main
+
+__all__ = ["main"]

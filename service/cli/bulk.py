@@ -7,11 +7,11 @@ from datetime import datetime
 
 import click
 
-from service.cli import main
 from service.cli.common import (
     account_id_or_exit,
     configure_logging,
     database_url_or_embedded,
+    main,
     settings_or_exit,
 )
 

@@ -1,5 +1,6 @@
-"""What every command does first: read the settings (one line and exit 2 when they are wrong),
-find the database (the embedded one when none is set), set up logging."""
+"""The ``pandasync`` group, and what every command does first: read the settings (one line and
+exit 2 when they are wrong), find the database (the embedded one when none is set), set up
+logging."""
 
 from __future__ import annotations
 
@@ -9,6 +10,11 @@ import sys
 import click
 
 from service.config import ConfigError, Settings, get_settings
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """pandasync: mirror PandaPon orders (Taobao and 1688) into Postgres."""
 
 
 def settings_or_exit() -> Settings:

@@ -13,11 +13,11 @@ from service.config import ConfigError
 if TYPE_CHECKING:
     from workers.operations import Status
 
-from service.cli import main
 from service.cli.common import (
     account_id_or_exit,
     configure_logging,
     database_url_or_embedded,
+    main,
     settings_or_exit,
 )
 

@@ -17,8 +17,12 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 
-from service.cli import main
-from service.cli.common import configure_logging, database_url_or_embedded, settings_or_exit
+from service.cli.common import (
+    configure_logging,
+    database_url_or_embedded,
+    main,
+    settings_or_exit,
+)
 
 
 @main.command()

@@ -70,3 +70,37 @@ def test_the_rules_see_every_room() -> None:
     names = {module_name(p) for p in SOURCES}
     for room in RULES:
         assert any(within(n, room) for n in names), room
+
+
+def module_level_imports(path: Path, known: set[str]) -> set[str]:
+    """The project modules ``path`` imports at load time (not in functions, not for typing)."""
+    found: set[str] = set()
+    for node in ast.parse(path.read_text(), str(path)).body:
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for alias in node.names:
+                full = f"{node.module}.{alias.name}"
+                found.add(full if full in known else node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return found & known
+
+
+def test_no_import_cycle() -> None:
+    modules = {module_name(p): p for p in SOURCES}
+    graph = {name: module_level_imports(p, set(modules)) - {name} for name, p in modules.items()}
+    cycles: list[list[str]] = []
+    done: set[str] = set()
+
+    def visit(name: str, path: list[str]) -> None:
+        if name in path:
+            cycles.append([*path[path.index(name) :], name])
+            return
+        if name in done:
+            return
+        for imported in sorted(graph[name]):
+            visit(imported, [*path, name])
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name, [])
+    assert cycles == [], "\n".join(" -> ".join(c) for c in cycles)
