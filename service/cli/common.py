@@ -11,8 +11,48 @@ import click
 
 from service.config import ConfigError, Settings, get_settings
 
+DEBUG_HINT = "PANDASYNC_LOG_LEVEL=DEBUG shows the traceback"
+# SQLSTATEs an operator meets before the service ever ran, and what to do about each.
+_SQLSTATE_HINTS = {
+    "42P01": "the database has no pandasync tables yet: run `pandasync migrate`",
+    "3D000": "the database does not exist: create it, or fix PANDASYNC_DATABASE_URL",
+    "28P01": "Postgres refused the password: fix PANDASYNC_DATABASE_URL",
+    "28000": "Postgres refused the user: fix PANDASYNC_DATABASE_URL",
+}
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+def explain(error: Exception) -> str:
+    """One line: what went wrong and what to do."""
+    state = getattr(getattr(error, "orig", None), "sqlstate", None)
+    if state in _SQLSTATE_HINTS:
+        return _SQLSTATE_HINTS[state]
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if isinstance(error, OSError) or type(error).__module__.startswith("redis"):
+        return (
+            f"cannot connect ({text}): check that Postgres and the broker run and that "
+            "PANDASYNC_DATABASE_URL and PANDASYNC_BROKER_URL point at them"
+        )
+    return f"{type(error).__name__}: {text} ({DEBUG_HINT})"
+
+
+class _Commands(click.Group):
+    """Every failure an operator can meet ends in one line saying what to do, exit status 1,
+    never a traceback (unless PANDASYNC_LOG_LEVEL=DEBUG)."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as error:
+            if os.environ.get("PANDASYNC_LOG_LEVEL", "").upper() == "DEBUG":
+                raise
+            command = f" {ctx.invoked_subcommand}" if ctx.invoked_subcommand else ""
+            click.echo(f"pandasync{command}: {explain(error)}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """pandasync: mirror PandaPon orders (Taobao and 1688) into Postgres."""
 
