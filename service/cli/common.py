@@ -58,11 +58,17 @@ def main() -> None:
 
 
 def settings_or_exit() -> Settings:
+    """The settings, every one checked, endpoint overrides included: a role must not start
+    on a setting that would fail each of its calls later."""
+    from service.pandapon.endpoints import EndpointTable
+
     try:
-        return get_settings()
+        settings = get_settings()
+        EndpointTable(settings.endpoint_overrides)
     except ConfigError as error:
         click.echo(f"pandasync: {error}", err=True)
         sys.exit(2)
+    return settings
 
 
 def database_url_or_embedded(settings: Settings) -> str:

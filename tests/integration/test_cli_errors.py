@@ -80,3 +80,29 @@ async def test_debug_shows_the_traceback(tmp_path: Path, empty_database_url: str
     result = await status(tmp_path, empty_database_url, PANDASYNC_LOG_LEVEL="DEBUG")
     assert result.returncode != 0
     assert "Traceback" in result.stderr
+
+
+@pytest.mark.parametrize("role", ["serve", "worker", "scheduler"])
+async def test_a_role_does_not_start_on_a_wrong_endpoint_override(
+    tmp_path: Path, postgres_server_url: str, role: str
+) -> None:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PANDASYNC_")}
+    env = {
+        **clean,
+        "PANDASYNC_DATABASE_URL": postgres_server_url,
+        "PANDASYNC_BROKER_URL": "redis://127.0.0.1:6379/0",
+        "PANDASYNC_ENDPOINT_OVERRIDES": '{"taobao_order_detial": {"path": "/x"}}',
+    }
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [PANDASYNC, role],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("pandasync: PANDASYNC_ENDPOINT_OVERRIDES: unknown endpoint")
+    assert "taobao_order_detial" in line
