@@ -40,12 +40,12 @@ from service.domain import (
     RefundState,
     SyncSource,
 )
+from service.ledger.inbox import held_for_replay
 from service.ledger.models import (
     Order,
     Refund,
     RefundSweepCursor,
     SweepCursor,
-    SyncFailure,
     WebhookInbox,
 )
 from service.pandapon.models import (
@@ -149,22 +149,11 @@ async def _awaited(
     loses it), which will read them as they are then. Asking again would only add to a
     backlog, on every sweep until it is worked off.
 
-    Not when the order's last reconcile failed (an open sync failure): the relay leaves such
-    a message waiting for ``pandasync replay``, so nothing is on its way, and the sweep is
-    what retries an order whose failure was only recorded as permanent (a fault we did not
-    foresee) while its message waits."""
+    Not when the row is ``held_for_replay`` (its order's reconcile failed for good): nothing
+    is on its way, and the sweep is what retries an order whose failure was only recorded as
+    permanent (a fault we did not foresee) while its message waits."""
     if not ids:
         return set()
-    failed = (
-        select(SyncFailure.id)
-        .where(
-            SyncFailure.account_id == WebhookInbox.account_id,
-            SyncFailure.platform == WebhookInbox.platform,
-            SyncFailure.order_id == WebhookInbox.order_id,
-            SyncFailure.resolved_at.is_(None),
-        )
-        .exists()
-    )
     found = await session.execute(
         select(column)
         .distinct()
@@ -173,7 +162,7 @@ async def _awaited(
             WebhookInbox.platform == platform,
             column.in_(ids),
             WebhookInbox.state.in_(WAITING_INBOX_STATES),
-            ~failed,
+            ~held_for_replay(),
         )
     )
     return {value for value in found.scalars() if value is not None}

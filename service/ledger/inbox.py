@@ -19,7 +19,8 @@ received ──hand-off──▶ queued ──a reconcile covered it──▶ pr
 - **ignored**: nothing to reconcile (``mark_ignored``).
 
 ``WAITING_INBOX_STATES`` (received, queued) and ``COVERED_INBOX_STATES`` (processed, ignored)
-are what the sweeps, the reconcile's coalescing and ``pandasync status`` read.
+are what the sweeps, the reconcile's coalescing and ``pandasync status`` read. A waiting row is
+on its way to a reconcile unless ``held_for_replay``: its order's reconcile failed for good.
 """
 
 from __future__ import annotations
@@ -27,12 +28,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import BindParameter, bindparam, func, update
+from sqlalchemy import BindParameter, ColumnElement, bindparam, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from service.db import rowcount
-from service.domain import WAITING_INBOX_STATES, InboxState, Platform
-from service.ledger.models import WebhookInbox
+from service.domain import WAITING_INBOX_STATES, FailureKind, InboxState, Platform
+from service.ledger.models import SyncFailure, WebhookInbox
 
 COVERED_INBOX_STATES = frozenset({InboxState.PROCESSED, InboxState.IGNORED})
 
@@ -62,6 +63,24 @@ _MARK_PROCESSED = (
     )
     .values(state=InboxState.PROCESSED, processed_at=func.now())
 )
+
+
+def held_for_replay() -> ColumnElement[bool]:
+    """True for an inbox row whose order has an open permanent sync failure: the relay does
+    not send it again and no reconcile is on its way (the row waits for ``pandasync replay``),
+    so the sweeps must not count on it. An exhausted failure heals by itself: the relay sends
+    such rows again."""
+    return (
+        select(SyncFailure.id)
+        .where(
+            SyncFailure.account_id == WebhookInbox.account_id,
+            SyncFailure.platform == WebhookInbox.platform,
+            SyncFailure.order_id == WebhookInbox.order_id,
+            SyncFailure.resolved_at.is_(None),
+            SyncFailure.kind == FailureKind.PERMANENT,
+        )
+        .exists()
+    )
 
 
 async def mark_handed_off(session: AsyncSession, ids: Sequence[int]) -> None:

@@ -33,9 +33,9 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from service.broker import AGE_UNKNOWN, oldest_waiting
 from service.config import Settings
 from service.db import rowcount, session_scope
-from service.domain import FailureKind, InboxState
-from service.ledger.inbox import mark_handed_off, mark_ignored
-from service.ledger.models import SyncFailure, WebhookInbox, WebhookNonce
+from service.domain import InboxState
+from service.ledger.inbox import held_for_replay, mark_handed_off, mark_ignored
+from service.ledger.models import WebhookInbox, WebhookNonce
 from service.webhooks import metrics
 from service.webhooks.handoff import (
     BrokerSender,
@@ -154,21 +154,10 @@ async def _lost_in_broker(
     # rows queued: they wait for `pandasync replay` once the cause is fixed, as the failure
     # does, rather than failing again every REQUEUE_AFTER_S. Exhausted retries (an outage
     # longer than the retry budget) are sent again: that heals by itself.
-    failed_for_good = (
-        select(SyncFailure.id)
-        .where(
-            SyncFailure.account_id == WebhookInbox.account_id,
-            SyncFailure.platform == WebhookInbox.platform,
-            SyncFailure.order_id == WebhookInbox.order_id,
-            SyncFailure.resolved_at.is_(None),
-            SyncFailure.kind == FailureKind.PERMANENT,
-        )
-        .exists()
-    )
     return and_(
         WebhookInbox.state == InboxState.QUEUED,
         WebhookInbox.queued_at < moved_on - requeue_after,
-        ~failed_for_good,
+        ~held_for_replay(),
     )
 
 

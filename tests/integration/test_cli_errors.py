@@ -30,17 +30,22 @@ async def empty_database_url(postgres_server_url: str) -> AsyncIterator[str]:
         await admin.close()
 
 
-async def status(tmp_path: Path, database_url: str, **env: str) -> subprocess.CompletedProcess[str]:
+async def pandasync(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """``pandasync *args`` with only the ``env`` settings (none from the environment)."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("PANDASYNC_")}
     return await asyncio.to_thread(
         subprocess.run,
-        [PANDASYNC, "status"],
-        env={**clean, "PANDASYNC_DATABASE_URL": database_url, **env},
+        [PANDASYNC, *args],
+        env={**clean, **env},
         cwd=tmp_path,  # no .env of the checkout
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+async def status(tmp_path: Path, database_url: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return await pandasync(tmp_path, "status", PANDASYNC_DATABASE_URL=database_url, **env)
 
 
 def one_line(result: subprocess.CompletedProcess[str]) -> str:
@@ -86,21 +91,12 @@ async def test_debug_shows_the_traceback(tmp_path: Path, empty_database_url: str
 async def test_a_role_does_not_start_on_a_wrong_endpoint_override(
     tmp_path: Path, postgres_server_url: str, role: str
 ) -> None:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("PANDASYNC_")}
-    env = {
-        **clean,
-        "PANDASYNC_DATABASE_URL": postgres_server_url,
-        "PANDASYNC_BROKER_URL": "redis://127.0.0.1:6379/0",
-        "PANDASYNC_ENDPOINT_OVERRIDES": '{"taobao_order_detial": {"path": "/x"}}',
-    }
-    result = await asyncio.to_thread(
-        subprocess.run,
-        [PANDASYNC, role],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
+    result = await pandasync(
+        tmp_path,
+        role,
+        PANDASYNC_DATABASE_URL=postgres_server_url,
+        PANDASYNC_BROKER_URL="redis://127.0.0.1:6379/0",
+        PANDASYNC_ENDPOINT_OVERRIDES='{"taobao_order_detial": {"path": "/x"}}',
     )
     assert result.returncode == 2, result.stdout + result.stderr
     [line] = result.stderr.strip().splitlines()

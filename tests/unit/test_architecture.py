@@ -31,10 +31,13 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imports(path: Path) -> list[tuple[int, str]]:
-    """Every module ``path`` imports, anywhere in the file (a function-level import counts)."""
+def imports(path: Path, *, load_time_only: bool = False) -> list[tuple[int, str]]:
+    """Every module ``path`` imports, anywhere in the file (a function-level import counts);
+    ``load_time_only``: only those at the module's top level, outside ``if TYPE_CHECKING``."""
+    tree = ast.parse(path.read_text(), str(path))
+    nodes = tree.body if load_time_only else ast.walk(tree)
     found: list[tuple[int, str]] = []
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in nodes:
         if isinstance(node, ast.Import):
             found.extend((node.lineno, alias.name) for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -72,22 +75,17 @@ def test_the_rules_see_every_room() -> None:
         assert any(within(n, room) for n in names), room
 
 
-def module_level_imports(path: Path, known: set[str]) -> set[str]:
-    """The project modules ``path`` imports at load time (not in functions, not for typing)."""
-    found: set[str] = set()
-    for node in ast.parse(path.read_text(), str(path)).body:
-        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            for alias in node.names:
-                full = f"{node.module}.{alias.name}"
-                found.add(full if full in known else node.module)
-        elif isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-    return found & known
-
-
 def test_no_import_cycle() -> None:
     modules = {module_name(p): p for p in SOURCES}
-    graph = {name: module_level_imports(p, set(modules)) - {name} for name, p in modules.items()}
+
+    def project_modules(path: Path) -> set[str]:
+        """``a.b.c`` names module ``a.b.c`` when there is one, else its package ``a.b``."""
+        found = set()
+        for _, name in imports(path, load_time_only=True):
+            found.add(name if name in modules else name.rpartition(".")[0])
+        return found & set(modules)
+
+    graph = {name: project_modules(p) - {name} for name, p in modules.items()}
     cycles: list[list[str]] = []
     done: set[str] = set()
 
