@@ -94,6 +94,28 @@ class FailureKind(enum.StrEnum):
     EXHAUSTED = "exhausted"
 
 
+class PaymentState(enum.StrEnum):
+    """Where one payment attempt stands (``payment_attempts``).
+
+    started: recorded before the upstream call, outcome not yet known; paid: upstream paid it
+    (1688 protocol pay, or Taobao's pay call); pay_by_hand: upstream answered a ``pay_url`` for a
+    person; held_back: upstream refused it for now (quota, risk control); failed: upstream
+    answered an error; unknown: the call's outcome cannot be known (timeout, crash) and a
+    person must look before the order is paid again.
+    """
+
+    STARTED = "started"
+    PAID = "paid"
+    PAY_BY_HAND = "pay_by_hand"
+    HELD_BACK = "held_back"
+    FAILED = "failed"
+    UNKNOWN = "unknown"
+
+
+# An attempt in one of these states blocks another attempt for the same order.
+PAYMENT_IN_FLIGHT_STATES = (PaymentState.STARTED, PaymentState.UNKNOWN)
+
+
 @dataclass(frozen=True, slots=True)
 class ReconcileRequest:
     """One reconcile asked for: which order, why, and what named it (an inbox row, a refund)."""

@@ -38,6 +38,7 @@ from service.domain import (
     InboxState,
     MessageKind,
     OrderStatus,
+    PaymentState,
     Platform,
     RefundState,
     RefundStatus,
@@ -51,6 +52,7 @@ __all__ = [  # the vocabulary, for callers that read it beside the tables
     "InboxState",
     "MessageKind",
     "OrderStatus",
+    "PaymentState",
     "Platform",
     "RefundState",
     "RefundStatus",
@@ -373,6 +375,53 @@ class SyncFailure(Base):
     replayed_at: Mapped[datetime | None]
     replay_count: Mapped[int] = mapped_column(Integer, server_default="0")
     resolved_at: Mapped[datetime | None]
+    # Closed by a person (``pandasync dismiss``) rather than by a reconcile that succeeded:
+    # when, who (the operator's name as given, or the OS user) and why.
+    dismissed_at: Mapped[datetime | None]
+    dismissed_by: Mapped[str | None] = mapped_column(String(128))
+    dismissed_reason: Mapped[str | None] = mapped_column(Text)
+
+
+class PaymentAttempt(Base):
+    """One attempt to pay one order, recorded before the upstream call and again after it.
+
+    At most one attempt per order may be in flight (``started``) or unresolved (``unknown``):
+    the partial unique index makes a second one impossible, whichever process asks.
+    """
+
+    __tablename__ = "payment_attempts"
+    __table_args__ = (
+        Index(
+            "uq_payment_attempts_in_flight",
+            "account_id",
+            "platform",
+            "order_id",
+            unique=True,
+            postgresql_where=text("state IN ('started', 'unknown')"),
+        ),
+        Index("ix_payment_attempts_order", "account_id", "platform", "order_id", "started_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    account_id: Mapped[str] = mapped_column(String(64))
+    platform: Mapped[Platform] = mapped_column(_enum(Platform, "platform"))
+    order_id: Mapped[str] = mapped_column(String(64))
+    run_id: Mapped[str] = mapped_column(String(36), comment="The `pandasync pay` run that made it.")
+    requested_by: Mapped[str] = mapped_column(String(128))
+    state: Mapped[PaymentState] = mapped_column(
+        _enum(PaymentState, "payment_state"), server_default=PaymentState.STARTED.value
+    )
+    amount: Mapped[Decimal | None] = mapped_column(
+        MONEY, comment="The order total the upstream re-fetch showed just before the call."
+    )
+    currency: Mapped[str] = mapped_column(String(3), server_default="CNY")
+    pay_url: Mapped[str | None] = mapped_column(Text)
+    upstream_code: Mapped[str | None] = mapped_column(String(32))
+    upstream_msg: Mapped[str | None] = mapped_column(Text)
+    upstream_request_id: Mapped[str | None] = mapped_column(String(128))
+    error: Mapped[str | None] = mapped_column(Text)
+    started_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    finished_at: Mapped[datetime | None]
 
 
 class _SweepCursorColumns:
