@@ -303,6 +303,8 @@ class WebhookInbox(Base):
             "order_id",
             postgresql_where=text("state IN ('received', 'queued')"),
         ),
+        # An order's story (``pandasync order``): every message of it, whatever its state.
+        Index("ix_webhook_inbox_order", "account_id", "platform", "order_id"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
@@ -355,6 +357,7 @@ class SyncFailure(Base):
             unique=True,
             postgresql_where=text("resolved_at IS NULL"),
         ),
+        Index("ix_sync_failures_order", "account_id", "platform", "order_id"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
