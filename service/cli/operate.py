@@ -241,42 +241,85 @@ def _parse_time(value: str | None) -> datetime | None:
 
 
 @main.command()
-def status() -> None:
-    """Inbox backlog and lag, queue depth, open failures, last sweeps, unmapped values."""
+@click.option(
+    "--max-lag",
+    "max_lag_s",
+    type=click.FloatRange(min=0),
+    default=300.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Unhealthy when the oldest unprocessed inbox message is older than this.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (stable keys).")
+def status(max_lag_s: float, as_json: bool) -> None:
+    """Inbox backlog and lag, queue depth, open failures, last sweeps, payments, unmapped values.
+
+    \b
+    Exit status:
+      0  healthy
+      1  unhealthy (each reason on a line `unhealthy: …`, or in "problems" with --json):
+         an open sync failure, the oldest unprocessed inbox message older than --max-lag,
+         an order or refund sweep that has not finished within twice its interval (or never),
+         the broker cannot be reached; or the database cannot be reached (one line on stderr)
+      2  the settings are invalid
+    Orders awaiting payment and payments needing a person are shown but do not count.
+    """
     import asyncio
+    import json
 
     from service.broker import make_broker
     from service.db import make_engine, make_sessionmaker
-    from workers.operations import gather_status
+    from workers.operations import (
+        PAYMENT_STARTED_STALE_AFTER,
+        HealthLimits,
+        gather_status,
+        problems,
+        status_document,
+    )
 
     settings = settings_or_exit()
     url = database_url_or_embedded(settings)
+    limits = HealthLimits.from_settings(settings, max_lag_s=max_lag_s)
 
-    async def run() -> None:
+    async def gather() -> Status:
         engine = make_engine(url, settings, application_name="pandasync-status")
         try:
             broker = make_broker(settings) if settings.broker_url else None
-            report = await gather_status(make_sessionmaker(engine), broker)
+            return await gather_status(make_sessionmaker(engine), broker)
         finally:
             await engine.dispose()
-        age = report.oldest_unprocessed_age
-        click.echo(f"inbox backlog:        {report.inbox_backlog} message(s) not yet processed")
-        click.echo(f"  not yet queued:     {report.inbox_unqueued}")
-        click.echo(f"  oldest unprocessed: {age if age is not None else '-'}")
-        depth = report.queue_depth
-        click.echo(f"queue depth:          {depth if depth is not None else 'n/a'}")
-        click.echo(f"open failures:        {report.open_failures}")
-        if not report.sweeps:
-            click.echo("last sweep:           never")
-        for label, rows in (("sweep", report.sweeps), ("refund sweep", report.refund_sweeps)):
-            for sweep in rows:
-                click.echo(
-                    f"last {label} {sweep.platform.value:<7} {sweep.last_finished_at or 'never'}  "
-                    f"examined {sweep.last_examined}, drift {sweep.last_drift}"
-                )
-        _echo_unmapped(report)
 
-    asyncio.run(run())
+    report = asyncio.run(gather())
+    found = problems(report, limits)
+    if as_json:
+        click.echo(json.dumps(status_document(report, found, limits), ensure_ascii=False))
+        sys.exit(1 if found else 0)
+    age = report.oldest_unprocessed_age
+    click.echo(f"inbox backlog:        {report.inbox_backlog} message(s) not yet processed")
+    click.echo(f"  not yet queued:     {report.inbox_unqueued}")
+    click.echo(f"  oldest unprocessed: {age if age is not None else '-'}")
+    depth = report.queue_depth
+    click.echo(f"queue depth:          {depth if depth is not None else 'n/a'}")
+    click.echo(f"open failures:        {report.open_failures}")
+    if not report.sweeps:
+        click.echo("last sweep:           never")
+    for label, rows in (("sweep", report.sweeps), ("refund sweep", report.refund_sweeps)):
+        for sweep in rows:
+            click.echo(
+                f"last {label} {sweep.platform.value:<7} {sweep.last_finished_at or 'never'}  "
+                f"examined {sweep.last_examined}, drift {sweep.last_drift}"
+            )
+    click.echo(f"awaiting payment:     {report.orders_awaiting_payment} order(s)")
+    payments, stale_min = report.payments, PAYMENT_STARTED_STALE_AFTER.total_seconds() // 60
+    click.echo(
+        f"payments to look at:  {payments.total} (unknown {payments.unknown}, started over "
+        f"{stale_min:.0f} min ago {payments.started_stale}, pay by hand {payments.pay_by_hand}, "
+        f"held back {payments.held_back})"
+    )
+    _echo_unmapped(report)
+    for problem in found:
+        click.echo(f"unhealthy: {problem}")
+    sys.exit(1 if found else 0)
 
 
 def _echo_unmapped(report: Status) -> None:
