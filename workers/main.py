@@ -2,12 +2,14 @@
 
 Configures the broker from settings *before* declaring the actors, releases each process's
 runtime at shutdown, and exports metrics through dramatiq's Prometheus middleware (one HTTP
-exposition for all worker processes, on ``WORKER_METRICS_PORT``).
+exposition for all worker processes, on ``WORKER_METRICS_PORT``, served by
+``workers.runtime.serve_worker_metrics`` on the socket ``pandasync worker`` bound).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import dramatiq
@@ -19,7 +21,12 @@ from service.broker import configure_broker
 from service.config import get_settings
 from service.logs import configure_logging
 from workers.actors import register
-from workers.runtime import close_runtime, stop_reconciles
+from workers.runtime import (
+    close_runtime,
+    release_metrics_socket,
+    serve_worker_metrics,
+    stop_reconciles,
+)
 
 
 class ReleaseRuntime(Middleware):
@@ -49,6 +56,18 @@ broker = configure_broker(settings)
 if settings.worker_metrics_port:
     from dramatiq.middleware.prometheus import Prometheus
 
-    broker.add_middleware(Prometheus())
+    class WorkerMetrics(Prometheus):
+        """dramatiq's worker metrics, exposed by our own side process: on the socket bound
+        before dramatiq started, so a taken port never leaves a traceback behind."""
+
+        @property
+        def forks(self) -> list[Callable[[], int]]:
+            return [serve_worker_metrics]
+
+        def after_process_boot(self, broker: dramatiq.Broker) -> None:
+            release_metrics_socket()
+            super().after_process_boot(broker)  # type: ignore[no-untyped-call]
+
+    broker.add_middleware(WorkerMetrics())
 broker.add_middleware(ReleaseRuntime(), before=AsyncIO)
 reconcile = register(broker)

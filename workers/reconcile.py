@@ -89,11 +89,40 @@ class UpstreamClient(Protocol):
 
 
 class Outcome(enum.StrEnum):
+    """What one reconcile did; ``detail`` says it in words for the log line."""
+
     WRITTEN = "written"
     UNCHANGED = "unchanged"  # fetched and written, nothing in the current state changed
     STALE = "stale"  # a newer snapshot was already stored
     COALESCED = "coalesced"  # covered by a fetch that started after the message
     BUSY = "busy"  # another worker holds the order's lock
+
+    @property
+    def detail(self) -> str:
+        return OUTCOME_DETAILS[self]
+
+
+# The one explanation of each outcome: the log line's ``detail`` and the table in
+# docs/operations.md ("Reconcile outcomes"; tests/unit/test_outcomes.py keeps them equal).
+OUTCOME_DETAILS: dict[Outcome, str] = {
+    Outcome.WRITTEN: (
+        "PandaPon's answer changed the ledger: a new order, or a new status, amounts, parcel "
+        "events or refunds, written with their history"
+    ),
+    Outcome.UNCHANGED: (
+        "PandaPon was asked and the ledger already held what it answered: nothing to write"
+    ),
+    Outcome.STALE: (
+        "PandaPon's answer was older than what the ledger holds: the newer state was kept"
+    ),
+    Outcome.COALESCED: (
+        "a reconcile of this order that started after this message arrived has already read "
+        "PandaPon: this message is covered by it, nothing to do"
+    ),
+    Outcome.BUSY: (
+        "another worker was reconciling this order: this message is sent again in a moment"
+    ),
+}
 
 
 @dataclass(frozen=True, slots=True)

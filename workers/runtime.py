@@ -8,14 +8,23 @@ account-wide rate-limit pause, for a long while, holding its order's lock connec
 reconcile runs inside ``reconcile_in_flight``, and ``stop_reconciles`` (called when the worker
 starts to stop) refuses new ones and, after ``SHUTDOWN_GRACE_S``, cancels those still running:
 their transaction rolls back, their lock is released, and their messages go back to the broker.
+
+The worker's metrics exposition (``serve_worker_metrics``) runs in a process of its own beside
+the worker processes, on a listening socket that ``pandasync worker`` bound before it started
+dramatiq: a taken port stops the command at once, in one line, instead of a traceback in a side
+process while the workers run on without metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -124,3 +133,60 @@ async def stop_reconciles(grace_s: float = SHUTDOWN_GRACE_S) -> int:
     for task in running:
         task.cancel()
     return len(running)
+
+
+# The listening socket's file descriptor, inherited from ``pandasync worker`` through dramatiq.
+METRICS_FD_ENV = "PANDASYNC_WORKER_METRICS_FD"
+
+
+def serve_worker_metrics() -> int:
+    """Serve every worker process's metrics (prometheus_client multiprocess mode) until the
+    process is stopped: a dramatiq fork function (``WorkerMetrics`` in ``workers.main``)."""
+    from http.server import ThreadingHTTPServer
+
+    from prometheus_client import CollectorRegistry, MetricsHandler
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    inherited = os.environ.get(METRICS_FD_ENV)
+    if inherited:
+        listener = socket.socket(fileno=int(inherited))
+    else:  # started by ``dramatiq workers.main`` directly: bind here
+        settings = get_settings()
+        try:
+            listener = socket.create_server((settings.host, settings.worker_metrics_port))
+        except OSError as error:
+            print(  # the side process's one way to the operator
+                f"pandasync worker: no metrics: cannot listen on {settings.host}:"
+                f"{settings.worker_metrics_port} ({error.strerror}); set "
+                "PANDASYNC_WORKER_METRICS_PORT to a free port (0: no metrics server)",
+                file=sys.stderr,
+            )
+            return 1
+
+    class Exposition(ThreadingHTTPServer):
+        daemon_threads = True
+
+        def handle_error(
+            self, request: socket.socket | tuple[bytes, socket.socket], client_address: Any
+        ) -> None:
+            if not isinstance(sys.exc_info()[1], ConnectionError):  # a scraper that hung up
+                super().handle_error(request, client_address)
+
+    server = Exposition(
+        listener.getsockname()[:2], MetricsHandler.factory(registry), bind_and_activate=False
+    )
+    server.socket.close()
+    server.socket = listener
+    server.serve_forever()
+    return 0
+
+
+def release_metrics_socket() -> None:
+    """In a worker process: close the inherited metrics socket, which only the exposition
+    process serves (a connection must never wait on a process that does not accept)."""
+    inherited = os.environ.get(METRICS_FD_ENV)
+    if inherited:
+        with suppress(OSError):
+            os.close(int(inherited))

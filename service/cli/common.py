@@ -4,6 +4,7 @@ logging."""
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import os
 import sys
@@ -28,6 +29,11 @@ def explain(error: Exception) -> str:
     if state in _SQLSTATE_HINTS:
         return _SQLSTATE_HINTS[state]
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if isinstance(error, OSError) and error.errno == errno.EADDRINUSE:
+        return (
+            f"a port this command listens on is already in use ({text}): stop what holds it, "
+            "or set PANDASYNC_PORT (or the role's metrics port setting) to a free port"
+        )
     if isinstance(error, OSError) or type(error).__module__.startswith("redis"):
         return (
             f"cannot connect ({text}): check that Postgres and the broker run and that "

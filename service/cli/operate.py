@@ -30,33 +30,68 @@ from service.cli.common import (
 )
 @click.option("--platform", type=click.Choice(["taobao", "1688"]), default="taobao")
 @click.option("--order-id", required=True)
-def send_test_message(url: str | None, platform: str, order_id: str) -> None:
-    """Send one signed status-change message, as PandaPon would, and print the answer."""
+@click.option(
+    "--wait",
+    "wait_s",
+    type=click.FloatRange(min=0),
+    default=15.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long to wait for a worker to process the message (0: do not wait).",
+)
+def send_test_message(url: str | None, platform: str, order_id: str, wait_s: float) -> None:
+    """Send one status-change message as PandaPon would, then show what a worker made of it.
+
+    The message goes to the token URL when PANDASYNC_WEBHOOK_TOKEN is set (or `pandasync dev`
+    made one in this directory), signed with the configured credentials (not in
+    PANDASYNC_WEBHOOK_AUTH=token without them). Then it waits for a worker to process the
+    inbox row the message made, and prints the row's state, the order's status in the ledger
+    and the history rows written for the message.
+
+    \b
+    Exit status:
+      0  answered 200 and processed (with --wait 0: answered 200)
+      1  refused, unreachable, or not processed in time
+      2  settings that cannot make a message the web role accepts
+    """
+    import asyncio
     import json
     import re
+    import secrets
     import time
 
     import httpx
+    from sqlalchemy import text
 
+    from service.db import make_engine
+    from service.devserver import read_dev_token
     from service.pandapon.signer import Credentials, signed_headers
 
     settings = settings_or_exit()
+    mode = settings.webhook_auth
+    dev_token = read_dev_token(settings.data_dir)
+    token = settings.webhook_token.get_secret_value() if settings.webhook_token else dev_token
+    credentials: Credentials | None = None
     if settings.access_key and settings.access_secret and settings.user_id:
         credentials = Credentials(
             settings.access_key, settings.access_secret.get_secret_value(), settings.user_id
         )
-    else:
+    elif mode != "token":
+        # Nothing configured: the sandbox's credentials, which `pandasync dev` runs on.
         from service.sandbox.settings import DEV_ACCESS_KEY, DEV_ACCESS_SECRET, DEV_USER_ID
 
         credentials = Credentials(DEV_ACCESS_KEY, DEV_ACCESS_SECRET, DEV_USER_ID)
     if url is None:
-        from service.devserver import read_dev_token
-
         url = f"http://{settings.host}:{settings.port}/webhooks/pandapon"
-        token = settings.webhook_token.get_secret_value() if settings.webhook_token else None
-        token = token or read_dev_token(settings.data_dir)
         if token:
             url += "/" + token
+        elif "token" in mode:
+            click.echo(
+                f"pandasync send-test-message: PANDASYNC_WEBHOOK_AUTH={mode} takes messages "
+                "on the token URL only: set PANDASYNC_WEBHOOK_TOKEN (or pass --url)",
+                err=True,
+            )
+            sys.exit(2)
     # The token is a credential: the printed URL shows where it goes, not what it is.
     shown = re.sub(r"(/webhooks/pandapon/)[^/?#]+", r"\1<token>", url)
     body: dict[str, object]
@@ -76,17 +111,123 @@ def send_test_message(url: str | None, platform: str, order_id: str) -> None:
         "messagePlatform": 0 if platform == "taobao" else 1,
         "timestamp": str(int(time.time() * 1000)),
     }
-    headers = {
-        **signed_headers(credentials, unit=settings.timestamp_unit),
-        "content-type": "application/json",
-    }
+    # Written on the inbox row: how this command finds the row its message made.
+    request_id = f"send-test-message-{secrets.token_hex(8)}"
+    headers = {"content-type": "application/json", "x-request-id": request_id}
+    if credentials is not None:
+        headers.update(signed_headers(credentials, unit=settings.timestamp_unit))
     try:
         response = httpx.post(url, content=json.dumps(envelope), headers=headers, timeout=5)
     except httpx.HTTPError as error:
-        click.echo(f"pandasync send-test-message: {shown}: {error}", err=True)
+        click.echo(
+            f"pandasync send-test-message: {shown}: {error or type(error).__name__} "
+            "(is the web role running there? `pandasync serve` or `pandasync dev`)",
+            err=True,
+        )
         sys.exit(1)
     click.echo(f"{shown} answered {response.status_code} {response.text}".rstrip())
-    sys.exit(0 if response.status_code == 200 else 1)
+    if response.status_code != 200:
+        sys.exit(1)
+    if wait_s == 0:
+        return
+    if not settings.database_url and not (settings.data_dir / "pgdata").is_dir():
+        click.echo("(not waiting for a worker: PANDASYNC_DATABASE_URL is not set)")
+        return
+    database_url = database_url_or_embedded(settings)
+    sent_at = time.monotonic()
+
+    async def follow() -> tuple[str, int]:
+        """What became of the message: the lines to print and the exit status."""
+        engine = make_engine(database_url, settings, application_name="pandasync-test-message")
+        try:
+            async with engine.connect() as conn:
+                while True:
+                    row = (
+                        await conn.execute(
+                            text(
+                                "SELECT id, account_id, state::text AS state, received_at "
+                                "FROM webhook_inbox WHERE request_id = :rid"
+                            ),
+                            {"rid": request_id},
+                        )
+                    ).one_or_none()
+                    failure = None
+                    if row is not None:
+                        failure = (
+                            await conn.execute(
+                                text(
+                                    "SELECT kind::text AS kind, error FROM sync_failures "
+                                    "WHERE account_id = :a AND platform = :p AND order_id = :o "
+                                    "AND resolved_at IS NULL AND last_failed_at >= :t"
+                                ),
+                                {
+                                    "a": row.account_id,
+                                    "p": platform,
+                                    "o": order_id,
+                                    "t": row.received_at,
+                                },
+                            )
+                        ).one_or_none()
+                    await conn.rollback()  # a fresh snapshot for each look
+                    waited = time.monotonic() - sent_at
+                    if row is not None and row.state in ("processed", "ignored"):
+                        break
+                    if failure is not None:
+                        return (
+                            f"pandasync send-test-message: the worker could not sync "
+                            f"{platform} order {order_id} ({failure.kind}: {failure.error}); "
+                            "`pandasync status` lists it, `pandasync replay` runs it again",
+                            1,
+                        )
+                    if waited >= wait_s:
+                        if row is None:
+                            return (
+                                "pandasync send-test-message: the message is in no inbox row of "
+                                "this database: does the web role at "
+                                f"{shown} use this PANDASYNC_DATABASE_URL?",
+                                1,
+                            )
+                        return (
+                            f"pandasync send-test-message: inbox row {row.id} is still "
+                            f"{row.state} after {wait_s:g} s: is `pandasync worker` running on "
+                            "this PANDASYNC_BROKER_URL? (`pandasync status` shows the backlog)",
+                            1,
+                        )
+                    await asyncio.sleep(0.25)
+                if row.state == "ignored":
+                    return f"inbox row {row.id}: ignored (a message with nothing to sync)", 0
+                order = (
+                    await conn.execute(
+                        text(
+                            "SELECT status::text AS status, total_amount, currency, "
+                            "(SELECT count(*) FROM order_status_history WHERE inbox_id = :i) "
+                            "+ (SELECT count(*) FROM order_price_changes WHERE inbox_id = :i) "
+                            "AS history FROM orders "
+                            "WHERE account_id = :a AND platform = :p AND order_id = :o"
+                        ),
+                        {"i": row.id, "a": row.account_id, "p": platform, "o": order_id},
+                    )
+                ).one_or_none()
+        finally:
+            await engine.dispose()
+        lines = [f"inbox row {row.id}: processed {waited:.1f} s after it was sent"]
+        if order is None:
+            lines.append(f"ledger: no {platform} order {order_id}")
+        else:
+            amount = f" ({order.total_amount} {order.currency})" if order.total_amount else ""
+            written = (
+                f"{order.history} history row(s) written for this message"
+                if order.history
+                else "no history row for this message (the ledger had this state already)"
+            )
+            lines.append(
+                f"ledger: {platform} order {order_id} is {order.status}{amount}; {written}"
+            )
+        return "\n".join(lines), 0
+
+    report, code = asyncio.run(follow())
+    click.echo(report, err=code != 0)
+    sys.exit(code)
 
 
 @main.command()

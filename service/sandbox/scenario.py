@@ -3,11 +3,20 @@
 Each step picks one change that the order's state allows (pay, change the price, ship, a trace
 step, deliver, confirm, cancel, open or resolve a refund), weighted so most orders get paid and
 shipped. The same seed on a fresh world gives the same orders and the same changes.
+
+Orders live over days, as purchase orders do: a new order was placed two or three weeks ago, and
+each step comes a plausible while after the order's previous one (paid within hours, shipped
+within a day or two, delivered days later, confirmed after that), never later than now (a
+refund is resolved when the step is made: its modification time is its resolution time). So
+the report views (time to ship, time in transit) show times like a real account's, and never a
+negative one. The times are drawn from a generator of their own (seeded by the order and the
+step), so they leave the sequence of changes a seed gives as it was.
 """
 
 from __future__ import annotations
 
 import random
+from datetime import datetime, timedelta
 from decimal import Decimal
 
 from service.domain import OrderStatus, Platform, RefundStatus
@@ -28,6 +37,22 @@ _TRACE = (
     ("TRANSPORT", "【广州市】 快件已到达 广州中心", "广东省 广州市"),
     ("DELIVERING", "【广州市】 快件正在派送中", "广东省 广州市"),
 )
+
+
+# How long after the order's previous step each kind of step comes: (shortest, longest).
+_HOUR = 3600
+_GAPS_S: dict[str, tuple[int, int]] = {
+    "pay": (2 * 60, 3 * _HOUR),
+    "price": (60, _HOUR),
+    "cancel": (10 * 60, 12 * _HOUR),
+    "ship": (3 * _HOUR, 40 * _HOUR),
+    "trace": (2 * _HOUR, 14 * _HOUR),
+    "deliver": (18 * _HOUR, 72 * _HOUR),
+    "confirm": (6 * _HOUR, 96 * _HOUR),
+    "refund": (_HOUR, 48 * _HOUR),
+}
+# How long ago a new order was placed: room for a whole life before now.
+_AGE_S = (14 * 24 * _HOUR, 21 * 24 * _HOUR)
 
 
 _OUTCOMES = (
@@ -73,7 +98,30 @@ def create_random_order(world: World, rng: random.Random) -> WorldOrder:
         for _ in range(rng.randint(1, 3))
     ]
     shipping = Decimal(rng.choice((0, 500, 800, 1200))).scaleb(-2)
-    return world.create_order(platform, lines, shipping_fee=shipping)
+    now = world.now()
+    ages = random.Random(f"placed:{len(world.orders())}:{now.isoformat()}")
+    placed = now - timedelta(seconds=ages.randint(*_AGE_S))
+    return world.create_order(platform, lines, shipping_fee=shipping, at=placed)
+
+
+def _latest(order: WorldOrder) -> datetime:
+    """When the last thing happened to ``order`` (in business time, not ``modified_at``)."""
+    times = [order.created_at, order.paid_at, order.shipped_at, order.completed_at]
+    times.append(order.cancelled_at)
+    for shipment in order.shipments:
+        times += [shipment.shipped_at, shipment.delivered_at, *(e.at for e in shipment.events)]
+    for refund in order.refunds:
+        times += [refund.requested_at, refund.resolved_at]
+    return max(t for t in times if t is not None)
+
+
+def _when(world: World, order: WorldOrder, kind: str) -> datetime:
+    """When the next step of ``kind`` happens: a plausible while after the order's last one,
+    and no later than now."""
+    last = _latest(order)
+    gaps = random.Random(f"{order.order_id}:{kind}:{last.isoformat()}")
+    later = last + timedelta(seconds=gaps.randint(*_GAPS_S[kind]))
+    return max(last, min(world.now(), later))
 
 
 def _has_next(order: WorldOrder) -> bool:
@@ -91,33 +139,34 @@ def step(world: World, rng: random.Random, order: WorldOrder) -> bool:
     roll = rng.random()
     if status is OrderStatus.PENDING_PAYMENT:
         if roll < 0.7:
-            world.pay(order)
+            world.pay(order, at=_when(world, order, "pay"))
         elif roll < 0.9:
             goods = order.total_amount - order.shipping_fee
             cut = (Decimal(rng.randint(1, 20)).scaleb(-2) * goods).quantize(Decimal("0.01"))
             world.change_price(order, total_amount=order.total_amount - cut)
         else:
-            world.cancel(order, "buyerCancel")
+            world.cancel(order, "buyerCancel", at=_when(world, order, "cancel"))
         return True
     if status is OrderStatus.PAID:
         if roll < 0.75:
-            world.ship(order)
+            world.ship(order, at=_when(world, order, "ship"))
         elif roll < 0.9 and not requested:
             _refund(world, rng, order)
         else:
-            world.cancel(order, "sellerCancel")
+            world.cancel(order, "sellerCancel", at=_when(world, order, "cancel"))
         return True
     if status is OrderStatus.SHIPPED:
         undelivered = [s for s in order.shipments if s.delivered_at is None]
         if undelivered and roll < 0.45:
             trace_status, text, where = rng.choice(_TRACE)
+            at = _when(world, order, "trace")
             world.add_event(
-                order, undelivered[0].tracking_number, NewEvent(text, trace_status, where)
+                order, undelivered[0].tracking_number, NewEvent(text, trace_status, where, at)
             )
         elif undelivered and roll < 0.75:
-            world.deliver(order)
+            world.deliver(order, at=_when(world, order, "deliver"))
         elif roll < 0.92 or requested:
-            world.confirm(order)
+            world.confirm(order, at=_when(world, order, "confirm"))
         else:
             _refund(world, rng, order)
         return True
@@ -144,5 +193,5 @@ def _refund(world: World, rng: random.Random, order: WorldOrder) -> bool:
     share = Decimal(rng.choice((25, 50, 100))).scaleb(-2)
     amount = max(Decimal("0.01"), (room * share).quantize(Decimal("0.01")))
     line = rng.choice(order.lines).line_id
-    world.open_refund(order, amount, line_id=line)
+    world.open_refund(order, amount, line_id=line, at=_when(world, order, "refund"))
     return True

@@ -9,6 +9,13 @@ Every operation validates the transition (409 when the order is not in a state t
 stamps ``modified_at`` and tells the listeners (the callback deliverer) what changed. Times are
 whole seconds (Taobao writes no finer), and an order's ``modified_at`` strictly increases: two
 changes in one second are one second apart.
+
+A change happens when it is made, unless ``at`` says it happened earlier (the scenario gives
+orders lives of days that way): ``at`` sets the business time (placed, paid, shipped,
+delivered, completed, cancelled, a refund requested) and never the modification time, which
+is always the moment the change was made, so the order lists and sweeps see it as new. A
+parcel's trace never goes back in time: a step without a time of its own comes no earlier than
+the parcel's shipping and its previous step.
 """
 
 from __future__ import annotations
@@ -284,6 +291,10 @@ class World:
     def orders(self, platform: Platform | None = None) -> list[WorldOrder]:
         return [o for o in self._orders.values() if platform is None or o.platform is platform]
 
+    def now(self) -> datetime:
+        """The world's clock, in whole seconds."""
+        return self._now()
+
     def order(self, platform: Platform, order_id: str) -> WorldOrder:
         try:
             return self._orders[(platform, order_id)]
@@ -336,7 +347,9 @@ class World:
         shipping_fee: Decimal = Decimal("0.00"),
         order_id: str | None = None,
         currency: str = "CNY",
+        at: datetime | None = None,
     ) -> WorldOrder:
+        """A new order, pending payment; ``at``: when it was placed (default: now)."""
         new_lines = list(lines)
         if not new_lines:
             raise WorldError("an order needs at least one line")
@@ -352,6 +365,7 @@ class World:
                 raise Conflict(f"order id {order_id} is taken")
             self._ids.add(order_id)
         now = self._now()
+        created = self._past(at, now)
         taobao = platform is Platform.TAOBAO
         world_lines = [
             WorldLine(
@@ -372,7 +386,7 @@ class World:
             lines=world_lines,
             product_amount=sum((line.amount for line in world_lines), Decimal("0.00")),
             shipping_fee=shipping_fee.quantize(CENT),
-            created_at=now,
+            created_at=created,
             modified_at=now,
             currency=currency,
         )
@@ -383,10 +397,10 @@ class World:
         self._emit(ChangeKind.CREATED, order)
         return order
 
-    def pay(self, order: WorldOrder) -> None:
+    def pay(self, order: WorldOrder, *, at: datetime | None = None) -> None:
         self._require(order, OrderStatus.PENDING_PAYMENT, "pay")
+        order.paid_at = self._touch(order, at)
         order.status = OrderStatus.PAID
-        order.paid_at = self._touch(order)
         self._emit(ChangeKind.PAID, order)
 
     def change_price(
@@ -424,6 +438,7 @@ class World:
         carrier_code: str | None = None,
         line_ids: list[str] | None = None,
         events: Iterable[NewEvent] = (),
+        at: datetime | None = None,
     ) -> WorldShipment:
         """A parcel leaves: the order becomes shipped (a further parcel may follow)."""
         self._require(order, (OrderStatus.PAID, OrderStatus.SHIPPED), "ship")
@@ -439,27 +454,30 @@ class World:
         ):
             raise Conflict(f"order {order.order_id} already has parcel {tracking_number}")
         default_carrier, default_code = self._rng.choice(_CARRIERS)
-        now = self._touch(order)
+        shipped = self._touch(order, at)
         shipment = WorldShipment(
             tracking_number=tracking_number or self._new_id(14, "7"),
             carrier=carrier or default_carrier,
             carrier_code=carrier_code or (default_code if carrier is None else None),
             line_ids=list(line_ids),
-            shipped_at=now,
+            shipped_at=shipped,
         )
-        given = list(events) or [NewEvent("【杭州市】 快件已揽收", "ACCEPT", "浙江省 杭州市")]
-        shipment.events.extend(self._event(e) for e in given)
+        given = list(events) or [
+            NewEvent("【杭州市】 快件已揽收", "ACCEPT", "浙江省 杭州市", shipped)
+        ]
+        for new_event in given:
+            shipment.events.append(self._event(new_event, shipment))
         order.shipments.append(shipment)
         if order.status is OrderStatus.PAID:
             order.status = OrderStatus.SHIPPED
-            order.shipped_at = now
+            order.shipped_at = shipped
         self._emit(ChangeKind.SHIPPED, order)
         return shipment
 
     def add_event(self, order: WorldOrder, tracking_number: str, event: NewEvent) -> WorldEvent:
         """A trace step: no callback (logistics move without messages), no modified time."""
         shipment = self._shipment(order, tracking_number)
-        added = self._event(event)
+        added = self._event(event, shipment)
         for existing in shipment.events:  # the same time, status and text: the same step
             if (existing.at, existing.status, existing.description) == (
                 added.at,
@@ -470,7 +488,9 @@ class World:
         shipment.events.append(added)
         return added
 
-    def deliver(self, order: WorldOrder, tracking_number: str | None = None) -> WorldShipment:
+    def deliver(
+        self, order: WorldOrder, tracking_number: str | None = None, *, at: datetime | None = None
+    ) -> WorldShipment:
         """The parcel is signed for (a SIGN trace step); the buyer has yet to confirm."""
         self._require(order, OrderStatus.SHIPPED, "deliver")
         if tracking_number is None:
@@ -482,20 +502,23 @@ class World:
             shipment = self._shipment(order, tracking_number)
             if shipment.delivered_at is not None:
                 raise Conflict(f"parcel {tracking_number} is already delivered")
-        event = self._event(NewEvent("【杭州市】 已签收，签收人：本人", "SIGN", "浙江省 杭州市"))
+        signed = NewEvent("【杭州市】 已签收，签收人：本人", "SIGN", "浙江省 杭州市", at)
+        event = self._event(signed, shipment)
         shipment.events.append(event)
         shipment.delivered_at = event.at
         return shipment
 
-    def confirm(self, order: WorldOrder) -> None:
+    def confirm(self, order: WorldOrder, *, at: datetime | None = None) -> None:
         self._require(order, OrderStatus.SHIPPED, "confirm")
+        order.completed_at = self._touch(order, at)
         order.status = OrderStatus.COMPLETED
-        order.completed_at = self._touch(order)
         self._emit(ChangeKind.CONFIRMED, order)
 
-    def cancel(self, order: WorldOrder, reason: str | None = None) -> None:
+    def cancel(
+        self, order: WorldOrder, reason: str | None = None, *, at: datetime | None = None
+    ) -> None:
         self._require(order, (OrderStatus.PENDING_PAYMENT, OrderStatus.PAID), "cancel")
-        self._close(order, reason or "buyerCancel")
+        self._close(order, reason or "buyerCancel", at)
 
     def open_refund(
         self,
@@ -504,6 +527,7 @@ class World:
         *,
         line_id: str | None = None,
         reason: str | None = None,
+        at: datetime | None = None,
     ) -> WorldRefund:
         self._require(
             order,
@@ -529,7 +553,7 @@ class World:
             raise WorldError(
                 f"refund amount must be > 0 and at most {order.total_amount - open_or_done}"
             )
-        now = self._touch(order)
+        requested = self._touch(order, at)
         refund = WorldRefund(
             platform=order.platform,
             refund_id=(
@@ -538,8 +562,8 @@ class World:
             order_id=order.order_id,
             amount=amount,
             status=RefundStatus.REQUESTED,
-            requested_at=now,
-            modified_at=now,
+            requested_at=requested,
+            modified_at=order.modified_at,
             line_id=line_id,
             reason=reason or "不想要了",
         )
@@ -551,7 +575,10 @@ class World:
         return refund
 
     def resolve_refund(self, refund: WorldRefund, outcome: RefundStatus) -> None:
-        """Refund, reject or close a requested refund; a full refund closes an open order."""
+        """Refund, reject or close a requested refund; a full refund closes an open order.
+
+        Resolved when it is made: Taobao's refund shows no resolution time but its
+        modification time, so the two are one, and a refund's modification time is now."""
         if outcome not in (RefundStatus.REFUNDED, RefundStatus.REJECTED, RefundStatus.CANCELLED):
             raise WorldError("outcome must be refunded, rejected or cancelled")
         if refund.status is not RefundStatus.REQUESTED:
@@ -575,10 +602,10 @@ class World:
 
     # --- helpers ------------------------------------------------------------------------------
 
-    def _close(self, order: WorldOrder, reason: str) -> None:
+    def _close(self, order: WorldOrder, reason: str, at: datetime | None = None) -> None:
+        order.cancelled_at = self._touch(order, at)
         order.status = OrderStatus.CANCELLED
         order.close_reason = reason
-        order.cancelled_at = self._touch(order)
         self._emit(ChangeKind.CANCELLED, order)
 
     def _require(
@@ -594,8 +621,13 @@ class World:
                 return shipment
         raise NotFound(f"order {order.order_id} has no parcel {tracking_number}")
 
-    def _event(self, event: NewEvent) -> WorldEvent:
-        at = event.at.astimezone(UTC).replace(microsecond=0) if event.at else self._now()
+    def _event(self, event: NewEvent, shipment: WorldShipment) -> WorldEvent:
+        """``event`` as a step of ``shipment``'s trace; without a time of its own: now, but
+        never before the parcel left or before its previous step."""
+        if event.at is not None:
+            at = event.at.astimezone(UTC).replace(microsecond=0)
+        else:
+            at = max(self._now(), shipment.shipped_at, *(e.at for e in shipment.events))
         return WorldEvent(
             at=at, description=event.description, status=event.status, location=event.location
         )
@@ -603,11 +635,26 @@ class World:
     def _now(self) -> datetime:
         return self._clock().astimezone(UTC).replace(microsecond=0)
 
-    def _touch(self, order: WorldOrder) -> datetime:
-        """Stamp a change: now, or one second after the last change if that is not later."""
+    def _touch(self, order: WorldOrder, at: datetime | None = None) -> datetime:
+        """Stamp a change: now, or one second after the last change if that is not later.
+        Returns when the change happened: ``at`` when given (not after the stamp), else the
+        stamp."""
         now = max(self._now(), order.modified_at + timedelta(seconds=1))
+        happened = self._past(at, now)
         order.modified_at = now
-        return now
+        return happened
+
+    @staticmethod
+    def _past(at: datetime | None, now: datetime) -> datetime:
+        """``at`` in whole seconds (``now`` when None); a time after ``now`` is refused."""
+        if at is None:
+            return now
+        if at.tzinfo is None:
+            raise WorldError("a time needs its time zone")
+        when = at.astimezone(UTC).replace(microsecond=0)
+        if when > now:
+            raise WorldError(f"{when.isoformat()} is in the future of this world")
+        return when
 
     def _new_id(self, digits: int, prefix: str = "") -> str:
         while True:
