@@ -236,6 +236,15 @@ class Settings(BaseSettings):
         default=6.0, description="A non-final order not synced for this long is reconciled again."
     )
 
+    # --- payments -----------------------------------------------------------------------
+    payments_enabled: bool = Field(
+        default=False,
+        description=(
+            "Let `pandasync pay --yes` pay orders through PandaPon (moves money; "
+            "docs/operations.md, Paying orders). Off: only the dry run works."
+        ),
+    )
+
     # --- reporting and logs -------------------------------------------------------------
     reporting_timezone: str = Field(
         default="Asia/Shanghai",

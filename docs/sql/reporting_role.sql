@@ -28,9 +28,9 @@ $$;
 GRANT SELECT ON
     orders, order_lines, order_status_history, order_price_changes, shipments,
     shipment_events, refunds, sync_failures, sweep_cursors, refund_sweep_cursors,
-    unmapped_values,
+    unmapped_values, payment_attempts,
     report_daily_sales, report_refunds, report_fulfilment, report_sync_health,
-    report_sales_lines, report_price_changes, report_unmapped_values
+    report_sales_lines, report_price_changes, report_unmapped_values, report_awaiting_payment
 TO pandasync_reporting;
 GRANT SELECT (
     id, account_id, dedupe_key, received_at, message_type, kind, platform, order_id,

@@ -4,13 +4,16 @@ One ``httpx.AsyncClient`` per process is made by its owner (``make_http_client``
 or a worker's startup) and handed in; ``PandaPonClient`` never creates or closes it. Each call:
 
 1. waits for a token from the shared rate limiter (``ratelimit.py``);
-2. signs the request with the five headers of §1 (``signer.py``);
+2. signs the request with the five headers (``signer.py``; docs/upstream.md, Requests);
 3. sends it as the endpoint table says (``endpoints.py``), GET with a query, POST with JSON;
 4. unwraps the envelope (``code == 200`` → ``data``) or raises the typed error of ``errors.py``;
 5. maps ``data`` to the neutral snapshots (``mapping.py``).
 
 Nothing is retried here: transport-level retries cover only failed connects (httpx), and 429/5xx
-are retried deliberately by the worker, which knows its budget. A 429's Retry-After is reported
+are retried deliberately by the worker, which knows its budget. The payment actions
+(``pay_orders``, docs/upstream.md#payments) are made once, never retried by anyone: their callers
+build the HTTP client with ``connect_retries=0`` and treat a call with no answer as an outcome
+nobody knows (``workers/payments.py``). A 429's Retry-After is reported
 on the error, so the worker delays that order; the shared limiter is told which order (or page)
 was limited and pauses everyone only when the limit is clearly the account's
 (``RateLimiter.note_limited``): one poisoned answer cannot stall the fleet.
@@ -30,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
@@ -43,9 +46,15 @@ import structlog
 from prometheus_client import Counter, Histogram
 
 from service.config import ConfigError, Settings
-from service.domain import Platform
+from service.domain import PaymentState, Platform
 from service.pandapon import mapping
-from service.pandapon.endpoints import Endpoint, EndpointTable, Kind, ParamValue
+from service.pandapon.endpoints import (
+    TAOBAO_PAY_MAX_IDS,
+    Endpoint,
+    EndpointTable,
+    Kind,
+    ParamValue,
+)
 from service.pandapon.errors import (
     AUTH_CODES,
     RATE_LIMIT_CODE,
@@ -63,6 +72,8 @@ from service.pandapon.errors import (
 from service.pandapon.models import (
     OrderListPage,
     OrderSnapshot,
+    PaymentAnswer,
+    PaymentResult,
     RefundListPage,
     RefundSnapshot,
     ShipmentSnapshot,
@@ -87,19 +98,22 @@ UPSTREAM_SECONDS = Histogram(
 )
 
 
-def make_http_client(settings: Settings) -> httpx.AsyncClient:
+def make_http_client(settings: Settings, *, connect_retries: int = 1) -> httpx.AsyncClient:
     """The process's one upstream HTTP client: HTTP/1.1 keep-alive pool, explicit timeouts.
 
     Connect is short (a dead host should fail fast); read is the longest PandaPon may think;
     pool bounds the wait for a free connection when all ``http_max_connections`` are busy. The
-    transport retries a failed connect once (nothing was sent, so it is always safe).
+    transport retries a failed connect ``connect_retries`` times (nothing was sent, so it is
+    safe); a client that pays passes 0, so that no payment call is ever made twice.
     """
     limits = httpx.Limits(
         max_connections=settings.http_max_connections,
         max_keepalive_connections=settings.http_max_connections,
         keepalive_expiry=30.0,
     )
-    transport = httpx.AsyncHTTPTransport(limits=limits, http1=True, http2=False, retries=1)
+    transport = httpx.AsyncHTTPTransport(
+        limits=limits, http1=True, http2=False, retries=connect_retries
+    )
     return httpx.AsyncClient(
         transport=transport,
         timeout=httpx.Timeout(
@@ -195,8 +209,8 @@ class Envelope:
 
 
 # 1688's own logistics API answers error 500_2 ("not shipped yet, no logistics") for an order
-# that has not shipped (pandapon-api.md §6 [1688]): no parcels yet, not a failure. PandaPon may
-# pass it on as the envelope's code ("500_2") or in its msg.
+# that has not shipped (docs/upstream.md#evidence [1688]): no parcels yet, not a failure.
+# PandaPon may pass it on as the envelope's code ("500_2") or in its msg.
 ALIBABA_NOT_SHIPPED_CODE = "500_2"
 
 
@@ -324,10 +338,47 @@ class PandaPonClient:
         return await self._page(platform, "refund_list", page_no, page_size, window, parse)
 
     async def fetch(self, endpoint_name: str, params: Mapping[str, ParamValue]) -> Envelope:
-        """Any endpoint of the table by name, unmapped (for tools and diagnosis)."""
+        """Any query endpoint of the table by name, unmapped (for tools and diagnosis).
+
+        Never a payment action: a tool that looks must not pay (ValueError)."""
         endpoint = self.endpoints[endpoint_name]
+        if endpoint.action:
+            raise ValueError(f"{endpoint_name} is a payment action, not a query: not fetched")
         subject = f"{endpoint_name} {sorted(params.items())}"
         return await self._call(endpoint, params, _whole, subject=subject)
+
+    # --- the payment actions (docs/upstream.md#payments): only `pandasync pay` calls these -----
+
+    async def pay_orders(self, platform: Platform, order_ids: Sequence[str]) -> PaymentAnswer:
+        """Pay the orders: ONE call, never retried; its answer per order.
+
+        1688 pays one order per call (``GET /alibaba/order/pay/url``: password-free "protocol"
+        payment); Taobao up to ``TAOBAO_PAY_MAX_IDS`` purchase ids per call. A refusal of the
+        whole call raises the typed error of ``errors.py`` like any call; what each error means
+        for the money (paid or not, or nobody knows) is the caller's to decide.
+        """
+        ids = [str(order_id) for order_id in order_ids]
+        if not ids or len(set(ids)) != len(ids):
+            raise ValueError("pay_orders needs one or more distinct order ids")
+        endpoint = self.endpoints.payment(platform)
+        subject = f"{platform.value} payment of {', '.join(ids)}"
+        if platform is Platform.ALIBABA_1688:
+            if len(ids) != 1:
+                raise ValueError("1688 pays one order per call")
+            return await self._call(
+                endpoint,
+                {"order_id": ids[0]},
+                partial(_payment_answer, platform, ids, alibaba_payment_results),
+                subject=subject,
+            )
+        if len(ids) > TAOBAO_PAY_MAX_IDS:
+            raise ValueError(f"Taobao pays at most {TAOBAO_PAY_MAX_IDS} orders per call")
+        return await self._call(
+            endpoint,
+            {"order_ids": ids},
+            partial(_payment_answer, platform, ids, taobao_payment_results),
+            subject=subject,
+        )
 
     # --- one call -------------------------------------------------------------------------
 
@@ -433,7 +484,7 @@ def unwrap(
     *,
     answers: Callable[[Mapping[str, Any]], bool] | None = None,
 ) -> Envelope:
-    """The envelope of §2 → Envelope, or the typed error for this response.
+    """The envelope (docs/upstream.md#response-envelope-and-errors) → Envelope, or the typed error.
 
     ``answers``: an error envelope (HTTP 2xx or 5xx) it says yes to is returned as an Envelope
     with ``answer=False`` instead of raised (a call that knows that error means "nothing yet").
@@ -528,6 +579,108 @@ def _alibaba_parcels(envelope: Envelope) -> list[ShipmentSnapshot]:
     if not envelope.answer:
         return []
     return mapping.map_shipments(Platform.ALIBABA_1688, envelope.data)
+
+
+# --- payment answers (docs/upstream.md#payments) --------------------------------------------------
+
+PaymentResults = Callable[[Any, Sequence[str]], tuple[PaymentResult, ...]]
+
+
+def _payment_answer(
+    platform: Platform, ids: Sequence[str], results: PaymentResults, envelope: Envelope
+) -> PaymentAnswer:
+    return PaymentAnswer(
+        platform=platform,
+        results=results(envelope.data, ids),
+        request_id=envelope.request_id,
+        msg=envelope.msg,
+        raw=mapping.jsonable(envelope.data),
+    )
+
+
+def _object(data: Any) -> Mapping[str, Any]:
+    if not isinstance(data, Mapping):
+        raise MalformedResponse("the payment answer's data is not an object", field="data")
+    return data
+
+
+def _id_set(value: Any) -> set[str]:
+    """Order ids from a list of numbers or strings (1688 sends integers)."""
+    if not isinstance(value, list):
+        return set()
+    return {str(item) for item in value if isinstance(item, str | int) and str(item).strip()}
+
+
+def _flag(value: Any) -> bool | None:
+    """true / false as JSON, text or 0/1; None for anything else."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    return None
+
+
+def alibaba_payment_results(data: Any, ids: Sequence[str]) -> tuple[PaymentResult, ...]:
+    """The 1688 answer [doc, the seed page]: ``protocolPaySuccess`` true is paid; an order in
+    ``cantPayOrderList`` was held back by quota or risk control; otherwise a ``payUrl`` is a
+    link for paying by hand. An answer that says none of these is ``unknown``: nobody can tell
+    from it whether money moved."""
+    body = _object(data)
+    (order_id,) = ids
+    success = _flag(body.get("protocolPaySuccess"))
+    pay_url = _text(body.get("payUrl")) or None
+    if order_id in _id_set(body.get("cantPayOrderList")):
+        reason = "quota or risk control kept it from being paid (cantPayOrderList)"
+        return (PaymentResult(order_id, PaymentState.HELD_BACK, pay_url, reason),)
+    if success is True:
+        return (PaymentResult(order_id, PaymentState.PAID, pay_url),)
+    if pay_url is not None:
+        reason = "protocol pay failed: pay by hand at payUrl"
+        return (PaymentResult(order_id, PaymentState.PAY_BY_HAND, pay_url, reason),)
+    if success is False:
+        reason = "protocol pay failed and no payUrl was given"
+        return (PaymentResult(order_id, PaymentState.FAILED, None, reason),)
+    reason = "the answer has no protocolPaySuccess, payUrl or cantPayOrderList"
+    return (PaymentResult(order_id, PaymentState.UNKNOWN, None, reason),)
+
+
+_TB_WILL_PAY = ("willPayPurchaseOrderIds", "will_pay_purchase_order_ids")
+_TB_PAY_FAILURE = ("payFailurePurchaseOrderIds", "pay_failure_purchase_order_ids")
+_TB_FAILED_RESULTS = ("payFailedResults", "pay_failed_results")
+_TB_FAILED_ID = ("purchaseOrderId", "purchase_order_id")
+
+
+def taobao_payment_results(data: Any, ids: Sequence[str]) -> tuple[PaymentResult, ...]:
+    """The Taobao batch-pay answer [TG, DJ; PandaPon's own assumed]: an id in
+    ``willPayPurchaseOrderIds`` was accepted for payment (``paid``); an id in
+    ``payFailurePurchaseOrderIds`` or ``payFailedResults`` was not (``failed``, with its
+    ``reason``); an id the answer does not name is ``unknown``. Either spelling is read."""
+    body = _object(data)
+
+    def first(names: tuple[str, ...]) -> Any:
+        return next((body[name] for name in names if name in body), None)
+
+    will_pay = _id_set(first(_TB_WILL_PAY))
+    failed = dict.fromkeys(_id_set(first(_TB_PAY_FAILURE)), "payment failed")
+    results = first(_TB_FAILED_RESULTS)
+    for item in results if isinstance(results, list) else []:
+        if not isinstance(item, Mapping):
+            continue
+        failed_id = next((item[n] for n in _TB_FAILED_ID if item.get(n) is not None), None)
+        if failed_id is not None:
+            failed[str(failed_id)] = _text(item.get("reason")) or "payment failed"
+    answered: list[PaymentResult] = []
+    for order_id in ids:
+        if order_id in failed:
+            answered.append(PaymentResult(order_id, PaymentState.FAILED, None, failed[order_id]))
+        elif order_id in will_pay:
+            answered.append(PaymentResult(order_id, PaymentState.PAID))
+        else:
+            reason = "the answer names it neither to be paid nor failed"
+            answered.append(PaymentResult(order_id, PaymentState.UNKNOWN, None, reason))
+    return tuple(answered)
 
 
 def _text(value: Any) -> str | None:

@@ -1,4 +1,5 @@
-"""The endpoint table: the query APIs of ``pandapon-api.md`` §4 and §6, in one place.
+"""The endpoint table: the query APIs (docs/upstream.md#endpoints) and the two payment actions
+(docs/upstream.md#payments), in one place.
 
 Each entry says how the request is made (method, path, the upstream names of its parameters)
 and where each of those facts comes from: ``doc`` (a public PandaPon page), ``doc-v2`` (a v2
@@ -14,6 +15,12 @@ any parameter by its logical name::
 
 An unknown endpoint, key or method is refused when the table is built (client construction, and
 sandbox start), with a message naming it.
+
+The payment endpoints (kind ``order_pay``) are actions, not queries: calling one pays an order.
+They live beside the queries so that their paths are overridable like any other, but
+``EndpointTable.all()`` and ``ENDPOINT_NAMES`` list the queries only (what ``pandasync doctor``
+checks and a sync may call); ``EndpointTable.payments()`` and ``PAYMENT_ENDPOINT_NAMES`` list the
+actions, which only ``pandasync pay`` calls.
 """
 
 from __future__ import annotations
@@ -28,7 +35,10 @@ from service.domain import Platform
 Method = Literal["GET", "POST"]
 Source = Literal["doc", "doc-v2", "assumed"]
 Kind = Literal["order_detail", "logistics", "order_list", "refund_detail", "refund_list"]
-ParamValue = str | int
+# An action: calling it changes something upstream (pays an order), so nothing calls it to look.
+ActionKind = Literal["order_pay"]
+# Taobao's pay call takes a list of purchase ids.
+ParamValue = str | int | list[str]
 
 KINDS: tuple[Kind, ...] = (
     "order_detail",
@@ -37,6 +47,7 @@ KINDS: tuple[Kind, ...] = (
     "refund_detail",
     "refund_list",
 )
+ACTION_KINDS: tuple[ActionKind, ...] = ("order_pay",)
 _PREFIX = {Platform.TAOBAO: "taobao", Platform.ALIBABA_1688: "alibaba"}
 OVERRIDES_SETTING = "PANDASYNC_ENDPOINT_OVERRIDES"
 
@@ -45,7 +56,7 @@ OVERRIDES_SETTING = "PANDASYNC_ENDPOINT_OVERRIDES"
 class Endpoint:
     name: str
     platform: Platform
-    kind: Kind
+    kind: Kind | ActionKind
     method: Method
     path: str
     # logical parameter name -> the name PandaPon expects
@@ -60,6 +71,11 @@ class Endpoint:
     def documented(self) -> bool:
         """True when method, path and parameters are all on a public page."""
         return "assumed" not in (self.method_source, self.path_source, self.params_source)
+
+    @property
+    def action(self) -> bool:
+        """True for an endpoint whose call changes something upstream (a payment)."""
+        return self.kind in ACTION_KINDS
 
     def wire_params(self, values: Mapping[str, ParamValue]) -> dict[str, ParamValue]:
         """The parameters under PandaPon's names; ``values`` are keyed by logical name."""
@@ -79,7 +95,7 @@ class Endpoint:
 
 def _ep(
     platform: Platform,
-    kind: Kind,
+    kind: Kind | ActionKind,
     method: Method,
     path: str,
     params: dict[str, str],
@@ -100,7 +116,7 @@ def _ep(
     )
 
 
-def endpoint_name(platform: Platform, kind: Kind) -> str:
+def endpoint_name(platform: Platform, kind: Kind | ActionKind) -> str:
     return f"{_PREFIX[platform]}_{kind}"
 
 
@@ -147,9 +163,9 @@ DEFAULT_ENDPOINTS: Mapping[str, Endpoint] = {
             {"refund_id": "refundId"},
             ("doc-v2", "doc-v2", "doc-v2"),
         ),
-        # §6 [VN]: the refund list page. Its documented filters (purchaseOrderId, salesOrderId)
-        # are not what a sweep needs; paging and the modified-time window are named as the order
-        # lists name them [assumed].
+        # [VN] (docs/upstream.md#evidence): the refund list page. Its documented filters
+        # (purchaseOrderId, salesOrderId) are not what a sweep needs; paging and the
+        # modified-time window are named as the order lists name them [assumed].
         _ep(
             _TB,
             "refund_list",
@@ -205,21 +221,58 @@ DEFAULT_ENDPOINTS: Mapping[str, Endpoint] = {
 }
 ENDPOINT_NAMES: tuple[str, ...] = tuple(DEFAULT_ENDPOINTS)
 
+# Calling these pays (docs/upstream.md#payments). Never called by a sync or by doctor; only by
+# `pandasync pay`.
+PAYMENT_ENDPOINTS: Mapping[str, Endpoint] = {
+    e.name: e
+    for e in (
+        # Taobao "Pay for the order": the method is documented, path and body are not
+        # [assumed]; it takes up to TAOBAO_PAY_MAX_IDS purchase ids.
+        _ep(
+            _TB,
+            "order_pay",
+            "POST",
+            "/open/order/pay",
+            {"order_ids": "purchaseOrderIdList"},
+            ("doc", "assumed", "assumed"),
+        ),
+        # The seed page: calling it tries password-free ("protocol") payment of the order.
+        _ep(
+            _AL,
+            "order_pay",
+            "GET",
+            "/alibaba/order/pay/url",
+            {"order_id": "orderId"},
+            ("doc", "doc", "doc"),
+        ),
+    )
+}
+PAYMENT_ENDPOINT_NAMES: tuple[str, ...] = tuple(PAYMENT_ENDPOINTS)
+TAOBAO_PAY_MAX_IDS = 10
+
 
 class EndpointTable:
     """The endpoint table with the overrides applied; look up by name or (platform, kind)."""
 
     def __init__(self, overrides: Mapping[str, Mapping[str, str]] | None = None) -> None:
-        self._by_name = apply_overrides(DEFAULT_ENDPOINTS, overrides or {})
+        self._by_name = apply_overrides({**DEFAULT_ENDPOINTS, **PAYMENT_ENDPOINTS}, overrides or {})
 
     def __getitem__(self, name: str) -> Endpoint:
         return self._by_name[name]
 
     def all(self) -> tuple[Endpoint, ...]:
-        return tuple(self._by_name.values())
+        """The query endpoints (never an action)."""
+        return tuple(e for e in self._by_name.values() if not e.action)
+
+    def payments(self) -> tuple[Endpoint, ...]:
+        """The payment actions: calling one pays an order."""
+        return tuple(e for e in self._by_name.values() if e.action)
 
     def get(self, platform: Platform, kind: Kind) -> Endpoint:
         return self._by_name[endpoint_name(platform, kind)]
+
+    def payment(self, platform: Platform) -> Endpoint:
+        return self._by_name[endpoint_name(platform, "order_pay")]
 
 
 def apply_overrides(

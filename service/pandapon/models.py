@@ -1,4 +1,5 @@
-"""Platform-neutral snapshots of what PandaPon's query APIs return.
+"""Platform-neutral snapshots of what PandaPon's query APIs return, and the answers of its
+payment actions.
 
 ``service.pandapon.mapping`` turns Taobao and 1688 payloads into these; ``service.ledger`` writes
 them. Amounts are ``Decimal`` in the order currency (yuan for CNY), times are aware datetimes,
@@ -12,7 +13,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from service.domain import OrderStatus, Platform, RefundStatus
+from service.domain import OrderStatus, PaymentState, Platform, RefundStatus
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,3 +140,36 @@ class RefundListPage:
     page_size: int
     refunds: tuple[RefundSnapshot, ...]
     unreadable: tuple[UnreadableRefund, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentResult:
+    """What a payment call's answer says about one order.
+
+    ``state`` is ``paid``, ``pay_by_hand`` (``pay_url`` is the link for a person),
+    ``held_back`` (quota or risk control kept it from being paid), ``failed`` (upstream said it
+    did not pay; ``reason`` in its words) or ``unknown`` (the answer does not say).
+    """
+
+    order_id: str
+    state: PaymentState
+    pay_url: str | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentAnswer:
+    """A payment call that upstream answered with code 200: one result per order asked for,
+    and what identifies the answer in PandaPon's logs."""
+
+    platform: Platform
+    results: tuple[PaymentResult, ...]
+    request_id: str | None = None
+    msg: str | None = None
+    raw: Any = None
+
+    def for_order(self, order_id: str) -> PaymentResult:
+        for result in self.results:
+            if result.order_id == order_id:
+                return result
+        return PaymentResult(order_id, PaymentState.UNKNOWN, reason="the answer does not name it")

@@ -1,5 +1,6 @@
-"""The control side of the sandbox, under ``/_sandbox/``: drive the world, set faults, delivery
-and the upstream variant, read call counts, callbacks and the ground truth (docs/sandbox.md).
+"""The control side of the sandbox, under ``/_sandbox/``: drive the world, set faults, delivery,
+the upstream variant and how payments answer, read call counts, callbacks and the ground truth
+(docs/sandbox.md).
 """
 
 from __future__ import annotations
@@ -25,7 +26,15 @@ from service.sandbox.settings import (
     UpstreamVariant,
     check_fault_keys,
 )
-from service.sandbox.state import UNROUTED, BadRequest, M, SandboxState, json_error, state_of
+from service.sandbox.state import (
+    UNROUTED,
+    BadRequest,
+    M,
+    PaymentBehaviour,
+    SandboxState,
+    json_error,
+    state_of,
+)
 from service.sandbox.world import (
     NewEvent,
     NewLine,
@@ -180,6 +189,7 @@ async def index(request: Request, state: SandboxState) -> Any:
                 "path": e.path,
                 "params": dict(e.params),
                 "documented": e.documented,
+                "action": e.action,
             }
             for e in state.served
         ],
@@ -314,6 +324,9 @@ async def get_calls(request: Request, state: SandboxState) -> Any:
     return {
         "calls": {name: sum(c.values()) for name, c in state.calls.items()},
         "outcomes": outcomes,
+        # The payment actions apart: endpoint -> order id -> calls that named it.
+        "payments": {name: dict(c) for name, c in state.payment_calls.items()},
+        "payment_outcomes": {name: dict(c) for name, c in state.payment_outcomes.items()},
     }
 
 
@@ -339,6 +352,20 @@ async def put_faults(request: Request, state: SandboxState) -> Any:
 async def clear_faults(request: Request, state: SandboxState) -> Any:
     state.faults = {}
     return await get_faults(request, state)
+
+
+async def get_payments(request: Request, state: SandboxState) -> Any:
+    return {"payments": state.payments.model_dump(), "protocol_paid": state.protocol_paid}
+
+
+async def put_payments(request: Request, state: SandboxState) -> Any:
+    state.payments = await _body(request, PaymentBehaviour)
+    return await get_payments(request, state)
+
+
+async def reset_payments(request: Request, state: SandboxState) -> Any:
+    state.reset_payments()
+    return await get_payments(request, state)
 
 
 async def get_delivery(request: Request, state: SandboxState) -> Any:
@@ -414,6 +441,7 @@ async def drain_callbacks(request: Request, state: SandboxState) -> Any:
 async def reset(request: Request, state: SandboxState) -> Any:
     state.reset_world()
     state.reset_calls()
+    state.reset_payments()
     state.faults = dict(state.settings.faults)
     state.set_upstream(state.settings.upstream)
     return {"status": "reset"}
@@ -448,6 +476,9 @@ def control_routes() -> list[BaseRoute]:
         Route(f"{p}/faults", control(get_faults), methods=["GET"]),
         Route(f"{p}/faults", control(put_faults), methods=["PUT"]),
         Route(f"{p}/faults", control(clear_faults), methods=["DELETE"]),
+        Route(f"{p}/payments", control(get_payments), methods=["GET"]),
+        Route(f"{p}/payments", control(put_payments), methods=["PUT"]),
+        Route(f"{p}/payments", control(reset_payments), methods=["DELETE"]),
         Route(f"{p}/delivery", control(get_delivery), methods=["GET"]),
         Route(f"{p}/delivery", control(patch_delivery), methods=["PATCH"]),
         Route(f"{p}/upstream", control(get_upstream), methods=["GET"]),

@@ -1,5 +1,6 @@
 """What the sandbox's handlers share: the world, the routing of the upstream side, faults,
-credentials and the signature check of PandaPon's gateway (``SandboxState``).
+credentials, the signature check of PandaPon's gateway and how the payment actions answer
+(``SandboxState``).
 """
 
 from __future__ import annotations
@@ -13,12 +14,17 @@ from datetime import UTC, datetime
 from typing import Literal, TypeVar
 
 import structlog
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from service.config import ConfigError, TimestampUnit
-from service.pandapon.endpoints import ENDPOINT_NAMES, Endpoint, EndpointTable
+from service.pandapon.endpoints import (
+    ENDPOINT_NAMES,
+    PAYMENT_ENDPOINT_NAMES,
+    Endpoint,
+    EndpointTable,
+)
 from service.pandapon.signer import (
     HEADER_NONCE,
     HEADER_USER_ID,
@@ -63,6 +69,32 @@ REFUSALS = {
     "future_timestamp": "timestamp outside the allowed window",
 }
 UNROUTED = "unrouted"  # the outcomes key of requests no endpoint takes
+
+# How a payment call is answered (docs/sandbox.md, Payments): ``succeed`` pays the order;
+# ``pay_url`` (1688: a link to pay by hand; Taobao: a failure naming it) and ``held_back``
+# (1688: cantPayOrderList; Taobao: a failure) leave it unpaid; ``fail`` refuses the whole call
+# (envelope code 400); ``hang`` answers nothing for ``hang_s``; ``hang_after_paying`` pays, then
+# answers nothing (a payment whose answer is lost).
+PayMode = Literal["succeed", "pay_url", "held_back", "fail", "hang", "hang_after_paying"]
+
+
+class PaymentBehaviour(BaseModel):
+    """How the sandbox answers the payment actions (``PUT /_sandbox/payments``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: PayMode = "succeed"
+    # order id -> the mode for that order (overrides ``mode``)
+    orders: dict[str, PayMode] = Field(default_factory=dict)
+    # protocol payments that may succeed; once used up, the rest are held back (None: no quota)
+    quota: int | None = Field(default=None, ge=0)
+    # every payment call waits this long before it is handled
+    delay_s: float = Field(default=0.0, ge=0, le=300)
+    # how long ``hang`` answers nothing (or until the client gives up)
+    hang_s: float = Field(default=30.0, gt=0, le=600)
+
+    def mode_for(self, order_id: str) -> PayMode:
+        return self.orders.get(order_id, self.mode)
 
 
 def served_endpoints(table: EndpointTable, moves: Mapping[str, EndpointMove]) -> list[Endpoint]:
@@ -119,6 +151,11 @@ class SandboxState:
     calls: dict[str, Counter[str]] = field(default_factory=dict)
     unrouted: Counter[str] = field(default_factory=Counter)
     nonces: OrderedDict[str, float] = field(default_factory=OrderedDict)
+    payments: PaymentBehaviour = field(default_factory=PaymentBehaviour)
+    # payment endpoint -> order id -> calls that named it; and -> outcome -> count
+    payment_calls: dict[str, Counter[str]] = field(default_factory=dict)
+    payment_outcomes: dict[str, Counter[str]] = field(default_factory=dict)
+    protocol_paid: int = 0  # payments made so far, counted against ``payments.quota``
 
     @classmethod
     def build(cls, settings: SandboxSettings) -> SandboxState:
@@ -157,7 +194,11 @@ class SandboxState:
 
     def set_upstream(self, variant: UpstreamVariant) -> None:
         """Switch to ``variant``; ValueError (nothing changed) if its moves collide."""
-        served = served_endpoints(self.endpoints, variant.endpoints)
+        # The payment actions are served where the table has them (no variant moves them).
+        served = [
+            *served_endpoints(self.endpoints, variant.endpoints),
+            *self.endpoints.payments(),
+        ]
         self.routes = build_routes(served, variant.endpoints)
         self.served = served
         self.upstream = variant
@@ -170,6 +211,13 @@ class SandboxState:
     def reset_calls(self) -> None:
         self.calls = {name: Counter() for name in ENDPOINT_NAMES}
         self.unrouted = Counter()
+        self.payment_calls = {name: Counter() for name in PAYMENT_ENDPOINT_NAMES}
+        self.payment_outcomes = {name: Counter() for name in PAYMENT_ENDPOINT_NAMES}
+
+    def reset_payments(self) -> None:
+        """Payment behaviour back to the default (every payment succeeds), quota count too."""
+        self.payments = PaymentBehaviour()
+        self.protocol_paid = 0
 
     def on_change(self, change: Change) -> None:
         settings = self.deliverer.settings
@@ -216,9 +264,9 @@ class SandboxState:
         return None
 
     def verify(self, request: Request) -> Refusal | None:
-        """PandaPon's checks on the five headers (§1): all present, then the same signature
-        check as our own receiver's (``signer.check_signature``), then a fresh nonce and the
-        user-id's permission."""
+        """PandaPon's checks on the five headers (docs/upstream.md#requests-host-and-signing):
+        all present, then the same signature check as our own receiver's
+        (``signer.check_signature``), then a fresh nonce and the user-id's permission."""
         headers = {name: request.headers.get(name, "") for name in SIGNED_HEADERS}
         missing = [name for name, value in headers.items() if not value]
         if missing:

@@ -1,5 +1,6 @@
 """The upstream side of the sandbox: PandaPon's query APIs as the gateway answers them (see
-``service.sandbox.app`` for the order of checks).
+``service.sandbox.app`` for the order of checks), and its two payment actions
+(``handle_payment``: they pay orders of the world, as ``PaymentBehaviour`` says).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocketClose
 
-from service.domain import Platform
-from service.pandapon.endpoints import Endpoint
+from service.domain import OrderStatus, Platform
+from service.pandapon.endpoints import TAOBAO_PAY_MAX_IDS, Endpoint
 from service.sandbox import render
 from service.sandbox.settings import (
     CONTROL_PREFIX,
@@ -31,6 +32,7 @@ from service.sandbox.state import (
     HUGE_RETRY_AFTER_S,
     MAX_PAGE_SIZE,
     BadRequest,
+    PayMode,
     Poison,
     SandboxState,
     UpstreamAnswer,
@@ -40,6 +42,7 @@ from service.sandbox.state import (
 from service.sandbox.world import (
     World,
     WorldError,
+    WorldOrder,
 )
 
 log = structlog.get_logger(__name__)
@@ -120,6 +123,8 @@ async def dispatch(request: Request) -> Response:
 
 async def handle_upstream(request: Request, state: SandboxState, endpoint: Endpoint) -> Response:
     """One query-API request, as PandaPon would answer it (see the module docstring)."""
+    if endpoint.action:
+        return await handle_payment(request, state, endpoint)
     count = state.calls.setdefault(endpoint.name, Counter())
     spec = state.fault_for(endpoint.name)
     if spec.latency_s:
@@ -179,6 +184,136 @@ async def handle_upstream(request: Request, state: SandboxState, endpoint: Endpo
     if poison is not None:
         count[poison] += 1  # answered, but poisoned
     return _envelope_response(data)
+
+
+# --- the payment actions --------------------------------------------------------------------------
+
+PAY_URL = "https://sandbox.pandapon.invalid/pay?orderId={order_id}"
+
+
+async def handle_payment(request: Request, state: SandboxState, endpoint: Endpoint) -> Response:
+    """A payment call: signed like any request, then each order it names is paid (or not) as
+    ``state.payments`` says. No generic fault applies here; the behaviour has its own delay and
+    hang. Calls are counted per order (``payment_calls``) once they pass the gateway."""
+    outcomes = state.payment_outcomes.setdefault(endpoint.name, Counter())
+    refusal = state.verify(request)
+    if refusal is not None:
+        outcomes["auth_rejected"] += 1
+        return _envelope_response(None, code=refusal.status, msg=refusal.msg, status=refusal.status)
+    try:
+        order_ids = await _payment_ids(request, endpoint)
+    except BadRequest as error:
+        outcomes["bad_request"] += 1
+        return _envelope_response(None, code=400, msg=str(error))
+    calls = state.payment_calls.setdefault(endpoint.name, Counter())
+    for order_id in order_ids:
+        calls[order_id] += 1
+    behaviour = state.payments
+    if behaviour.delay_s:
+        await asyncio.sleep(behaviour.delay_s)
+    modes = {order_id: behaviour.mode_for(order_id) for order_id in order_ids}
+    if any(mode == "fail" for mode in modes.values()):
+        outcomes["refused"] += 1
+        return _envelope_response(None, code=400, msg="支付失败：账户余额不足")
+    try:
+        orders = [state.world.order(endpoint.platform, order_id) for order_id in order_ids]
+    except WorldError as error:
+        outcomes["not_found"] += 1
+        return _envelope_response(None, code=error.status, msg=str(error))
+    not_payable = [o.order_id for o in orders if o.status is not OrderStatus.PENDING_PAYMENT]
+    if not_payable and endpoint.platform is Platform.ALIBABA_1688:
+        outcomes["not_payable"] += 1
+        msg = f"订单状态不允许支付: {', '.join(not_payable)}"
+        return _envelope_response(None, code=400, msg=msg)
+    paid: list[str] = []
+    failed: dict[str, str] = {}
+    held: list[str] = []
+    urls: dict[str, str] = {}
+    hang = False
+    for order in orders:
+        mode: PayMode = modes[order.order_id]
+        if order.order_id in not_payable:
+            failed[order.order_id] = "订单状态不允许支付"
+            continue
+        quota_used = behaviour.quota is not None and state.protocol_paid >= behaviour.quota
+        if mode in ("succeed", "hang_after_paying") and quota_used:
+            mode = "held_back"
+        if mode in ("succeed", "hang_after_paying"):
+            _pay(state, order)
+            paid.append(order.order_id)
+            hang = hang or mode == "hang_after_paying"
+        elif mode == "hang":
+            hang = True
+        elif mode == "pay_url":
+            urls[order.order_id] = PAY_URL.format(order_id=order.order_id)
+            failed[order.order_id] = "免密支付失败，请手动支付"
+        else:
+            held.append(order.order_id)
+            failed[order.order_id] = "额度不足或风控拦截"
+    if hang:
+        outcomes["timeout"] += 1
+        await _hang(request, behaviour.hang_s)
+        return _envelope_response(None, code=504, msg="gateway timeout", status=504)
+    outcomes["paid"] += len(paid)
+    outcomes["pay_url"] += len(urls)
+    outcomes["held_back"] += len(held)
+    if endpoint.platform is Platform.ALIBABA_1688:
+        (order_id,) = order_ids
+        return _envelope_response(
+            {
+                "orderId": int(order_id),
+                "protocolPaySuccess": order_id in paid,
+                "payUrl": urls.get(order_id),
+                "cantPayOrderList": [int(i) for i in held],
+            }
+        )
+    return _envelope_response(
+        {
+            "willPayPurchaseOrderIds": paid,
+            "payFailurePurchaseOrderIds": list(failed),
+            "payFailedResults": [
+                {"purchaseOrderId": order_id, "reason": reason}
+                for order_id, reason in failed.items()
+            ],
+        }
+    )
+
+
+def _pay(state: SandboxState, order: WorldOrder) -> None:
+    """Pay the order in the world: its status callback follows, as for any change."""
+    state.world.pay(order)
+    state.protocol_paid += 1
+
+
+async def _payment_ids(request: Request, endpoint: Endpoint) -> list[str]:
+    """The order ids a payment call names: 1688 one ``orderId`` in the query, Taobao a list of
+    at most 10 purchase ids in the JSON body (under the table's parameter names)."""
+    if endpoint.platform is Platform.ALIBABA_1688:
+        params = await _read_params(request, endpoint)
+        order_id = params["order_id"]
+        if not order_id.isdigit():
+            raise BadRequest(f"{endpoint.params['order_id']} must be an order id")
+        return [order_id]
+    wire = endpoint.params["order_ids"]
+    source: Any
+    if endpoint.method == "GET":
+        source = request.query_params.getlist(wire)
+    else:
+        try:
+            body = json.loads(await request.body() or b"{}")
+        except ValueError:
+            raise BadRequest("the body is not JSON") from None
+        source = body.get(wire) if isinstance(body, dict) else None
+    if (
+        not isinstance(source, list)
+        or not 1 <= len(source) <= TAOBAO_PAY_MAX_IDS
+        or not all(isinstance(i, str | int) and str(i).isdigit() for i in source)
+    ):
+        raise BadRequest(f"{wire} must list 1 to {TAOBAO_PAY_MAX_IDS} purchase ids")
+    ids = [str(i) for i in source]
+    if len(set(ids)) != len(ids):
+        raise BadRequest(f"{wire} names an order twice")
+    return ids
 
 
 async def _read_params(request: Request, endpoint: Endpoint) -> dict[str, str]:
