@@ -17,7 +17,7 @@ class Platform(enum.StrEnum):
 
 
 class OrderStatus(enum.StrEnum):
-    """The normalized order status, the same for both platforms (design §3)."""
+    """The normalized order status, the same for both platforms (docs/upstream.md#statuses)."""
 
     PENDING_PAYMENT = "pending_payment"
     PAID = "paid"
@@ -78,9 +78,10 @@ class InboxState(enum.StrEnum):
 class SignatureState(enum.StrEnum):
     """What the signature headers of an accepted callback showed (``webhook_inbox``).
 
-    valid: signed as PandaPon signs requests (``pandapon-api.md`` §1), in time; absent: no
-    ``signature`` header; stale: signed right, but the timestamp is outside the tolerance;
-    mismatch: signed, but not as we sign (another secret, algorithm, access key or unit).
+    valid: signed as PandaPon signs requests (docs/upstream.md#requests-host-and-signing), in
+    time; absent: no ``signature`` header; stale: signed right, but the timestamp is outside
+    the tolerance; mismatch: signed, but not as we sign (another secret, algorithm, access key
+    or unit).
     """
 
     VALID = "valid"

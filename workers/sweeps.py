@@ -1,4 +1,4 @@
-"""The safety net: sweep, refund sweep, refresh and backfill (``pandapon-api.md`` §5).
+"""The safety net: sweep, refund sweep, refresh and backfill.
 
 PandaPon gives up after five retries and does not promise delivery, so the ledger cannot rely
 on messages alone:

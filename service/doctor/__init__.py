@@ -1,6 +1,6 @@
 """``pandasync doctor``: check the live PandaPon contract on day one.
 
-Most of the upstream contract is assumed (``pandapon-api.md``): paths, field names, the
+Most of the upstream contract is assumed (``docs/upstream.md``): paths, field names, the
 timestamp unit, whether callbacks are signed. The doctor asks the real PandaPon with the
 configured credentials, one line per check (✓ passed, ✗ failed, ? could not be checked), and
 ends with the ``PANDASYNC_…=…`` lines that would fix what failed. It calls only the 8 query

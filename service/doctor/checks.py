@@ -4,7 +4,7 @@ With the configured credentials, against ``PANDASYNC_API_BASE_URL``:
 
 1. **credentials**: a one-row Taobao order list over the last day. Refused → the same with the
    other timestamp unit, since the docs' example (ms) and a public client (s) disagree
-   (``pandapon-api.md`` §6); the rest runs with the unit that worked.
+   (docs/upstream.md#evidence); the rest runs with the unit that worked.
 2. **endpoints**: every entry of the endpoint table once, with ids the order lists gave (an
    order, a Taobao sub-order, a refund an order names) or, lacking one, a made-up id that looks
    real: a "not found" answer in an envelope proves method, path and parameters are accepted.

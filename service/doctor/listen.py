@@ -4,8 +4,9 @@
 ``PANDASYNC_WEBHOOK_AUTH``. ``listen`` serves ``POST /webhooks/pandapon[/{token}]`` for a while,
 answers 200 to everything (so the console's Verify passes), stores nothing, and describes each
 callback: body shape, message type and how the receiver classifies it, the path token, which
-signature headers came and whether they verify (``pandapon-api.md`` §3 and §6 leave callback
-signing open; this is where an operator finds out). Header values of secrets are never shown.
+signature headers came and whether they verify (callback signing is not public:
+docs/upstream.md#callback-authentication; this is where an operator finds out). Header values of
+secrets are never shown.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from .checks import other_unit
 from .report import Check, Fix, Mark
 
 WEBHOOK_PATH = "/webhooks/pandapon"
-# Modes in which the token path is how callbacks authenticate (design §7).
+# Modes in which the token path is how callbacks authenticate (docs/operations.md#deploying).
 TOKEN_MODES = ("auto", "token", "signature+token")
 TokenState = Literal["right", "wrong", "none"]
 Signing = Literal["ours", "stale", "other", "unsigned"]
@@ -74,7 +75,7 @@ def webhook_check(settings: Settings) -> Check:
     if settings.webhook_auth != "auto" or settings.webhook_token is None:
         notes.append(
             "recommended: PANDASYNC_WEBHOOK_AUTH=auto with a PANDASYNC_WEBHOOK_TOKEN: "
-            "the token URL works however PandaPon signs (design §7)"
+            "the token URL works however PandaPon signs (docs/operations.md#deploying)"
         )
     detail = f"enter {webhook_url(settings)} in PandaPon's console and press Verify"
     return Check(Mark.OK, "webhook url", detail, notes=tuple(notes))

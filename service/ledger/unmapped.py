@@ -1,7 +1,7 @@
 """Upstream values the mapping could not place, in plain sight.
 
-PandaPon's vocabulary is partly a guess (``pandapon-api.md`` §3, §6): an order, refund or
-parcel status, or a message type, may come that the mapping does not know. Each one is
+PandaPon's vocabulary is partly a guess (docs/upstream.md#message-types, #statuses): an order,
+refund or parcel status, or a message type, may come that the mapping does not know. Each one is
 
 - counted in ``pandasync_unmapped_values_total{platform, field}`` (never the value as a
   label: PandaPon chooses the values, so they would make the series unbounded), once per

@@ -1,4 +1,4 @@
-"""1688 payloads (§4, §6 [1688]) → snapshots."""
+"""1688 payloads (docs/upstream.md#1688-payloads, #evidence [1688]) → snapshots."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def alibaba_order_id(base: Mapping[str, Any], path: str) -> str | None:
 
 
 def alibaba_order(data: Any, path: str = "") -> OrderSnapshot:
-    """1688 order detail (§4.2) → OrderSnapshot."""
+    """1688 order detail (docs/upstream.md#1688-payloads) → OrderSnapshot."""
     obj = as_object(data, path)
     base_path = field_path(path, "baseInfo")
     base = req_object(obj, "baseInfo", path)
@@ -104,7 +104,7 @@ def _alibaba_line(item: Mapping[str, Any], path: str) -> LineSnapshot:
 
 
 def alibaba_shipments(data: Any, path: str = "") -> list[ShipmentSnapshot]:
-    """1688 logistics trace (§4.3, one order) → one ShipmentSnapshot per waybill.
+    """1688 logistics trace (one order) → one ShipmentSnapshot per waybill.
 
     Delivered when the waybill's ``status`` is ``SIGN`` [1688] or a step's text says 签收.
     (An order not shipped yet may answer error ``500_2`` instead: the client reads that as no
@@ -151,7 +151,7 @@ def _alibaba_event(step: Mapping[str, Any], path: str) -> ShipmentEventSnapshot:
 
 
 def alibaba_refund(data: Any, path: str = "") -> RefundSnapshot:
-    """1688 after-sales record (§4.4) → RefundSnapshot; amounts here are in fen."""
+    """1688 after-sales record → RefundSnapshot; amounts here are in fen."""
     obj = as_object(data, path)
     refund_id = opt_str(obj, "refundId", path) or opt_str(obj, "id", path)
     if refund_id is None:

@@ -1,13 +1,13 @@
 """Payload mapping: what PandaPon's query APIs return → the snapshots of ``models.py``.
 
 This is the one module that knows upstream field names, units, time formats and status names
-(``pandapon-api.md`` §4, and the public evidence of §6); what is [assumed] lives here and is
+(docs/upstream.md#payloads, and the public evidence); what is [assumed] lives here and is
 pinned by the fixture tests in ``tests/fixtures/{taobao,1688}/``. docs/upstream.md describes the
 contract as this module reads it.
 
 Taobao payloads come in two spellings: the contract's camelCase (``salesOrderId``,
 ``subOrders``, ``purchaseOrderPriceDTO`` …) and Taobao Global's snake_case that PandaPon passes
-through (``purchase_id``, ``sub_purchase_orders``, ``purchase_amount`` …, §6). Each field is read
+through (``purchase_id``, ``sub_purchase_orders``, ``purchase_amount`` …, [TG]). Each field is read
 under its first name and, only when that is absent, under the others (``fields.spelling``); an
 after-sales record may also come nested (``refund_order_aggregate``). Statuses may be text or
 integers.
@@ -176,7 +176,7 @@ def map_stored_shipment(
 
 
 def map_order_page(platform: Platform, data: Any, page_no: int, page_size: int) -> OrderListPage:
-    """An order-list page (§4.5); ``page_no``/``page_size`` stand in when the body omits them."""
+    """An order-list page; ``page_no``/``page_size`` stand in when the body omits them."""
     obj = as_object(data, "")
     total = opt_int(obj, "total", "")
     if total is None:
@@ -212,12 +212,12 @@ def _listed_order_id(platform: Platform, record: Any) -> str | None:
         return None
 
 
-# --- refund lists (§6 [VN]; the wrapper and the record shape [assumed]) -------------------------
+# --- refund lists ([VN]; the wrapper and the record shape [assumed]) ----------------------------
 
 
 def map_refund_page(platform: Platform, data: Any, page_no: int, page_size: int) -> RefundListPage:
-    """A refund-list page: the order list's wrapper (§4.5) around after-sales records shaped
-    as the refund detail returns them (§4.4), read by the same per-record mappers. A record
+    """A refund-list page: the order list's wrapper around after-sales records shaped
+    as the refund detail returns them, read by the same per-record mappers. A record
     that cannot be read is set aside with whatever ids could be read, as on an order list;
     ``page_no``/``page_size`` stand in when the body omits them."""
     obj = as_object(data, "")
@@ -245,7 +245,7 @@ def map_refund_page(platform: Platform, data: Any, page_no: int, page_size: int)
     )
 
 
-# Where an after-sales record may keep its ids, in either spelling (§4.4, §6 [TG]: flat or
+# Where an after-sales record may keep its ids, in either spelling ([assumed], [TG]: flat or
 # nested under ``refund_order_aggregate``).
 _REFUND_ID_KEYS = ("refundId", "refund_id")
 _REFUND_ORDER_KEYS = ("salesOrderId", "sales_order_id", "orderId", "order_id")

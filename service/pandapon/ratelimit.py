@@ -12,9 +12,9 @@ with ``note_limited(subject, retry_after)`` (the subject is the order, refund or
 for), and only when ``ACCOUNT_WIDE_SUBJECTS`` different subjects were limited within
 ``ACCOUNT_WIDE_WINDOW_S`` does the limiter pause everyone, for the Retry-After (at most
 ``MAX_PAUSE_S``). One answer, however long its Retry-After, never stalls other orders: the worker
-delays that order's message instead (``workers.policy``). PandaPon documents 429 (HTTP or
-envelope code) as its one rate-limit signal, with no scope, so no single answer is taken as
-account-wide.
+delays that order's message instead (``workers.policy``). PandaPon documents no rate limit;
+429 (HTTP or envelope code) is the one signal assumed (docs/upstream.md#rate-limits), with no
+scope, so no single answer is taken as account-wide.
 
 The bucket holds ``burst`` tokens (default: one second's worth) and refills at ``rate``/s, so
 over any window of ``t`` seconds at most ``burst + rate * t`` requests go out.

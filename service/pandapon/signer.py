@@ -1,4 +1,4 @@
-"""Request signing for PandaPon (``pandapon-api.md`` §1), used both ways.
+"""Request signing for PandaPon (docs/upstream.md#requests-host-and-signing), used both ways.
 
 The documented headers are ``access-key``, ``timestamp``, ``nonce-str``, ``user-id`` and
 ``signature``; only the first three and the secret are signed. The algorithm itself is not

@@ -1,5 +1,5 @@
 """Upstream statuses → the domain's, per platform, each entry with the source that shows it
-(``pandapon-api.md`` §4, §6). docs/upstream.md lists them.
+(docs/upstream.md#statuses lists them).
 """
 
 from __future__ import annotations
@@ -12,18 +12,18 @@ from service.domain import OrderStatus, Platform, RefundStatus
 
 # --- statuses, each with where it comes from -----------------------------------------------------
 #
-# Sources (pandapon-api.md): [doc] a PandaPon doc page; [TG] Taobao Global's distributor API, which
-# PandaPon's Taobao side passes through (§6); [DJ] another reseller gateway on the same platform;
-# [VN] PandaPon's Vietnamese pages; [1688] 1688's own API and message pages; [assumed] no public
-# source: this project's stand-in (kept so the contract's guesses still read). docs/upstream.md
-# prints these tables.
+# Sources (docs/upstream.md#evidence): [doc] a PandaPon doc page; [TG] Taobao Global's
+# distributor API, which PandaPon's Taobao side passes through; [DJ] another reseller gateway
+# on the same platform; [VN] PandaPon's Vietnamese pages; [1688] 1688's own API and message
+# pages; [assumed] no public source: this project's stand-in (kept so the contract's guesses
+# still read). docs/upstream.md prints these tables.
 
 # raw Taobao order status → (normalized, source)
 TAOBAO_ORDER_STATUSES: Mapping[str, tuple[OrderStatus, str]] = {
     "BULIDING": (OrderStatus.PENDING_PAYMENT, "[TG] [DJ]"),  # sic: the order is being created
     "BUILDING": (OrderStatus.PENDING_PAYMENT, "[assumed]"),  # in case the typo is ever fixed
     "WAIT_BUYER_P": (OrderStatus.PENDING_PAYMENT, "[TG] [DJ]"),
-    "WAIT_BUYER_PAY": (OrderStatus.PENDING_PAYMENT, "[assumed]"),  # the contract's §4.1 name
+    "WAIT_BUYER_PAY": (OrderStatus.PENDING_PAYMENT, "[assumed]"),  # the assumed camel detail's name
     "WAIT_SELLER_SEND_GOODS": (OrderStatus.PAID, "[TG] [DJ]"),
     "WAIT_BUYER_CONFIRM_GOODS": (OrderStatus.SHIPPED, "[TG] [DJ]"),
     # No public source shows it: a delivered order is seen through its parcels (SIGNED).
@@ -52,7 +52,7 @@ TAOBAO_REFUND_STATUSES: Mapping[str, tuple[RefundStatus, str]] = {
     "100": (RefundStatus.REFUNDED, "[TG]"),
     "-10": (RefundStatus.REJECTED, "[TG]"),  # the seller refused
     "-20": (RefundStatus.CANCELLED, "[TG]"),  # closed
-    "WAIT_SELLER_AGREE": (RefundStatus.REQUESTED, "[assumed]"),  # the contract's §4.4 names
+    "WAIT_SELLER_AGREE": (RefundStatus.REQUESTED, "[assumed]"),  # the flat camel record's names
     "WAIT_BUYER_RETURN_GOODS": (RefundStatus.REQUESTED, "[assumed]"),
     "WAIT_SELLER_CONFIRM_GOODS": (RefundStatus.REQUESTED, "[assumed]"),
     "SELLER_REFUSE_BUYER": (RefundStatus.REJECTED, "[assumed]"),

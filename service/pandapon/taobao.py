@@ -1,4 +1,4 @@
-"""Taobao payloads (camelCase and snake_case, §4, §6 [TG]) → snapshots."""
+"""Taobao payloads (camelCase and snake_case [TG], docs/upstream.md#payloads) → snapshots."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ from service.pandapon.statuses import (
 
 # --- Taobao ---------------------------------------------------------------------------------------
 
-# A field's spellings, the contract's (§4, camelCase) first, then the evidence's (§6 [TG],
+# A field's spellings, the assumed camelCase first, then the evidence's ([TG],
 # snake_case); see ``fields.spelling``.
 TB_ORDER_ID = ("salesOrderId", "purchase_id")
 _TB_SUB_ORDERS = ("subOrders", "sub_purchase_orders")
@@ -76,7 +76,7 @@ _TB_REFUND_AGGREGATE = "refund_order_aggregate"
 
 
 def taobao_order(data: Any, path: str = "") -> OrderSnapshot:
-    """Taobao order detail (§4.1, or §6's snake_case) → OrderSnapshot.
+    """Taobao order detail (camelCase, or [TG]'s snake_case) → OrderSnapshot.
 
     Amounts come from ``purchaseOrderPriceDTO`` (camel) or from the order itself ([TG]
     ``purchase_amount`` (else ``pay_amount``), ``product_amount``, ``domestic_post_fee``,
@@ -191,7 +191,7 @@ def _taobao_line_parcel(
 def taobao_shipments(
     data: Any, line_id: str | None = None, path: str = ""
 ) -> list[ShipmentSnapshot]:
-    """Taobao logistics detail (§4.3, one sub-order) → one ShipmentSnapshot per parcel.
+    """Taobao logistics detail (one sub-order) → one ShipmentSnapshot per parcel.
 
     Parcels in the documented camel names or [TG]'s snake ones: the parcel status in ``status``
     [assumed] or ``logistics_status`` [TG], the carrier in ``logisticsCompanyName`` [assumed]
@@ -265,7 +265,7 @@ def _taobao_event(trace: Mapping[str, Any], path: str) -> ShipmentEventSnapshot:
 def taobao_refund(data: Any, path: str = "") -> RefundSnapshot:
     """Taobao after-sales record → RefundSnapshot, flat or nested.
 
-    Flat: the contract's camel names (§4.4), or PandaPon's refund list [VN] (``refundId``, an
+    Flat: the assumed camel names, or PandaPon's refund list [VN] (``refundId``, an
     integer or text ``refundStatus``), or the same in snake_case. Nested: Taobao Global's
     ``refund_order_aggregate`` [TG], read by ``_taobao_nested_refund``. Statuses in
     ``TAOBAO_REFUND_STATUSES``.

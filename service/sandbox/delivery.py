@@ -1,12 +1,12 @@
 """Callback delivery, as PandaPon does it, plus the ways real delivery goes wrong.
 
-Each message is POSTed as JSON with the five signed headers of §1 (fresh timestamp and nonce per
-attempt), or signed another way when ``signing`` says so (``callback_headers``): nothing public
-says how PandaPon signs its callbacks (§6). Anything but HTTP 200 within ``timeout_s`` is a
-failure, retried after ``retry_interval_s`` up to ``max_retries`` times (PandaPon: every 30 min,
-5 times; compressed here). On top of that, each message may be dropped, duplicated, delayed or
-held back until the next one has gone (reordered), with seeded probabilities, so a run is
-repeatable.
+Each message is POSTed as JSON with the five signed request headers (fresh timestamp and nonce
+per attempt), or signed another way when ``signing`` says so (``callback_headers``): nothing
+public says how PandaPon signs its callbacks (docs/upstream.md#callback-authentication).
+Anything but HTTP 200 within ``timeout_s`` is a failure, retried after ``retry_interval_s`` up
+to ``max_retries`` times (PandaPon: every 30 min, 5 times; compressed here). On top of that,
+each message may be dropped, duplicated, delayed or held back until the next one has gone
+(reordered), with seeded probabilities, so a run is repeatable.
 """
 
 from __future__ import annotations

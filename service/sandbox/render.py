@@ -1,6 +1,6 @@
 """Neutral world → what PandaPon would send: query-API ``data`` and callback messages.
 
-Written from ``pandapon-api.md`` directly, not from ``service.pandapon.mapping``: raw status
+Written from docs/upstream.md directly, not from ``service.pandapon.mapping``: raw status
 names, fen for Taobao and refunds, yuan for 1688, ``yyyy-MM-dd HH:mm:ss`` China time for Taobao,
 ``20180801104333000+0800`` for 1688, field names as documented (or assumed) there.
 
@@ -9,7 +9,7 @@ no unit price, ship/complete time, discount or close reason; 1688 trace steps ha
 location, and 1688 refunds name no line.
 
 Taobao query payloads come in two spellings (``PayloadCase``): ``camel``, the contract's
-assumption (§4), and ``snake``, the shape the public evidence shows (§6: Taobao Global's
+assumption, and ``snake``, the shape the public evidence shows ([TG]: Taobao Global's
 snake_case names, ``WAIT_BUYER_P``, integer refund statuses, epoch-millisecond times, a nested
 refund record, ``SIGNED`` / ``DELIVERING`` parcels). 1688 payloads and callbacks have one.
 """
@@ -67,13 +67,13 @@ _MESSAGE_PREFIX = {Platform.TAOBAO: "TAOBAO", Platform.ALIBABA_1688: "1688"}
 CallbackStyle = Literal["platform", "flat"]
 PayloadCase = Literal["camel", "snake"]
 
-# §6 [TG]: awaiting payment is WAIT_BUYER_P; no source shows a completed order's status, so it
+# [TG]: awaiting payment is WAIT_BUYER_P; no source shows a completed order's status, so it
 # keeps the contract's TRADE_FINISHED.
 TAOBAO_SNAKE_STATUS: Mapping[OrderStatus, str] = {
     **TAOBAO_STATUS,
     OrderStatus.PENDING_PAYMENT: "WAIT_BUYER_P",
 }
-# §6 [TG] integer refund statuses: 0 none, 10 applied, 20 agreed, 30 returned, 100 success,
+# [TG] integer refund statuses: 0 none, 10 applied, 20 agreed, 30 returned, 100 success,
 # -10 refused, -20 closed.
 TAOBAO_SNAKE_REFUND: Mapping[RefundStatus, int] = {
     RefundStatus.REQUESTED: 10,
@@ -221,7 +221,7 @@ def taobao_refund(refund: WorldRefund) -> dict[str, Any]:
     }
 
 
-# --- Taobao, snake_case (§6) ----------------------------------------------------------------------
+# --- Taobao, snake_case ([TG]) --------------------------------------------------------------------
 
 
 def taobao_order_snake(order: WorldOrder) -> dict[str, Any]:
@@ -462,7 +462,7 @@ def refund_data(
     return taobao_refund(refund)
 
 
-# §6 [1688]: 1688's own logistics API answers error 500_2 ("not shipped yet, no logistics") for
+# [1688]: 1688's own logistics API answers error 500_2 ("not shipped yet, no logistics") for
 # an order that has not shipped. The evidence variant (``snake``) answers so; ``camel`` keeps the
 # contract's empty ``logisticsTrace``.
 ALIBABA_NOT_SHIPPED_CODE = "500_2"
@@ -528,7 +528,7 @@ def envelope(
     }
 
 
-# --- callbacks (§3) -------------------------------------------------------------------------------
+# --- callbacks (docs/upstream.md#callbacks) ---------------------------------------------------
 
 _FLAT_TYPES = {
     ChangeKind.CREATED: "ORDER_CREATE",

@@ -10,7 +10,7 @@ changed at runtime through the control API (docs/sandbox.md).
 The variants (``upstream`` and the signing fields of ``delivery``) make the sandbox behave as the
 real PandaPon might where the contract is a guess: another timestamp unit, endpoints at other
 paths, Taobao payloads in Taobao Global's snake_case, callbacks signed another way or not at all.
-Unset, the sandbox behaves as ``pandapon-api.md`` §1-§4 assume.
+Unset, the sandbox behaves as docs/upstream.md assumes.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ class UpstreamVariant(BaseModel):
     timestamp_unit: TimestampUnit | None = None
     # endpoint name -> where it is served instead (routing is looked up per request)
     endpoints: dict[str, EndpointMove] = Field(default_factory=dict)
-    # "snake": Taobao payloads in Taobao Global's field names (pandapon-api.md §6)
+    # "snake": Taobao payloads in Taobao Global's field names (docs/upstream.md#evidence)
     payload_case: PayloadCase = "camel"
 
     @field_validator("endpoints")
@@ -134,7 +134,7 @@ class DeliverySettings(BaseModel):
     max_retries: Annotated[int, Field(ge=0, le=100)] = 5  # PandaPon: 5
     timeout_s: Annotated[float, Field(gt=0)] = 1.0  # PandaPon wants 200 within 1000 ms
     concurrency: Annotated[int, Field(ge=1, le=256)] = 16
-    # md5: the five headers of §1; none: no auth headers; other_secret: §1's headers signed
+    # md5: the five request headers; none: no auth headers; other_secret: those headers signed
     # with a secret not ours; hmac_sha256: ``authorization`` (base64 HMAC-SHA256 of
     # access key + body) and ``timestamp`` only, as Taobao Global's gateway signs
     signing: CallbackSigning = "md5"

@@ -69,7 +69,7 @@ JSON = "application/json"
 JSON_MEDIA_TYPES = frozenset({JSON})
 JSON_CHARSETS = frozenset({"utf-8", "utf8"})
 # Kept with a stored message: the headers the receiver reads (the signature headers but the
-# signature itself, design §3; content type and length; the request id) and those that say who
+# signature itself; content type and length; the request id) and those that say who
 # sent it. Anything else (a proxy's credentials, cookies, padding) is never stored.
 STORED_HEADERS = (
     HEADER_ACCESS_KEY,

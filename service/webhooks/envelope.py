@@ -1,4 +1,4 @@
-"""Reading PandaPon's callback envelope (``pandapon-api.md`` §3): pure functions, no I/O.
+"""Reading PandaPon's callback envelope (docs/upstream.md#callback-envelope): pure functions.
 
 ``{"messageType": str, "messageBody": object | JSON string, "messagePlatform": 0 | 1,
 "timestamp": "1715669977082"}``. Message type names are partly [assumed], so a message is

@@ -9,29 +9,10 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 from service.domain import MessageKind, SignatureState
+from service.webhooks.reasons import REASON_NAMES
 
-# Every reason a request can be refused with; used as the ``reason`` label, so it stays small.
-REJECT_REASONS = (
-    "payload_too_large",
-    "unsupported_media_type",
-    "malformed_json",
-    "malformed_envelope",
-    "missing_header",
-    "wrong_access_key",
-    "bad_timestamp",
-    "stale_timestamp",
-    "future_timestamp",
-    "bad_nonce",
-    "bad_signature",
-    "replayed_nonce",
-    "missing_token",
-    "wrong_token",
-    "store_timeout",
-    "store_failed",
-    "client_disconnected",
-    "body_timeout",
-    "internal_error",
-)
+# Every reason a request can be refused with (reasons.py); the ``reason`` label, so it stays small.
+REJECT_REASONS = REASON_NAMES
 
 RECEIVED = Counter(
     "pandasync_webhook_received_total", "Webhook requests received (every POST, before any check)."

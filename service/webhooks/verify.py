@@ -1,6 +1,6 @@
-"""Who sent this? Header signature and path token checks (``pandapon-api.md`` §1, §3 and §6).
+"""Who sent this? Header signature and path token checks (docs/upstream.md#callback-authentication).
 
-``PANDASYNC_WEBHOOK_AUTH`` picks the mode (design §7):
+``PANDASYNC_WEBHOOK_AUTH`` picks the mode (docs/operations.md#deploying):
 
 - ``auto`` (the default): on ``/webhooks/pandapon/{token}`` the token authenticates; signature
   headers, when present, are checked and their outcome is recorded (``SignatureState``), never

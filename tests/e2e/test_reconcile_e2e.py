@@ -96,7 +96,7 @@ async def live_an_order_through_every_kind_of_message(sb: SandboxRemote, platfor
     ids=["platform", "platform-string-body", "flat"],
 )
 # The contract's camelCase payloads, and the snake_case ones the public evidence shows
-# (pandapon-api.md §6: Taobao Global's names, WAIT_BUYER_P, integer refund statuses, epoch
+# (docs/upstream.md#evidence: Taobao Global's names, WAIT_BUYER_P, integer refund statuses, epoch
 # times, the nested refund record, SIGNED parcels, 1688's 500_2 for an order not shipped yet).
 @pytest.mark.parametrize("payload_case", ["camel", "snake"])
 async def test_every_message_kind_leaves_the_ledger_equal_to_the_truth(

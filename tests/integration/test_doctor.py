@@ -188,7 +188,7 @@ async def test_a_moved_endpoint_is_named_and_the_printed_override_fixes_it(
 async def test_snake_case_payloads_pass_as_the_mapping_reads_both_spellings(
     sandbox_server: SandboxServer, tmp_path: Path
 ) -> None:
-    """The evidence's spelling (pandapon-api.md §6): snake_case Taobao payloads, the nested
+    """The evidence's spelling (docs/upstream.md#evidence): snake_case Taobao payloads, the nested
     refund record, SIGNED parcels, and 1688's 500_2 for an order not shipped yet."""
     await populate(sandbox_server.remote)
     await sandbox_server.remote.set_upstream(payload_case="snake")

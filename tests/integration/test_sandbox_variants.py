@@ -1,5 +1,5 @@
 """The sandbox plays the PandaPon the contract does not rule out, over real sockets: another
-timestamp unit, endpoints at other routes, Taobao payloads in §6's snake_case, and callbacks
+timestamp unit, endpoints at other routes, Taobao payloads in [TG]'s snake_case, and callbacks
 signed another way or not at all. Each variant is a setting and a runtime control call."""
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ AUTH_HEADERS = {*SIGNED_HEADERS, "authorization"}
 DEFAULT_VARIANT = {"timestamp_unit": None, "endpoints": {}, "payload_case": "camel"}
 TB_DETAIL_PATH = "/open/order/detail/get"
 MOVED_PATH = "/open/order/get"
-# §6 [TG]: the order and sub-order fields of the snake_case Taobao detail
+# [TG] (docs/upstream.md#evidence): the order and sub-order fields of the snake_case Taobao detail
 SNAKE_ORDER_FIELDS = {
     "purchase_id",
     "status",

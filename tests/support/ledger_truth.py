@@ -31,7 +31,7 @@ def knowable_refund_status(refund: dict[str, Any]) -> str:
     """The status the ledger can know of a truth refund.
 
     1688 has no final "refused": a refusal shows as ``waitbuyermodify``, which is still open
-    (the buyer may amend, pandapon-api.md §6), so the ledger holds it as ``requested``.
+    (the buyer may amend, docs/upstream.md#evidence), so the ledger holds it as ``requested``.
     """
     if refund["platform"] == "1688" and refund["status"] == "rejected":
         return "requested"

@@ -22,7 +22,7 @@ def test_defaults_match_the_design() -> None:
     assert settings.database_url is None
     assert settings.broker_url is None
     assert settings.api_base_url == "https://api.pandapon.com"
-    assert settings.webhook_auth == "auto"  # design §7
+    assert settings.webhook_auth == "auto"  # docs/operations.md#deploying
     assert settings.signature_tolerance_s == 600
     assert settings.timestamp_unit == "ms"
     assert settings.max_body_bytes == 1024 * 1024

@@ -478,7 +478,7 @@ async def test_a_shape_nobody_knows_fails_listing_each_field_under_its_first_nam
 
 
 async def test_snake_payloads_miss_nothing() -> None:
-    """The evidence's spellings (pandapon-api.md §6) are read: no field is listed missing."""
+    """The evidence's spellings (docs/upstream.md#evidence) are read: no field is listed missing."""
     snake = {
         "taobao_order_list": fixture("taobao/order_page__snake.json"),
         "taobao_order_detail": fixture("taobao/order_detail__snake_shipped.json"),

@@ -1,8 +1,8 @@
 """Payload mapping: one test per fixture, every documented status, and clear errors.
 
 Fixtures under tests/fixtures/{taobao,1688}/ hold the ``data`` of a query-API answer, named by
-what they show; the examples printed in pandapon-api.md are among them verbatim
-(taobao/order_detail__paid.json is §4.1, taobao/logistics__transport.json is §4.3).
+what they show; the contract's examples are among them verbatim (taobao/order_detail__paid.json,
+and taobao/logistics__transport.json, the documented example: docs/upstream.md#payloads).
 """
 
 from __future__ import annotations
@@ -279,7 +279,7 @@ def test_1688_order_page__first() -> None:
     assert order.raw_status == "terminated"
 
 
-# --- every status value listed in pandapon-api.md -------------------------------------------------
+# --- every status value listed in docs/upstream.md#statuses ---------------------------------------
 
 
 @pytest.mark.parametrize(

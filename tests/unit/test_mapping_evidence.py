@@ -1,4 +1,4 @@
-"""The public evidence of pandapon-api.md §6, read: both spellings, both shapes, every status.
+"""The public evidence (docs/upstream.md#evidence), read: both spellings, both shapes, every status.
 
 One test per evidence fixture (``tests/fixtures/{taobao,1688}/``, each with a sibling ``.md``
 naming its source), the status tables and their sources, and the two client behaviours the

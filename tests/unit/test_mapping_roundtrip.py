@@ -1,9 +1,9 @@
 """The sandbox's rendering and the client's mapping agree, for any order a scenario produces.
 
-The two are written independently from pandapon-api.md (neutral → payload in
+The two are written independently from docs/upstream.md (neutral → payload in
 ``service.sandbox.render``, payload → neutral in ``service.pandapon.mapping``), so an order that
 survives render → JSON → mapping unchanged is evidence both read the contract the same way. Both
-spellings: the contract's camelCase and the evidence's snake_case (§6).
+spellings: the contract's camelCase and the evidence's snake_case ([TG]).
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ def test_both_platforms_have_a_refund_list_paged_like_the_order_lists() -> None:
     for endpoint in (taobao, alibaba):
         assert dict(endpoint.params) == dict(table.get(endpoint.platform, "order_list").params)
         assert not endpoint.documented
-    # §6 [VN] shows Taobao's method and path; its paging and time filter are our guess.
+    # [VN] shows Taobao's method and path; its paging and time filter are our guess.
     assert (taobao.method_source, taobao.path_source, taobao.params_source) == (
         "doc",
         "doc",

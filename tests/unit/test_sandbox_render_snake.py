@@ -1,4 +1,4 @@
-"""The sandbox's snake_case Taobao rendering (pandapon-api.md §6) against its own world."""
+"""The sandbox's snake_case Taobao rendering (docs/upstream.md#evidence) against its world."""
 
 from __future__ import annotations
 

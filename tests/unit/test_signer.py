@@ -1,4 +1,5 @@
-"""The signer of pandapon-api.md §1: known answers, header set, units, nonces, verification."""
+"""The signer (docs/upstream.md#requests-host-and-signing): known answers, header set, units,
+nonces, verification."""
 
 from __future__ import annotations
 
