@@ -67,7 +67,8 @@ class MessageKind(enum.StrEnum):
 
 class InboxState(enum.StrEnum):
     """received: committed, not yet handed to the broker; queued: handed off;
-    processed: a reconcile that started after it finished; ignored: nothing to reconcile."""
+    processed: a reconcile that started after it finished; ignored: nothing to reconcile, or set
+    aside when a person dismissed the order's failure (``pandasync dismiss``)."""
 
     RECEIVED = "received"
     QUEUED = "queued"

@@ -59,6 +59,12 @@ class _Commands(click.Group):
             sys.exit(1)
 
 
+def printable(value: str) -> str:
+    """PandaPon (or whoever has the webhook URL) chose the value: no control character of
+    it reaches the operator's terminal."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in value)
+
+
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """pandasync: mirror PandaPon orders (Taobao and 1688) into Postgres."""

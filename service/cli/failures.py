@@ -8,8 +8,13 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
-from service.cli.common import configure_logging, database_url_or_embedded, main, settings_or_exit
-from service.cli.operate import _printable
+from service.cli.common import (
+    configure_logging,
+    database_url_or_embedded,
+    main,
+    printable,
+    settings_or_exit,
+)
 from service.domain import FailureKind, Platform
 
 if TYPE_CHECKING:
@@ -74,7 +79,7 @@ def failures(platform: str | None, kind: str | None, limit: int, as_json: bool) 
             (
                 str(f.id),
                 f.platform.value,
-                _printable(f.order_id),
+                printable(f.order_id),
                 f.kind.value,
                 f.source.value,
                 str(f.attempts),
@@ -95,7 +100,7 @@ def failures(platform: str | None, kind: str | None, limit: int, as_json: bool) 
 
 def _one_line(error: str) -> str:
     """The stored error on one line, control characters escaped, cut for the table."""
-    shown = _printable(error)
+    shown = printable(error)
     return shown if len(shown) <= ERROR_SHOWN else shown[: ERROR_SHOWN - 1] + "…"
 
 
@@ -183,11 +188,11 @@ def dismiss(ids: tuple[int, ...], reason: str | None, by: str | None) -> None:
     for done in closed:
         set_aside += done.messages_ignored
         click.echo(
-            f"dismissed {done.id}: {done.platform.value} {_printable(done.order_id)} "
+            f"dismissed {done.id}: {done.platform.value} {printable(done.order_id)} "
             f"({done.kind.value}), {done.messages_ignored} waiting message(s) set aside"
         )
     click.echo(
-        f"closed {len(closed)} failure(s) by hand as {_printable(operator)}; "
+        f"closed {len(closed)} failure(s) by hand as {printable(operator)}; "
         f"{set_aside} inbox message(s) marked ignored"
     )
 

@@ -18,6 +18,7 @@ from service.cli.common import (
     configure_logging,
     database_url_or_embedded,
     main,
+    printable,
     settings_or_exit,
 )
 
@@ -472,7 +473,7 @@ def _echo_unmapped(report: Status) -> None:
     table = [("value", "platform", "field", "orders", "seen", "first seen", "last seen")]
     table += [
         (
-            _printable(u.value),
+            printable(u.value),
             u.platform.value if u.platform else "-",
             u.field.value,
             "-" if u.orders is None else str(u.orders),
@@ -488,9 +489,3 @@ def _echo_unmapped(report: Status) -> None:
         click.echo(("  " + "  ".join(cells)).rstrip())
     if report.unmapped_total > len(report.unmapped):
         click.echo(f"  … and {report.unmapped_total - len(report.unmapped)} more")
-
-
-def _printable(value: str) -> str:
-    """PandaPon (or whoever has the webhook URL) chose the value: no control character of
-    it reaches the operator's terminal."""
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in value)

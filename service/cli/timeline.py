@@ -14,8 +14,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 import click
 
-from service.cli.common import database_url_or_embedded, main, settings_or_exit
-from service.cli.operate import _printable
+from service.cli.common import database_url_or_embedded, main, printable, settings_or_exit
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -94,11 +93,11 @@ def order(platform: str, order_id: str, account: str | None, as_json: bool) -> N
         click.echo(json.dumps(timeline_json(result), indent=2))
     else:
         for line in timeline_lines(result):
-            click.echo(_printable(line))
+            click.echo(printable(line))
 
 
 def _fail(message: str, code: int) -> NoReturn:
-    click.echo(_printable(f"pandasync order: {message}"), err=True)
+    click.echo(printable(f"pandasync order: {message}"), err=True)
     sys.exit(code)
 
 

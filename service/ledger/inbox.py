@@ -5,6 +5,7 @@ received ──hand-off──▶ queued ──a reconcile covered it──▶ pr
    │                     ▲ │
    │                     └─┘ the broker lost it: the relay hands it off again
    └── nothing to reconcile (no platform or order id) ──▶ ignored
+                  set aside when a person dismissed the order's failure ──▶ ignored
 ```
 
 - **received**: committed by the receiver (``service/webhooks/inbox.py``); the request is
@@ -16,7 +17,8 @@ received ──hand-off──▶ queued ──a reconcile covered it──▶ pr
 - **processed**: the ledger write of the order (``service/ledger/write.py``) marks, in its own
   transaction, every waiting row of the order received before its fetch started
   (``mark_processed``): that fetch covered them.
-- **ignored**: nothing to reconcile (``mark_ignored``).
+- **ignored**: nothing to reconcile, or set aside by ``pandasync dismiss`` (the order's failure
+  was closed by a person: ``service/ledger/failures.py``); both through ``mark_ignored``.
 
 ``WAITING_INBOX_STATES`` (received, queued) and ``COVERED_INBOX_STATES`` (processed, ignored)
 are what the sweeps, the reconcile's coalescing and ``pandasync status`` read. A waiting row is
