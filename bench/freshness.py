@@ -325,6 +325,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--database-url", help="postgresql+asyncpg://… server for a scratch db")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/10", help="flushed!")
     parser.add_argument("--keep", action="store_true", help="keep the work directory and logs")
+    parser.add_argument(
+        "--outbound-delay",
+        type=float,
+        default=None,
+        help="also run `pandasync deliver` to an outbound endpoint answering after this many s",
+    )
     args = parser.parse_args(argv)
     args.duration = args.duration or (60 if args.large else 5)
 
@@ -332,7 +338,11 @@ def main(argv: list[str] | None = None) -> int:
         "PANDASYNC_UPSTREAM_RATE_LIMIT_RPS": str(args.rate_limit),
         "PANDASYNC_HTTP_MAX_CONNECTIONS": "100",
     }
-    with running_stack(args, "fresh", settings) as (stack, _):
+    with running_stack(args, "fresh", settings) as (stack, _), contextlib.ExitStack() as extra:
+        if args.outbound_delay is not None:
+            from bench.outbound import slow_endpoint
+
+            extra.enter_context(slow_endpoint(stack, args.outbound_delay))
         result = asyncio.run(measure(stack, args))
         print()
         print(report(result, args))

@@ -25,10 +25,11 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from service.broker import RECONCILE_QUEUE, make_broker
 from service.config import Settings, get_settings
+from service.console import console_routes
 from service.db import make_engine, make_sessionmaker
 from service.webhooks.endpoint import Receiver
 from service.webhooks.handoff import BrokerSender, Handoff, InlineSender, make_sender
@@ -177,14 +178,16 @@ def create_app(
             except Exception as error:
                 log.warning("broker.close_failed", error=describe_error(error))
 
-    routes = [
+    routes: list[BaseRoute] = [
         Route(WEBHOOK_PATH, receiver, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ]
-    if settings.webhook_token is not None:
+    if any(account.tokens for account in settings.accounts()):
         routes.append(Route(WEBHOOK_PATH + "/{token}", receiver, methods=["POST"]))
+    # The operator console: routes of its own, nothing of it on the webhook path.
+    routes += console_routes(settings)
     app = Starlette(routes=routes, middleware=[Middleware(RequestIdMiddleware)], lifespan=lifespan)
     # No redirect to the path without its trailing slash: it would echo the token in Location.
     # A path that does not match exactly is a 404.

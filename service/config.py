@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.accounts import DEFAULT_ACCOUNT_NAME, Account, AccountsError, load_accounts_file
+
 WebhookAuth = Literal["auto", "signature", "token", "signature+token"]
 TimestampUnit = Literal["ms", "s"]
 LogFormat = Literal["auto", "json", "console"]
@@ -100,7 +102,18 @@ class Settings(BaseSettings):
         default=20, description="Keep-alive connections to PandaPon per process."
     )
     upstream_rate_limit_rps: PositiveFloat = Field(
-        default=20.0, description="Requests per second to PandaPon, shared by all workers."
+        default=20.0,
+        description=(
+            "Requests per second to PandaPon, shared by all workers (per account: an "
+            "account's `rate_limit_rps` in ACCOUNTS_FILE overrides it)."
+        ),
+    )
+    accounts_file: Path | None = Field(
+        default=None,
+        description=(
+            "A TOML file listing several PandaPon accounts (docs/configuration.md, Several "
+            "accounts); unset: the single-account settings above are the account `default`."
+        ),
     )
 
     # --- webhook receiver ---------------------------------------------------------------
@@ -179,7 +192,40 @@ class Settings(BaseSettings):
         default=5, description="How long an idle keep-alive connection stays open, seconds."
     )
     admin_token: SecretStr | None = Field(
-        default=None, description="Reserved for operator endpoints. Secret."
+        default=None,
+        description=(
+            "Turns on the operator console at `/console` of the web role (16+ characters, e.g. "
+            "`openssl rand -hex 24`); its login form asks for it. Unset: the console is off "
+            "(docs/operations.md, The console). Secret."
+        ),
+    )
+
+    # --- outbound webhooks --------------------------------------------------------------
+    outbound_timeout_s: PositiveFloat = Field(
+        default=5.0,
+        description="How long one outbound webhook delivery may take (connect to answer), seconds.",
+    )
+    outbound_concurrency: PositiveInt = Field(
+        default=8,
+        description="Outbound webhook deliveries in flight at once (`pandasync deliver`).",
+    )
+    outbound_poll_interval_s: PositiveFloat = Field(
+        default=0.5,
+        description="How often `pandasync deliver` looks for new changes and due deliveries.",
+    )
+    outbound_retry_schedule_s: list[PositiveFloat] = Field(
+        default=[5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0],
+        description=(
+            "Seconds before each retry of a failed delivery (JSON list, ±20% jitter); after "
+            "the last one the delivery is `failed` (replay sends it again)."
+        ),
+    )
+    outbound_disable_after_s: PositiveFloat = Field(
+        default=259200.0,
+        description=(
+            "An endpoint whose every attempt has failed for this long is disabled "
+            "(`pandasync endpoints enable` turns it back on)."
+        ),
     )
 
     # --- workers and scheduler ----------------------------------------------------------
@@ -336,8 +382,16 @@ class Settings(BaseSettings):
             raise ValueError("may hold only letters, digits and - _ . ~ (it is part of a URL)")
         return value
 
+    @field_validator("accounts_file", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
     @model_validator(mode="after")
     def _check_webhook_token(self) -> Settings:
+        # With an accounts file the tokens are the file's (checked by ``accounts()``).
+        if self.accounts_file is not None:
+            return self
         if "token" in self.webhook_auth and self.webhook_token is None:
             raise ValueError(
                 f"PANDASYNC_WEBHOOK_AUTH={self.webhook_auth} needs PANDASYNC_WEBHOOK_TOKEN "
@@ -347,8 +401,87 @@ class Settings(BaseSettings):
 
     @property
     def has_credentials(self) -> bool:
-        """True when the PandaPon access key, secret and user id are all set."""
+        """True when every account's access key, secret and user id are set."""
+        if self.accounts_file is not None:
+            return True  # the file's accounts always have them (``accounts()`` checks)
         return bool(self.access_key and self.access_secret and self.user_id)
+
+    def accounts(self) -> tuple[Account, ...]:
+        """Every account this deployment serves, in the file's order (or the one ``default``
+        account of the single-account settings). Raises ConfigError naming each problem."""
+        # Computed once per Settings (a frozen model); keyed by what it is made of, so a
+        # ``model_copy(update=...)`` (which copies the cache along) never answers stale.
+        key = (
+            self.accounts_file,
+            self.user_id,
+            self.access_key,
+            self.access_secret,
+            self.webhook_token,
+            self.webhook_auth,
+        )
+        cached: tuple[object, tuple[Account, ...]] | None = self.__dict__.get("_accounts_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, self._load_accounts())
+            self.__dict__["_accounts_cache"] = cached
+        return cached[1]
+
+    def for_account(self, account: Account) -> Settings:
+        """These settings as a single-account deployment of ``account`` (its credentials,
+        token, base URL and rate), for code that serves one account at a time (the doctor)."""
+        if not account.in_file:
+            return self
+        return self.model_copy(
+            update={
+                "accounts_file": None,
+                "user_id": account.user_id,
+                "access_key": account.access_key,
+                "access_secret": account.access_secret,
+                "webhook_token": account.webhook_token,
+                "api_base_url": account.api_base_url or self.api_base_url,
+                "upstream_rate_limit_rps": account.rate_limit_rps or self.upstream_rate_limit_rps,
+            }
+        )
+
+    def _load_accounts(self) -> tuple[Account, ...]:
+        if self.accounts_file is None:
+            return (
+                Account(
+                    name=DEFAULT_ACCOUNT_NAME,
+                    user_id=self.user_id,
+                    access_key=self.access_key,
+                    access_secret=self.access_secret,
+                    webhook_token=self.webhook_token,
+                ),
+            )
+        single = [
+            f"PANDASYNC_{name.upper()}"
+            for name in ("user_id", "access_key", "access_secret", "webhook_token")
+            if getattr(self, name) is not None
+        ]
+        if single:
+            raise ConfigError(
+                f"invalid settings:\n  PANDASYNC_ACCOUNTS_FILE and {', '.join(single)} are both "
+                "set: with an accounts file every account's credentials are in the file; unset "
+                + ("them" if len(single) > 1 else "it")
+            )
+        try:
+            accounts = load_accounts_file(self.accounts_file)
+        except AccountsError as error:
+            raise ConfigError(
+                "invalid accounts file:\n" + "\n".join(f"  {line}" for line in error.lines)
+            ) from None
+        if "token" in self.webhook_auth:
+            missing = [a.name for a in accounts if a.webhook_token is None]
+            if missing:
+                raise ConfigError(
+                    "invalid accounts file:\n"
+                    + "\n".join(
+                        f"  {self.accounts_file}: [{name}] webhook_token: missing "
+                        f"(PANDASYNC_WEBHOOK_AUTH={self.webhook_auth} needs one per account)"
+                        for name in missing
+                    )
+                )
+        return tuple(accounts)
 
 
 def describe_errors(error: ValidationError) -> str:
@@ -364,9 +497,11 @@ def describe_errors(error: ValidationError) -> str:
 def load_settings(**overrides: object) -> Settings:
     """Build Settings from the environment (and overrides), or raise ConfigError."""
     try:
-        return Settings(**overrides)  # type: ignore[arg-type]
+        settings = Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as error:
         raise ConfigError(describe_errors(error)) from None
+    settings.accounts()  # an accounts file's problems stop the start too
+    return settings
 
 
 @functools.cache

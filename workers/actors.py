@@ -26,6 +26,7 @@ from service.db import session_scope
 from service.domain import Platform, ReconcileRequest, SyncSource
 from service.pandapon.client import upstream_budget
 from service.pandapon.errors import LOG_TEXT_LIMIT, PandaPonError, clean_text
+from service.pandapon.ratelimit import AccountPaused, defer_when_paused
 from workers import policy
 from workers.reconcile import Outcome, count_open_failures, reconcile_order
 from workers.runtime import (
@@ -39,6 +40,8 @@ log = structlog.get_logger(__name__)
 
 # Another worker holds the order: look again shortly, as a new message (not a retry).
 BUSY_DELAY_MS = 250
+# Past an account's pause, so the deferred reconcile finds the calls open again.
+DEFER_SLACK_MS = 250
 # Well above the upstream timeouts times the calls of one reconcile, well below dramatiq's 10 min.
 TIME_LIMIT_MS = 180_000
 
@@ -71,10 +74,17 @@ async def run_reconcile(request: ReconcileRequest, retries: int) -> Outcome | po
 async def _attempt(request: ReconcileRequest, retries: int) -> Outcome | policy.Decision:
     runtime = await get_runtime()
     try:
-        with upstream_budget(runtime.settings.reconcile_upstream_budget_s):
-            result = await reconcile_order(
-                runtime.engine, runtime.sessions, runtime.client, request
-            )
+        # One account: its client, whatever account_id an old message names.
+        several = len(runtime.settings.accounts()) > 1
+        client = runtime.client_for(request.account_id) if several else runtime.client
+        with (
+            upstream_budget(runtime.settings.reconcile_upstream_budget_s),
+            defer_when_paused(),
+        ):
+            result = await reconcile_order(runtime.engine, runtime.sessions, client, request)
+    except AccountPaused as paused:
+        log.info("deferred: the account's upstream calls are paused", seconds=paused.seconds)
+        return policy.Defer(int(paused.seconds * 1000) + DEFER_SLACK_MS)
     except Exception as error:
         if cancelled_by_shutdown():
             raise  # the shutdown's doing, not the order's: the message goes back
@@ -125,7 +135,7 @@ def reconcile(
         RECONCILES.labels(platform, source, label).inc()
         if isinstance(outcome, policy.Retry):
             raise dramatiq.Retry(delay=outcome.delay_ms)
-        if outcome is Outcome.BUSY or isinstance(outcome, policy.GiveBack):
+        if outcome is Outcome.BUSY or isinstance(outcome, policy.GiveBack | policy.Defer):
             again = reconcile_message(
                 account_id,
                 platform,
@@ -139,6 +149,11 @@ def reconcile(
                 # Interrupted, not failed: the next attempt keeps this one's retry count.
                 dramatiq.get_broker().enqueue(again.copy(options={"retries": retries}))
                 log.info("given back: the worker is stopping")
+            elif isinstance(outcome, policy.Defer):
+                # Not failed either: after the account's pause, with the same retry count.
+                dramatiq.get_broker().enqueue(
+                    again.copy(options={"retries": retries}), delay=outcome.delay_ms
+                )
             else:
                 dramatiq.get_broker().enqueue(again, delay=BUSY_DELAY_MS)
         if isinstance(outcome, Outcome):

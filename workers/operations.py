@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -49,10 +50,14 @@ async def open_failures(
     platform: Platform | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
+    account_ids: Sequence[str] | None = None,
 ) -> list[FailureRef]:
+    """The open failures, optionally only those of ``account_ids``."""
     query = select(
         SyncFailure.id, SyncFailure.account_id, SyncFailure.platform, SyncFailure.order_id
     ).where(SyncFailure.resolved_at.is_(None))
+    if account_ids is not None:
+        query = query.where(SyncFailure.account_id.in_(account_ids))
     if platform is not None:
         query = query.where(SyncFailure.platform == platform)
     if since is not None:
@@ -131,6 +136,18 @@ class PaymentsStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class AccountStatus:
+    """One configured account's share of the backlog, failures and orders awaiting payment."""
+
+    name: str
+    account_id: str
+    inbox_backlog: int = 0
+    oldest_unprocessed_age: timedelta | None = None
+    open_failures: int = 0
+    orders_awaiting_payment: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Status:
     checked_at: datetime  # the database's clock; every age is measured by it
     inbox_backlog: int
@@ -147,35 +164,58 @@ class Status:
     payments: PaymentsStatus
     unmapped: tuple[UnmappedStatus, ...]
     unmapped_total: int  # more than ``unmapped`` lists when over UNMAPPED_SHOWN
+    accounts: tuple[AccountStatus, ...] = ()
 
 
 async def gather_status(
-    sessions: async_sessionmaker[AsyncSession], broker: dramatiq.Broker | None
+    sessions: async_sessionmaker[AsyncSession],
+    broker: dramatiq.Broker | None,
+    accounts: Sequence[tuple[str, str]] = (),
+    *,
+    only: bool = False,
 ) -> Status:
+    """The status; ``accounts`` (name, account_id) get a line each. With ``only`` every
+    count is of those accounts alone (``status --account``); the queue depth and the unmapped
+    values stay the deployment's."""
+    account_ids = [account_id for _, account_id in accounts] if only else None
+
+    def scoped(query: Any, column: Any) -> Any:
+        return query if account_ids is None else query.where(column.in_(account_ids))
+
     async with sessions() as session:
         backlog, unqueued, oldest, checked_at = (
             await session.execute(
-                select(
-                    func.count(),
-                    func.count().filter(WebhookInbox.state == InboxState.RECEIVED),
-                    type_coerce(func.now() - func.min(WebhookInbox.received_at), Interval()),
-                    func.now(),
-                ).where(WebhookInbox.state.in_(WAITING_INBOX_STATES))
+                scoped(
+                    select(
+                        func.count(),
+                        func.count().filter(WebhookInbox.state == InboxState.RECEIVED),
+                        type_coerce(func.now() - func.min(WebhookInbox.received_at), Interval()),
+                        func.now(),
+                    ).where(WebhookInbox.state.in_(WAITING_INBOX_STATES)),
+                    WebhookInbox.account_id,
+                )
             )
         ).one()
-        failures = await count_open_failures(session)
-        sweep_rows = await _sweeps(session, SweepCursor)
-        refund_sweep_rows = await _sweeps(session, RefundSweepCursor)
+        if account_ids is None:
+            failures = await count_open_failures(session)
+        else:
+            failures = sum(await _open_failures_by_account(session, account_ids))
+        sweep_rows = _scoped_rows(await _sweeps(session, SweepCursor), account_ids)
+        refund_sweep_rows = _scoped_rows(await _sweeps(session, RefundSweepCursor), account_ids)
         first_stored_at = await _first_stored_at(session)
         unmapped, unmapped_total = await _unmapped_values(session)
         awaiting_payment = (
             await session.execute(
-                select(func.count())
-                .select_from(Order)
-                .where(Order.status == OrderStatus.PENDING_PAYMENT)
+                scoped(
+                    select(func.count())
+                    .select_from(Order)
+                    .where(Order.status == OrderStatus.PENDING_PAYMENT),
+                    Order.account_id,
+                )
             )
         ).scalar_one()
         payments = await _payments(session)
+        per_account = await _per_account(session, accounts) if len(accounts) > 1 or only else ()
     broker_error = await asyncio.to_thread(_ping, broker) if broker is not None else None
     return Status(
         checked_at=checked_at,
@@ -192,6 +232,75 @@ async def gather_status(
         payments=payments,
         unmapped=unmapped,
         unmapped_total=unmapped_total,
+        accounts=per_account,
+    )
+
+
+def _scoped_rows(rows: list[SweepStatus], account_ids: Sequence[str] | None) -> list[SweepStatus]:
+    return rows if account_ids is None else [r for r in rows if r.account_id in account_ids]
+
+
+async def _open_failures_by_account(session: AsyncSession, account_ids: Sequence[str]) -> list[int]:
+    counts = dict(
+        (
+            await session.execute(
+                select(SyncFailure.account_id, func.count())
+                .where(SyncFailure.resolved_at.is_(None), SyncFailure.account_id.in_(account_ids))
+                .group_by(SyncFailure.account_id)
+            )
+        )
+        .tuples()
+        .all()
+    )
+    return [int(counts.get(a, 0)) for a in account_ids]
+
+
+async def _per_account(
+    session: AsyncSession, accounts: Sequence[tuple[str, str]]
+) -> tuple[AccountStatus, ...]:
+    """Each account's backlog, oldest waiting message, open failures, orders awaiting payment."""
+    ids = [account_id for _, account_id in accounts]
+    inbox = {
+        row.account_id: row
+        for row in (
+            await session.execute(
+                select(
+                    WebhookInbox.account_id,
+                    func.count().label("backlog"),
+                    type_coerce(func.now() - func.min(WebhookInbox.received_at), Interval()).label(
+                        "oldest"
+                    ),
+                )
+                .where(
+                    WebhookInbox.state.in_(WAITING_INBOX_STATES),
+                    WebhookInbox.account_id.in_(ids),
+                )
+                .group_by(WebhookInbox.account_id)
+            )
+        ).all()
+    }
+    failures = await _open_failures_by_account(session, ids)
+    awaiting = dict(
+        (
+            await session.execute(
+                select(Order.account_id, func.count())
+                .where(Order.status == OrderStatus.PENDING_PAYMENT, Order.account_id.in_(ids))
+                .group_by(Order.account_id)
+            )
+        )
+        .tuples()
+        .all()
+    )
+    return tuple(
+        AccountStatus(
+            name=name,
+            account_id=account_id,
+            inbox_backlog=int(inbox[account_id].backlog) if account_id in inbox else 0,
+            oldest_unprocessed_age=inbox[account_id].oldest if account_id in inbox else None,
+            open_failures=failed,
+            orders_awaiting_payment=int(awaiting.get(account_id, 0)),
+        )
+        for (name, account_id), failed in zip(accounts, failures, strict=True)
     )
 
 
@@ -380,6 +489,17 @@ def status_document(status: Status, found: list[str], limits: HealthLimits) -> d
             "drift": row.last_drift,
         }
 
+    accounts = [
+        {
+            "name": a.name,
+            "account_id": a.account_id,
+            "inbox_backlog": a.inbox_backlog,
+            "oldest_unprocessed_age_s": seconds(a.oldest_unprocessed_age),
+            "open_failures": a.open_failures,
+            "orders_awaiting_payment": a.orders_awaiting_payment,
+        }
+        for a in status.accounts
+    ]
     payments = status.payments
     return {
         "healthy": not found,
@@ -414,6 +534,8 @@ def status_document(status: Status, found: list[str], limits: HealthLimits) -> d
             }
             for u in status.unmapped
         ],
+        # Only with several accounts (or --account): a single-account document keeps its keys.
+        **({"accounts": accounts} if accounts else {}),
         "limits": {
             "max_lag_s": seconds(limits.max_lag),
             "sweep_max_age_s": seconds(limits.sweep_max_age),

@@ -24,7 +24,8 @@
   ``requestId``, ``code``, the error message quoting them) is cleaned and cut to its column,
   so a poisoned answer is recorded like any other.
 - A worker that stops gives the message in hand back (``GiveBack``): not a failure, no retry
-  spent.
+  spent. So does a reconcile whose account is paused by an account-wide rate limit (``Defer``,
+  after the pause): waiting it out would hold a worker thread the other accounts need.
 """
 
 from __future__ import annotations
@@ -80,7 +81,15 @@ class GiveBack:
     """The worker is stopping: the message goes back to the broker as it is."""
 
 
-Decision = Retry | Record | GiveBack
+@dataclass(frozen=True, slots=True)
+class Defer:
+    """The order's account is paused (an account-wide rate limit): the message comes back after
+    ``delay_ms``, no retry spent, and the worker thread serves the other accounts meanwhile."""
+
+    delay_ms: int
+
+
+Decision = Retry | Record | GiveBack | Defer
 
 
 def backoff_ms(retries: int) -> int:

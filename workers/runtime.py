@@ -37,12 +37,15 @@ from service.pandapon.ratelimit import RateLimiter, make_rate_limiter
 
 @dataclass
 class WorkerRuntime:
+    """``clients``: one PandaPon client per account (its credentials, base URL and rate
+    limiter), by the account's user-id, the ``account_id`` of messages and rows."""
+
     settings: Settings
     engine: AsyncEngine
     sessions: async_sessionmaker[AsyncSession]
     http: httpx.AsyncClient
-    limiter: RateLimiter
-    client: PandaPonClient
+    limiters: list[RateLimiter]
+    clients: dict[str, PandaPonClient]
 
     @classmethod
     def build(cls, settings: Settings) -> WorkerRuntime:
@@ -50,14 +53,51 @@ class WorkerRuntime:
             raise RuntimeError("PANDASYNC_DATABASE_URL is not set")
         engine = make_engine(settings.database_url, settings, application_name="pandasync-worker")
         http = make_http_client(settings)
-        limiter = make_rate_limiter(settings)
-        client = PandaPonClient(settings, http, limiter=limiter)
-        return cls(settings, engine, make_sessionmaker(engine), http, limiter, client)
+        limiters: list[RateLimiter] = []
+        clients: dict[str, PandaPonClient] = {}
+        for account in settings.accounts():
+            limiter = make_rate_limiter(settings, account=account)
+            limiters.append(limiter)
+            client = PandaPonClient(settings, http, limiter=limiter, account=account)
+            clients[account.user_id or account.name] = client
+        return cls(settings, engine, make_sessionmaker(engine), http, limiters, clients)
+
+    @property
+    def client(self) -> PandaPonClient:
+        """The first account's client (the only one of a single-account deployment)."""
+        return next(iter(self.clients.values()))
+
+    @property
+    def limiter(self) -> RateLimiter:
+        return self.limiters[0]
+
+    def client_for(self, account_id: str) -> PandaPonClient:
+        """The client of the account whose user-id is ``account_id``. A message from before
+        the accounts file (or of the single-account settings without PANDASYNC_USER_ID) names
+        an account_id no client has: it is the only account's."""
+        client = self.clients.get(account_id)
+        if client is not None:
+            return client
+        if len(self.clients) == 1:
+            return self.client
+        raise UnknownAccount(account_id)
 
     async def aclose(self) -> None:
         await self.http.aclose()
-        await self.limiter.aclose()
+        for limiter in self.limiters:
+            await limiter.aclose()
         await self.engine.dispose()
+
+
+class UnknownAccount(Exception):
+    """A message names an account that is not configured (removed from the accounts file)."""
+
+    def __init__(self, account_id: str) -> None:
+        super().__init__(
+            f"account_id {account_id!r} is not in PANDASYNC_ACCOUNTS_FILE: add the account "
+            "back, or dismiss its failures (`pandasync failures dismiss`)"
+        )
+        self.account_id = account_id
 
 
 _runtime: WorkerRuntime | None = None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import zlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
@@ -23,6 +23,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from service.accounts import Account
 from service.broker import AGE_UNKNOWN, oldest_waiting, reconcile_message
 from service.config import Settings
 from service.db import session_scope
@@ -280,14 +281,32 @@ def observe_sweep(metrics: SweepMetrics, report: SweepReport) -> SweepReport:
     return report
 
 
+JOB_NAME_CHARS = 64  # job_runs.job
+
+
+def job_name(name: str, platform: Platform, account: Account | None = None) -> str:
+    """``name:platform``, or ``name:platform@account`` for an account of the accounts file
+    (the single-account settings keep the names, and so the job_runs rows, they always had);
+    a name too long for job_runs.job is shortened with a checksum that keeps it unique."""
+    base = f"{name}:{platform.value}"
+    if account is None or not account.in_file:
+        return base
+    full = f"{base}@{account.name}"
+    if len(full) <= JOB_NAME_CHARS:
+        return full
+    digest = f"{zlib.crc32(account.name.encode()):08x}"
+    return f"{full[: JOB_NAME_CHARS - len(digest) - 1]}~{digest}"
+
+
 def sweep_jobs(
     name: str,
     interval_s: float,
     run: Callable[[Platform], Awaitable[SweepReport]],
     metrics: SweepMetrics,
     backlog: Backlog,
+    account: Account | None = None,
 ) -> list[Job]:
-    """One job per platform, ``name:platform``, held back behind the reconcile backlog."""
+    """One job per platform (and account), held back behind the reconcile backlog."""
     jobs = []
     for platform in Platform:
 
@@ -295,7 +314,12 @@ def sweep_jobs(
             return observe_sweep(metrics, await run(platform))
 
         jobs.append(
-            Job(f"{name}:{platform.value}", timedelta(seconds=interval_s), run_one, backlog)
+            Job(
+                job_name(name, platform, account),
+                timedelta(seconds=interval_s),
+                run_one,
+                backlog,
+            )
         )
     return jobs
 
@@ -303,39 +327,24 @@ def sweep_jobs(
 def default_jobs(
     settings: Settings,
     sessions: async_sessionmaker[AsyncSession],
-    client: Lister,
+    client: Lister | Mapping[str, Lister],
     broker: dramatiq.Broker,
     relay: Callable[[], Awaitable[object]] | None = None,
 ) -> list[Job]:
-    """Sweep and refund sweep per platform, refresh, and the inbox relay, at their intervals."""
+    """Sweep and refund sweep per account and platform, refresh, and the inbox relay, at
+    their intervals. ``client``: the only account's lister, or every account's by user-id
+    (``WorkerRuntime.clients``)."""
     enqueue = enqueue_with(broker)
     backlog = backlog_of(broker)
     jobs: list[Job] = []
-    if settings.user_id:
-        account_id = settings.user_id
-
-        async def order_sweep(platform: Platform) -> SweepReport:
-            lookback = timedelta(seconds=settings.sweep_lookback_s)
-            return await sweep(sessions, client, enqueue, account_id, platform, lookback=lookback)
-
-        async def refunds_sweep(platform: Platform) -> SweepReport:
-            lookback = timedelta(seconds=settings.refund_sweep_lookback_s)
-            return await refund_sweep(
-                sessions, client, enqueue, account_id, platform, lookback=lookback
-            )
-
-        jobs += sweep_jobs(
-            "sweep", settings.sweep_interval_s, order_sweep, ORDER_SWEEP_METRICS, backlog
-        )
-        jobs += sweep_jobs(
-            "refund_sweep",
-            settings.refund_sweep_interval_s,
-            refunds_sweep,
-            REFUND_SWEEP_METRICS,
-            backlog,
-        )
-    else:
-        log.warning("PANDASYNC_USER_ID is not set: no sweep (it needs the account to page)")
+    for account in settings.accounts():
+        if not account.user_id:
+            log.warning("PANDASYNC_USER_ID is not set: no sweep (it needs the account to page)")
+            continue
+        lister = client.get(account.user_id) if isinstance(client, Mapping) else client
+        if lister is None:
+            continue
+        jobs += _sweeps_of(settings, sessions, lister, enqueue, backlog, account)
 
     async def run_refresh() -> object:
         return await refresh(
@@ -348,3 +357,39 @@ def default_jobs(
     if relay is not None:
         jobs.append(Job("relay", timedelta(seconds=settings.relay_interval_s), relay))
     return jobs
+
+
+def _sweeps_of(
+    settings: Settings,
+    sessions: async_sessionmaker[AsyncSession],
+    client: Lister,
+    enqueue: Enqueuer,
+    backlog: Backlog,
+    account: Account,
+) -> list[Job]:
+    """One account's order and refund sweeps, a job per platform each."""
+    account_id = account.user_id or account.name
+
+    async def order_sweep(platform: Platform) -> SweepReport:
+        lookback = timedelta(seconds=settings.sweep_lookback_s)
+        return await sweep(sessions, client, enqueue, account_id, platform, lookback=lookback)
+
+    async def refunds_sweep(platform: Platform) -> SweepReport:
+        lookback = timedelta(seconds=settings.refund_sweep_lookback_s)
+        return await refund_sweep(
+            sessions, client, enqueue, account_id, platform, lookback=lookback
+        )
+
+    return [
+        *sweep_jobs(
+            "sweep", settings.sweep_interval_s, order_sweep, ORDER_SWEEP_METRICS, backlog, account
+        ),
+        *sweep_jobs(
+            "refund_sweep",
+            settings.refund_sweep_interval_s,
+            refunds_sweep,
+            REFUND_SWEEP_METRICS,
+            backlog,
+            account,
+        ),
+    ]

@@ -28,7 +28,8 @@ $$;
 GRANT SELECT ON
     orders, order_lines, order_status_history, order_price_changes, shipments,
     shipment_events, refunds, sync_failures, sweep_cursors, refund_sweep_cursors,
-    unmapped_values, payment_attempts,
+    unmapped_values, payment_attempts, ledger_changes, outbound_deliveries,
+    outbound_delivery_attempts,
     report_daily_sales, report_refunds, report_fulfilment, report_sync_health,
     report_sales_lines, report_price_changes, report_unmapped_values, report_awaiting_payment
 TO pandasync_reporting;

@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import sys
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 import click
 
+from service.cli.accounts import account_option, accounts_or_exit, ledger_id_or_exit
 from service.cli.common import (
-    account_id_or_exit,
     configure_logging,
     database_url_or_embedded,
     main,
     settings_or_exit,
 )
+
+if TYPE_CHECKING:
+    from dramatiq import Broker
+
+    from workers.runtime import WorkerRuntime
 
 
 @main.command()
@@ -45,7 +51,9 @@ from service.cli.common import (
     is_flag=True,
     help="Page a range that an earlier command finished once more (default: skip it).",
 )
+@account_option("Only this account (default: every account, one after the other).")
 def backfill(
+    account_name: str | None,
     since: str,
     until: str | None,
     platform: str | None,
@@ -62,7 +70,7 @@ def backfill(
     through the broker; progress is saved after every page, so running the same command again
     continues an unfinished run where it stopped (without --until it resumes the latest
     unfinished run from the same day) and does not list again a platform it had finished;
-    --again pages a finished range once more.
+    --again pages a finished range once more. Each account has its own runs and progress.
     """
     import asyncio
     import time
@@ -76,6 +84,7 @@ def backfill(
     from workers.scheduler import enqueue_with
 
     settings = settings_or_exit()
+    accounts = accounts_or_exit(settings, account_name, "backfill")
     zone = ZoneInfo(settings.reporting_timezone)
 
     def day(value: str, option: str) -> datetime:
@@ -98,16 +107,20 @@ def backfill(
     if not settings.broker_url:
         click.echo("pandasync backfill: needs PANDASYNC_BROKER_URL (the workers' broker)", err=True)
         sys.exit(2)
-    plan = BackfillPlan(
-        account_id_or_exit(settings),
-        platforms,
-        since_at,
-        until_at,
-        page_size=page_size,
-        again=again,
-        wait=wait,
-        stall_timeout_s=stall_timeout,
-    )
+    plans = {
+        account.name: BackfillPlan(
+            ledger_id_or_exit(account, "backfill"),
+            platforms,
+            since_at,
+            until_at,
+            page_size=page_size,
+            again=again,
+            wait=wait,
+            stall_timeout_s=stall_timeout,
+        )
+        for account in accounts
+    }
+    several = len(plans) > 1
     fancy = sys.stdout.isatty()
 
     def already_paged(p: Platform, orders: int) -> None:
@@ -117,11 +130,23 @@ def backfill(
         )
 
     async def run() -> int:
+        runtime = WorkerRuntime.build(settings)
+        broker = make_broker(settings)
+        code = 0
+        try:
+            for name, plan in plans.items():
+                if several:
+                    click.echo(f"backfill of account {name} ({plan.account_id})")
+                code = max(code, await run_one(runtime, broker, plan))
+        finally:
+            await runtime.aclose()
+            broker.close()
+        return code
+
+    async def run_one(runtime: WorkerRuntime, broker: Broker, plan: BackfillPlan) -> int:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
         from rich.progress import TextColumn as Text
 
-        runtime = WorkerRuntime.build(settings)
-        broker = make_broker(settings)
         bar = Progress(
             Text("{task.description}"),
             BarColumn(),
@@ -146,19 +171,15 @@ def backfill(
                 for p, t in tallies.items():
                     click.echo(t.line(p.value))
 
-        try:
-            with bar:
-                end = await run_backfill(
-                    runtime.sessions,
-                    runtime.client,
-                    enqueue_with(broker),
-                    plan,
-                    show,
-                    already_paged,
-                )
-        finally:
-            await runtime.aclose()
-            broker.close()
+        with bar:
+            end = await run_backfill(
+                runtime.sessions,
+                runtime.client_for(plan.account_id),
+                enqueue_with(broker),
+                plan,
+                show,
+                already_paged,
+            )
         if end is BackfillEnd.STALLED:
             click.echo(
                 f"pandasync backfill: nothing synced for {stall_timeout:.0f} s; "
@@ -176,8 +197,9 @@ def backfill(
         click.echo(f"pandasync backfill: {type(error).__name__}: {error}", err=True)
         click.echo("run the same command again to continue where it stopped", err=True)
         sys.exit(1)
+    tallies = [(p, t) for plan in plans.values() for p, t in plan.tallies.items()]
     if code:
-        failed = sum(t.failed for t in plan.tallies.values())
+        failed = sum(t.failed for _, t in tallies)
         if failed:
             click.echo(
                 f"pandasync backfill: {failed} order(s) failed to sync; see `pandasync status`, "
@@ -185,7 +207,7 @@ def backfill(
                 err=True,
             )
         sys.exit(code)
-    done = [f"{p.value} {t.seen} order(s), {t.done} synced" for p, t in plan.tallies.items()]
+    done = [f"{p.value} {t.seen} order(s), {t.done} synced" for p, t in tallies]
     click.echo("backfill finished: " + ", ".join(done))
 
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
+from service.cli.accounts import account_option, accounts_or_exit, ledger_id_or_exit
 from service.cli.common import (
     configure_logging,
     database_url_or_embedded,
@@ -35,7 +36,10 @@ ERROR_SHOWN = 200
     help="List at most this many (the oldest first).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array (times in ISO 8601).")
-def failures(platform: str | None, kind: str | None, limit: int, as_json: bool) -> None:
+@account_option()
+def failures(
+    platform: str | None, kind: str | None, limit: int, as_json: bool, account_name: str | None
+) -> None:
     """List the open sync failures (orders no sync has fixed since they failed).
 
     Close one with `pandasync replay` once its cause is fixed, or by hand with
@@ -48,6 +52,10 @@ def failures(platform: str | None, kind: str | None, limit: int, as_json: bool) 
     from service.ledger.failures import list_open
 
     settings = settings_or_exit()
+    chosen = None
+    if account_name is not None:
+        named = accounts_or_exit(settings, account_name, "failures")
+        chosen = [ledger_id_or_exit(a, "failures") for a in named]
     url = database_url_or_embedded(settings)
 
     async def run() -> tuple[list[OpenFailure], int]:
@@ -58,6 +66,7 @@ def failures(platform: str | None, kind: str | None, limit: int, as_json: bool) 
                     session,
                     platform=Platform(platform) if platform else None,
                     kind=FailureKind(kind) if kind else None,
+                    account_ids=chosen,
                     limit=limit,
                 )
         finally:
@@ -73,11 +82,23 @@ def failures(platform: str | None, kind: str | None, limit: int, as_json: bool) 
     if not listed:
         click.echo("no open sync failures")
         return
+    several = len(settings.accounts()) > 1 or len({f.account_id for f in listed}) > 1
     table = [
-        ("id", "platform", "order", "kind", "source", "attempts", "first failed", "last failed"),
+        (
+            "id",
+            *(("account",) if several else ()),
+            "platform",
+            "order",
+            "kind",
+            "source",
+            "attempts",
+            "first failed",
+            "last failed",
+        ),
         *(
             (
                 str(f.id),
+                *((printable(f.account_id),) if several else ()),
                 f.platform.value,
                 printable(f.order_id),
                 f.kind.value,

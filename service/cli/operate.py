@@ -13,8 +13,13 @@ from service.config import ConfigError
 if TYPE_CHECKING:
     from workers.operations import Status
 
+from service.cli.accounts import (
+    account_option,
+    accounts_or_exit,
+    ledger_id_or_exit,
+    one_account_or_exit,
+)
 from service.cli.common import (
-    account_id_or_exit,
     configure_logging,
     database_url_or_embedded,
     main,
@@ -40,7 +45,10 @@ from service.cli.common import (
     metavar="SECONDS",
     help="How long to wait for a worker to process the message (0: do not wait).",
 )
-def send_test_message(url: str | None, platform: str, order_id: str, wait_s: float) -> None:
+@account_option("The account the message is for (default: the first configured).")
+def send_test_message(
+    url: str | None, platform: str, order_id: str, wait_s: float, account_name: str | None
+) -> None:
     """Send one status-change message as PandaPon would, then show what a worker made of it.
 
     The message goes to the token URL when PANDASYNC_WEBHOOK_TOKEN is set (or `pandasync dev`
@@ -69,6 +77,9 @@ def send_test_message(url: str | None, platform: str, order_id: str, wait_s: flo
     from service.pandapon.signer import Credentials, signed_headers
 
     settings = settings_or_exit()
+    chosen = accounts_or_exit(settings, account_name, "send-test-message")[0]
+    # The account's token and credentials, as if it were the only one.
+    settings = settings.for_account(chosen)
     mode = settings.webhook_auth
     dev_token = read_dev_token(settings.data_dir)
     token = settings.webhook_token.get_secret_value() if settings.webhook_token else dev_token
@@ -249,8 +260,15 @@ def send_test_message(url: str | None, platform: str, order_id: str, wait_s: flo
 )
 @click.option("--host", default=None, help="Interface --listen binds (default: setting HOST).")
 @click.option("--port", type=int, default=None, help="Port --listen binds (default: setting PORT).")
+@account_option(
+    "Only this account (default: every account in turn; --listen needs one when several)."
+)
 def doctor(
-    listen_s: float | None, orders: tuple[str, ...], host: str | None, port: int | None
+    listen_s: float | None,
+    orders: tuple[str, ...],
+    host: str | None,
+    port: int | None,
+    account_name: str | None,
 ) -> None:
     """Check the live PandaPon contract with the configured credentials (read-only).
 
@@ -270,19 +288,31 @@ def doctor(
     from service.doctor import OrderRef, run_doctor
 
     settings = settings_or_exit()
+    if listen_s is not None:  # one port, one account's callbacks
+        accounts = [one_account_or_exit(settings, account_name, "doctor --listen")]
+    else:
+        accounts = accounts_or_exit(settings, account_name, "doctor")
     try:
         refs = [OrderRef.parse(text) for text in orders]
     except ValueError as error:
         raise click.BadParameter(str(error), param_hint="--order") from None
     try:
-        code = run_doctor(
-            settings,
-            click.echo,
-            orders=refs,
-            listen_s=listen_s,
-            host=host or settings.host,
-            port=settings.port if port is None else port,
-        )
+        codes = []
+        for account in accounts:
+            if len(settings.accounts()) > 1:
+                click.echo(f"account {account.name}:")
+            codes.append(
+                run_doctor(
+                    settings.for_account(account),
+                    click.echo,
+                    orders=refs,
+                    listen_s=listen_s,
+                    host=host or settings.host,
+                    port=settings.port if port is None else port,
+                )
+            )
+        # A failure anywhere is a failure; else anything unchecked.
+        code = 1 if 1 in codes else max(codes)
     except ConfigError as error:
         click.echo(f"pandasync doctor: {error}", err=True)
         sys.exit(2)
@@ -298,7 +328,8 @@ def doctor(
 @main.command()
 @click.argument("platform", type=click.Choice(["taobao", "1688"]))
 @click.argument("order_id")
-def resync(platform: str, order_id: str) -> None:
+@account_option("The order's account (needed when several are configured).")
+def resync(platform: str, order_id: str, account_name: str | None) -> None:
     """Reconcile one order now, in this process, and print the outcome."""
     import asyncio
 
@@ -308,17 +339,17 @@ def resync(platform: str, order_id: str) -> None:
     from workers.runtime import WorkerRuntime
 
     settings = settings_or_exit()
+    account_id = ledger_id_or_exit(one_account_or_exit(settings, account_name, "resync"), "resync")
     configure_logging(settings)
     database_url_or_embedded(settings)
     settings = settings_or_exit()
-    account_id = account_id_or_exit(settings)
 
     async def run() -> str:
         runtime = WorkerRuntime.build(settings)
         try:
             request = ReconcileRequest(account_id, Platform(platform), order_id, SyncSource.MANUAL)
             result = await reconcile_order(
-                runtime.engine, runtime.sessions, runtime.client, request
+                runtime.engine, runtime.sessions, runtime.client_for(request.account_id), request
             )
             return result.outcome.value
         finally:
@@ -336,7 +367,10 @@ def resync(platform: str, order_id: str) -> None:
 @click.option("--platform", type=click.Choice(["taobao", "1688"]), default=None)
 @click.option("--since", default=None, help="Only failures last seen at or after (ISO date/time).")
 @click.option("--until", default=None, help="Only failures last seen before (ISO date/time).")
-def replay(platform: str | None, since: str | None, until: str | None) -> None:
+@account_option("Only this account's failures (default: every account's).")
+def replay(
+    platform: str | None, since: str | None, until: str | None, account_name: str | None
+) -> None:
     """Re-run the open sync failures (they close when the order syncs)."""
     import asyncio
 
@@ -346,6 +380,14 @@ def replay(platform: str | None, since: str | None, until: str | None) -> None:
     from workers.operations import enqueue_replay, mark_replayed, open_failures
 
     settings = settings_or_exit()
+    account_ids = (
+        None
+        if account_name is None
+        else [
+            ledger_id_or_exit(a, "replay")
+            for a in accounts_or_exit(settings, account_name, "replay")
+        ]
+    )
     configure_logging(settings)
     url = database_url_or_embedded(settings)
     if not settings.broker_url:
@@ -361,6 +403,7 @@ def replay(platform: str | None, since: str | None, until: str | None) -> None:
                 platform=Platform(platform) if platform else None,
                 since=_parse_time(since),
                 until=_parse_time(until),
+                account_ids=account_ids,
             )
             enqueue_replay(make_broker(settings), failures)
             await mark_replayed(sessions, [f.id for f in failures])
@@ -393,7 +436,8 @@ def _parse_time(value: str | None) -> datetime | None:
     help="Unhealthy when the oldest unprocessed inbox message is older than this.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (stable keys).")
-def status(max_lag_s: float, as_json: bool) -> None:
+@account_option("Only this account (default: every account, each on a line of its own).")
+def status(max_lag_s: float, as_json: bool, account_name: str | None) -> None:
     """Inbox backlog and lag, queue depth, open failures, last sweeps, payments, unmapped values.
 
     \b
@@ -420,6 +464,8 @@ def status(max_lag_s: float, as_json: bool) -> None:
     )
 
     settings = settings_or_exit()
+    chosen = accounts_or_exit(settings, account_name, "status")
+    accounts = [(a.name, a.user_id) for a in chosen if a.user_id]
     url = database_url_or_embedded(settings)
     limits = HealthLimits.from_settings(settings, max_lag_s=max_lag_s)
 
@@ -427,7 +473,9 @@ def status(max_lag_s: float, as_json: bool) -> None:
         engine = make_engine(url, settings, application_name="pandasync-status")
         try:
             broker = make_broker(settings) if settings.broker_url else None
-            return await gather_status(make_sessionmaker(engine), broker)
+            return await gather_status(
+                make_sessionmaker(engine), broker, accounts, only=account_name is not None
+            )
         finally:
             await engine.dispose()
 
@@ -458,6 +506,13 @@ def status(max_lag_s: float, as_json: bool) -> None:
         f"{stale_min:.0f} min ago {payments.started_stale}, pay by hand {payments.pay_by_hand}, "
         f"held back {payments.held_back})"
     )
+    for account in report.accounts:
+        oldest = account.oldest_unprocessed_age
+        click.echo(
+            f"account {account.name} ({account.account_id}): backlog {account.inbox_backlog}, "
+            f"oldest {oldest if oldest is not None else '-'}, open failures "
+            f"{account.open_failures}, awaiting payment {account.orders_awaiting_payment}"
+        )
     _echo_unmapped(report)
     for problem in found:
         click.echo(f"unhealthy: {problem}")

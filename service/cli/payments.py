@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING
 
 import click
 
+from service.accounts import Account
+from service.cli.accounts import ledger_id_or_exit, one_account_or_exit
 from service.cli.common import (
-    account_id_or_exit,
     configure_logging,
     database_url_or_embedded,
     main,
@@ -59,9 +60,9 @@ def _who(given: str | None) -> str:
 @click.option(
     "--account",
     default=None,
-    metavar="USER_ID",
-    help="The account whose orders to pay (default: PANDASYNC_USER_ID, the only one with "
-    "credentials here).",
+    metavar="NAME",
+    help="The account whose orders to pay: its name in PANDASYNC_ACCOUNTS_FILE or its user-id "
+    "(default: the only account; required when several are configured).",
 )
 @click.option("--platform", type=click.Choice(["taobao", "1688"]), default=None)
 @click.option(
@@ -123,7 +124,10 @@ def pay(
       2  bad options or settings, or payments are off (--yes)
     """
     settings = settings_or_exit()
-    if not settings.has_credentials:
+    # Money moves: with several accounts, the one to pay is always named (a --max-total is
+    # one account's run).
+    chosen = one_account_or_exit(settings, account, "pay")
+    if not chosen.has_credentials:
         click.echo(
             "pandasync pay: PandaPon credentials are incomplete: set PANDASYNC_ACCESS_KEY, "
             "PANDASYNC_ACCESS_SECRET and PANDASYNC_USER_ID",
@@ -133,7 +137,7 @@ def pay(
     if release_id is not None:
         if not reason or not reason.strip():
             raise click.BadParameter("--release needs --reason", param_hint="--reason")
-        _release(release_id, _who(by), reason.strip())
+        _release(chosen, release_id, _who(by), reason.strip())
         return
     try:
         older = parse_duration(older_than) if older_than is not None else None
@@ -153,14 +157,7 @@ def pay(
     configure_logging(settings)
     database_url_or_embedded(settings)
     settings = settings_or_exit()
-    account_id = account_id_or_exit(settings)
-    if account is not None and account != account_id:
-        click.echo(
-            f"pandasync pay: only the configured account ({account_id}) can be paid here; "
-            f"run with the credentials of {account}",
-            err=True,
-        )
-        sys.exit(2)
+    account_id = ledger_id_or_exit(chosen, "pay")
 
     import asyncio
 
@@ -183,12 +180,12 @@ def pay(
             click.echo("pay: payments are off (PANDASYNC_PAYMENTS_ENABLED=false): --yes refuses")
     else:
         click.echo(f"pay: run {request.run_id} by {request.requested_by}")
-    report = asyncio.run(_run(settings, request))
+    report = asyncio.run(_run(settings, request, chosen))
     _summary(report, cap)
     sys.exit(report.exit_code)
 
 
-async def _run(settings: Settings, request: PayRequest) -> PayReport:
+async def _run(settings: Settings, request: PayRequest, account: Account) -> PayReport:
     from service.db import make_engine, make_sessionmaker
     from service.pandapon.client import PandaPonClient, make_http_client
     from service.pandapon.ratelimit import make_rate_limiter
@@ -201,9 +198,9 @@ async def _run(settings: Settings, request: PayRequest) -> PayReport:
     http = make_http_client(settings, connect_retries=0)
     # The workers' limiter (Redis when the broker is): the run's calls count against the
     # account's rate like theirs.
-    limiter = make_rate_limiter(settings)
+    limiter = make_rate_limiter(settings, account=account)
     try:
-        client = PandaPonClient(settings, http, limiter=limiter)
+        client = PandaPonClient(settings, http, limiter=limiter, account=account)
         run = PaymentRun(engine, make_sessionmaker(engine), client, request, on_outcome=_line)
         return await run.run()
     finally:
@@ -279,7 +276,7 @@ def _summary(report: PayReport, cap: Decimal | None) -> None:
         )
 
 
-def _release(attempt_id: int, by: str, reason: str) -> None:
+def _release(account: Account, attempt_id: int, by: str, reason: str) -> None:
     import asyncio
 
     from service.db import make_engine, make_sessionmaker
@@ -297,7 +294,7 @@ def _release(attempt_id: int, by: str, reason: str) -> None:
         try:
             attempt = await release(
                 make_sessionmaker(engine),
-                PandaPonClient(settings, http),
+                PandaPonClient(settings, http, account=account),
                 attempt_id,
                 by=by,
                 reason=reason,

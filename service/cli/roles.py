@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     import dramatiq
     from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+    from service.devserver import DevAccount
+
 
 from service.cli.common import (
     configure_logging,
@@ -214,7 +216,7 @@ def scheduler() -> None:
             jobs = default_jobs(
                 settings,
                 runtime.sessions,
-                runtime.client,
+                runtime.clients,
                 broker,
                 relay=_relay_job(settings, runtime.sessions, broker),
             )
@@ -260,7 +262,23 @@ def dev(demo: bool, sandbox_port: int) -> None:
         else None
     )
     url = database_url_or_embedded(settings)
-    if with_sandbox:
+    accounts: tuple[DevAccount, ...] = ()
+    if with_sandbox and demo:
+        # Two accounts in the sandbox, listed for the roles in an accounts file; with one, the
+        # single-account credentials must not be set (the file has every account's).
+        from service.devserver import demo_accounts, write_dev_accounts
+
+        sandbox_url = f"http://127.0.0.1:{sandbox_port}"
+        first_token = settings.webhook_token.get_secret_value() if settings.webhook_token else None
+        accounts = demo_accounts(data_dir, first_token)
+        accounts_file = write_dev_accounts(data_dir, accounts, sandbox_url)
+        for name in ("ACCESS_KEY", "ACCESS_SECRET", "USER_ID", "WEBHOOK_TOKEN"):
+            os.environ.pop(f"PANDASYNC_{name}", None)
+        os.environ.update(
+            {"PANDASYNC_ACCOUNTS_FILE": str(accounts_file), "PANDASYNC_API_BASE_URL": sandbox_url}
+        )
+        get_settings.cache_clear()
+    elif with_sandbox:
         from service.sandbox.settings import DEV_ACCESS_KEY, DEV_ACCESS_SECRET, DEV_USER_ID
 
         os.environ.update(
@@ -272,17 +290,22 @@ def dev(demo: bool, sandbox_port: int) -> None:
             }
         )
         get_settings.cache_clear()
-    if settings.webhook_token is None:
+    if settings.webhook_token is None and not accounts:
         from service.devserver import dev_webhook_token
 
         os.environ["PANDASYNC_WEBHOOK_TOKEN"] = dev_webhook_token(settings.data_dir)
+        get_settings.cache_clear()
+    if settings.admin_token is None:  # the console, so a first run has something to look at
+        from service.devserver import dev_admin_token
+
+        os.environ["PANDASYNC_ADMIN_TOKEN"] = dev_admin_token(settings.data_dir)
         get_settings.cache_clear()
     settings = settings_or_exit()
     configure_logging(settings)
     run_migrations(url)
     broker = configure_broker(settings)
     register(broker)
-    plan = DevPlan(settings, with_sandbox, sandbox_port, demo, web_socket, sandbox_socket)
+    plan = DevPlan(settings, with_sandbox, sandbox_port, demo, web_socket, sandbox_socket, accounts)
     me = _self_command()
     try:
         again = "Enter or " if sys.stdin.isatty() else ""
@@ -299,13 +322,33 @@ def dev(demo: bool, sandbox_port: int) -> None:
             "                 (give PandaPon this one; /webhooks/pandapon takes signed ones only)",
             f"  health:        {web}/healthz   metrics: {web}/metrics",
         ]
+        if accounts:  # one token URL per account instead
+            labels = [f"{a.name} ({a.user_id}):" for a in accounts]
+            width = max(len(label) for label in labels)
+            lines[2:4] = [
+                f"  {'webhook URLs:' if i == 0 else '':<15}{label:<{width}} "
+                f"{web}/webhooks/pandapon/{account.webhook_token}"
+                for i, (label, account) in enumerate(zip(labels, accounts, strict=True))
+            ]
+            lines[2 + len(accounts) : 2 + len(accounts)] = [
+                "                 (give PandaPon each account's own; "
+                "/webhooks/pandapon takes signed ones only)",
+                f"  accounts file: {accounts_file} (PANDASYNC_ACCOUNTS_FILE)",
+            ]
+        if settings.admin_token is not None:
+            lines.append(
+                f"  console:       {web}/console/   admin token: "
+                f"{settings.admin_token.get_secret_value()}"
+            )
         if with_sandbox:
             lines.append(
                 f"  sandbox:       http://127.0.0.1:{sandbox_port}/_sandbox (PandaPon stand-in)"
             )
         if demo and with_sandbox:
+            where = f" of {' and '.join(a.name for a in accounts)}" if accounts else ""
             lines.append(
-                f"  demo:          the sandbox makes and moves orders every {DEMO_INTERVAL_S:g} s"
+                f"  demo:          the sandbox makes and moves orders{where} "
+                f"every {DEMO_INTERVAL_S:g} s"
             )
         lines += ["", "Try, in another terminal in this directory:"]
         if order_id:
@@ -316,6 +359,13 @@ def dev(demo: bool, sandbox_port: int) -> None:
         lines += [
             "  the ledger:",
             f"    {_psql_command(url)} -c '{LEDGER_PEEK_SQL}'",
+        ]
+        if accounts:
+            lines += [
+                "  the ledger by account:",
+                f"    {_psql_command(url)} -c '{LEDGER_BY_ACCOUNT_SQL}'",
+            ]
+        lines += [
             "  backlog, failures and sweeps:",
             f"    {me} status",
             "",
@@ -378,6 +428,10 @@ def _listen_or_exit(command: str, host: str, port: int, setting: str) -> socket.
 
 
 LEDGER_PEEK_SQL = "SELECT platform, order_id, status, total_amount, last_synced_at FROM orders"
+LEDGER_BY_ACCOUNT_SQL = (
+    "SELECT account_id, platform, count(*) AS orders, sum(total_amount) AS total "
+    "FROM orders GROUP BY account_id, platform ORDER BY account_id, platform"
+)
 
 
 def _psql_command(url: str) -> str:
@@ -416,9 +470,12 @@ def sandbox(host: str, port: int) -> None:
     except ConfigError as error:
         click.echo(f"pandasync sandbox: {error}", err=True)
         sys.exit(2)
-    dev = " (the dev default)" if sandbox_settings.access_key == DEV_ACCESS_KEY else ""
     click.echo(f"PandaPon sandbox on http://{host}:{port} (control API under /_sandbox)")
-    click.echo(f"accepting access-key {sandbox_settings.access_key!r}{dev}")
+    for account in sandbox_settings.account_list():  # no secret
+        dev = " (the dev default)" if account.access_key == DEV_ACCESS_KEY else ""
+        click.echo(
+            f"accepting access-key {account.access_key!r}{dev} for user-id {account.user_id!r}"
+        )
     uvicorn.run(
         app,
         host=host,

@@ -8,21 +8,19 @@ import json
 import shlex
 import sys
 from dataclasses import fields, is_dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, NoReturn
 
 import click
 
+from service.cli.accounts import find
 from service.cli.common import database_url_or_embedded, main, printable, settings_or_exit
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
     from service.ledger.timeline import (
-        Detail,
-        Event,
-        FailureInfo,
         OrderState,
         Timeline,
     )
@@ -35,7 +33,8 @@ if TYPE_CHECKING:
     "--account",
     default=None,
     metavar="NAME",
-    help="The account (PandaPon user-id) whose order to show; needed only when several hold it.",
+    help="The account (its name in PANDASYNC_ACCOUNTS_FILE, or its PandaPon user-id) whose "
+    "order to show; needed only when several hold it.",
 )
 @click.option(
     "--json",
@@ -63,6 +62,12 @@ def order(platform: str, order_id: str, account: str | None, as_json: bool) -> N
     from service.ledger.timeline import find_orders, order_timeline, read_consistently
 
     settings = settings_or_exit()
+    if account is not None:
+        named = find(settings, account)
+        # A configured account's name reads as its user-id; an account no longer configured
+        # is still in the ledger, by its user-id.
+        if named is not None and named.user_id:
+            account = named.user_id
     url = database_url_or_embedded(settings)
 
     async def run() -> list[OrderState] | Timeline:
@@ -108,6 +113,8 @@ def timeline_json(timeline: Timeline) -> dict[str, object]:
     """``{"order": {…, "open_failure": {…} | null}, "events": [{"at", "kind", "source",
     "summary", "detail": {…}}]}``: times ISO 8601, amounts decimal strings, enums their value;
     the keys of each ``detail`` are the fields of its dataclass in service/ledger/timeline.py."""
+    from service.ledger.timeline import describe
+
     order = _record(timeline.order)
     order["open_failure"] = _plain(timeline.open_failure)
     return {
@@ -117,7 +124,7 @@ def timeline_json(timeline: Timeline) -> dict[str, object]:
                 "at": _plain(event.at),
                 "kind": event.kind.value,
                 "source": event.source,
-                "summary": summary(event),
+                "summary": describe(event),
                 "detail": _plain(event.detail),
             }
             for event in timeline.events
@@ -144,18 +151,10 @@ def _plain(value: object) -> object:
 # --- text -------------------------------------------------------------------------------------
 
 
-def _at(value: datetime | None) -> str:
-    return "-" if value is None else value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _money(amount: Decimal | None, currency: str = "") -> str:
-    if amount is None:
-        return "-"
-    return f"{amount} {currency}".rstrip()
-
-
 def timeline_lines(timeline: Timeline) -> list[str]:
     """The text view: the current state, a blank line, one line per event (not yet escaped)."""
+    from service.ledger.timeline import at, describe, failure_text, money
+
     o = timeline.order
     lines = [f"{o.platform.value} {o.order_id}  (account {o.account_id})"]
 
@@ -164,12 +163,12 @@ def timeline_lines(timeline: Timeline) -> list[str]:
 
     refund = o.refund_state.value
     if o.refunded_amount:
-        refund += f", {_money(o.refunded_amount, o.currency)} refunded"
+        refund += f", {money(o.refunded_amount, o.currency)} refunded"
     row("status", f"{o.status.value} ({o.raw_status}); refund {refund}")
     row(
         "amounts",
-        f"total {_money(o.total_amount, o.currency)} (products {_money(o.product_amount)}, "
-        f"shipping {_money(o.shipping_fee)}, discount {_money(o.discount_amount)})",
+        f"total {money(o.total_amount, o.currency)} (products {money(o.product_amount)}, "
+        f"shipping {money(o.shipping_fee)}, discount {money(o.discount_amount)})",
     )
     times = [
         ("created", o.upstream_created_at),
@@ -180,99 +179,22 @@ def timeline_lines(timeline: Timeline) -> list[str]:
         ("cancelled", o.cancelled_at),
         ("modified", o.upstream_modified_at),
     ]
-    row("upstream", ", ".join(f"{name} {_at(at)}" for name, at in times if at is not None) or "-")
+    shown = [f"{name} {at(when)}" for name, when in times if when is not None]
+    row("upstream", ", ".join(shown) or "-")
     if o.close_reason:
         row("close reason", o.close_reason)
     row(
         "synced",
-        f"last {_at(o.last_synced_at)} (snapshot fetched {_at(o.snapshot_at)}, "
-        f"first seen {_at(o.first_seen_at)})",
+        f"last {at(o.last_synced_at)} (snapshot fetched {at(o.snapshot_at)}, "
+        f"first seen {at(o.first_seen_at)})",
     )
     if o.upstream_anomaly:
         row("anomaly", o.upstream_anomaly)
     if timeline.open_failure is not None:
-        row("open failure", _failure(timeline.open_failure))
+        row("open failure", failure_text(timeline.open_failure))
     lines.append("")
     lines.append(f"events ({len(timeline.events)}, oldest first, times UTC):")
     lines += [
-        f"  {_at(e.at)}  {e.kind.value:<15}  {summary(e)}  [{e.source}]" for e in timeline.events
+        f"  {at(e.at)}  {e.kind.value:<15}  {describe(e)}  [{e.source}]" for e in timeline.events
     ]
     return lines
-
-
-def _failure(f: FailureInfo) -> str:
-    text = (
-        f"{f.failure_kind.value}, {f.attempts} attempt(s), last {_at(f.last_failed_at)}: {f.error}"
-    )
-    if f.replay_count:
-        text += f" (replayed {f.replay_count}x, last {_at(f.replayed_at)})"
-    return text
-
-
-def summary(event: Event) -> str:
-    """One line saying what happened."""
-    from service.ledger.timeline import (
-        EventKind,
-        FailureInfo,
-        InboxMessage,
-        PaymentAttemptInfo,
-        PriceChange,
-        RefundInfo,
-        ShipmentTrace,
-        StatusChange,
-    )
-
-    d: Detail = event.detail
-    if isinstance(d, InboxMessage):
-        signature = d.signature_state.value if d.signature_state else "not checked"
-        text = f"{d.message_kind.value} message {d.message_type}: {d.state.value}"
-        text += f", signature {signature}"
-        if d.refund_id:
-            text += f", refund {d.refund_id}"
-        return f"{text} (inbox #{d.inbox_id})"
-    if isinstance(d, StatusChange):
-        before = d.from_status.value if d.from_status else "(new)"
-        raw = f"{d.from_raw_status} → {d.to_raw_status}" if d.from_raw_status else d.to_raw_status
-        text = f"status {before} → {d.to_status.value} ({raw})"
-        return text + (f", after inbox #{d.inbox_id}" if d.inbox_id else "")
-    if isinstance(d, PriceChange):
-        parts = [f"total {_money(d.old_total_amount)} → {_money(d.new_total_amount, d.currency)}"]
-        for name, old, new in (
-            ("products", d.old_product_amount, d.new_product_amount),
-            ("shipping", d.old_shipping_fee, d.new_shipping_fee),
-        ):
-            if old != new:
-                parts.append(f"{name} {_money(old)} → {_money(new)}")
-        text = "price: " + ", ".join(parts)
-        return text + (f", after inbox #{d.inbox_id}" if d.inbox_id else "")
-    if isinstance(d, ShipmentTrace):
-        parcel = f"parcel {d.tracking_number}" + (f" ({d.carrier})" if d.carrier else "")
-        if d.event_id is None:
-            return f"{parcel}: {d.parcel_status or 'no trace event yet'}"
-        what = " ".join(part for part in (d.event_status, d.description) if part) or "-"
-        return f"{parcel}: {what}" + (f" @ {d.location}" if d.location else "")
-    if isinstance(d, RefundInfo):
-        amount = _money(d.amount, d.currency)
-        now = f"{d.status.value} ({d.raw_status})"
-        if event.kind is EventKind.REFUND_RESOLVED:
-            return f"refund {d.refund_id} {now}: {amount}"
-        reason = f", reason: {d.reason}" if d.reason else ""
-        return f"refund {d.refund_id} requested: {amount}{reason}; now {now}"
-    if isinstance(d, PaymentAttemptInfo):
-        text = f"payment {d.state.value}: {_money(d.amount, d.currency)} by {d.requested_by}"
-        if d.finished_at is not None:
-            text += f", finished {_at(d.finished_at)}"
-        if d.pay_url:
-            text += f", pay by hand at {d.pay_url}"
-        if d.upstream_code or d.upstream_msg:
-            text += f", upstream {d.upstream_code or '-'} {d.upstream_msg or ''}".rstrip()
-        if d.error:
-            text += f", error: {d.error}"
-        return text
-    assert isinstance(d, FailureInfo)
-    if event.kind is EventKind.FAILURE_CLOSED:
-        if d.dismissed_at is not None:
-            reason = f": {d.dismissed_reason}" if d.dismissed_reason else ""
-            return f"failure #{d.failure_id} dismissed by {d.dismissed_by or '-'}{reason}"
-        return f"failure #{d.failure_id} resolved: the order synced"
-    return f"sync failed (failure #{d.failure_id}): {_failure(d)}"

@@ -105,9 +105,11 @@ async def list_open(
     *,
     platform: Platform | None = None,
     kind: FailureKind | None = None,
+    account_ids: Sequence[str] | None = None,
     limit: int,
 ) -> tuple[list[OpenFailure], int]:
-    """The first ``limit`` (at least 1) open failures, oldest first, and how many match."""
+    """The first ``limit`` (at least 1) open failures, oldest first, and how many match;
+    ``account_ids``: only those accounts' (None: every account's)."""
     if limit < 1:
         raise ValueError("limit must be at least 1")
     columns = [getattr(SyncFailure, field.name) for field in fields(OpenFailure)]
@@ -118,6 +120,8 @@ async def list_open(
         query = query.where(SyncFailure.platform == platform)
     if kind is not None:
         query = query.where(SyncFailure.kind == kind)
+    if account_ids is not None:
+        query = query.where(SyncFailure.account_id.in_(account_ids))
     rows = (await session.execute(query.order_by(SyncFailure.id).limit(limit))).all()
     total = int(rows[0].total) if rows else 0
     return [OpenFailure(*row[:-1]) for row in rows], total

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     DateTime,
     Enum,
     ForeignKey,
@@ -30,7 +31,7 @@ from sqlalchemy import (
     func,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from service.domain import (
@@ -305,6 +306,8 @@ class WebhookInbox(Base):
         ),
         # An order's story (``pandasync order``): every message of it, whatever its state.
         Index("ix_webhook_inbox_order", "account_id", "platform", "order_id"),
+        # The console's charts of the last hours (migration 0011): appended in time order.
+        Index("ix_webhook_inbox_received_at", "received_at", postgresql_using="brin"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
@@ -510,3 +513,127 @@ class JobRun(Base):
     last_started_at: Mapped[datetime | None]
     last_finished_at: Mapped[datetime | None]
     last_error: Mapped[str | None] = mapped_column(Text)
+
+
+# --- the change feed and outbound webhooks (migration 0010) --------------------------------------
+
+
+class ChangeKind(enum.StrEnum):
+    """What a ``ledger_changes`` row says happened; also the outbound event ``type``."""
+
+    STATUS_CHANGED = "order.status_changed"
+    PRICE_CHANGED = "order.price_changed"
+    SHIPPED = "order.shipped"
+    DELIVERED = "order.delivered"
+    REFUND_CHANGED = "order.refund_changed"
+    PAYMENT_OUTCOME = "payment.outcome"
+
+
+class DeliveryState(enum.StrEnum):
+    PENDING = "pending"  # due at next_attempt_at (also while an attempt is in flight: a lease)
+    DELIVERED = "delivered"  # a 2xx answered
+    FAILED = "failed"  # the retry schedule ran out; replay sends it again
+
+
+class LedgerChange(Base):
+    """Append-only: one row per real change of an order, written in the ledger write's own
+    transaction. ``tx_id`` (the writing transaction's id) lets a consumer tell settled rows
+    from rows a still running transaction may yet add below them (docs/reporting.md)."""
+
+    __tablename__ = "ledger_changes"
+    __table_args__ = (
+        Index(None, "tx_id"),
+        Index(None, "account_id", "platform", "order_id", "id"),
+        Index("ix_ledger_changes_recorded_at", "recorded_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    account_id: Mapped[str] = mapped_column(String(64))
+    platform: Mapped[Platform] = mapped_column(_enum(Platform, "platform"))
+    order_id: Mapped[str] = mapped_column(String(64))
+    order_pk: Mapped[int | None] = mapped_column(ForeignKey("orders.id", ondelete="SET NULL"))
+    kind: Mapped[ChangeKind] = mapped_column(_enum(ChangeKind, "change_kind"))
+    payload: Mapped[dict[str, Any]]
+    occurred_at: Mapped[datetime | None] = mapped_column(
+        comment="When upstream says it happened (its modification time), if it says."
+    )
+    recorded_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    tx_id: Mapped[int] = mapped_column(
+        BigInteger,
+        server_default=text("(pg_current_xact_id())::text::bigint"),
+        comment="The writing transaction's id (xid8 as bigint).",
+    )
+
+
+class OutboundEndpoint(Base):
+    """A receiver of signed outbound webhooks, configured by the operator."""
+
+    __tablename__ = "outbound_endpoints"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    url: Mapped[str] = mapped_column(Text)
+    event_types: Mapped[list[str] | None] = mapped_column(
+        ARRAY(Text), comment="Change kinds sent; NULL: all."
+    )
+    account_ids: Mapped[list[str] | None] = mapped_column(
+        ARRAY(Text), comment="Accounts whose changes are sent; NULL: all."
+    )
+    secret: Mapped[str] = mapped_column(Text, comment="whsec_… signing secret.")
+    enabled: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))
+    disabled_at: Mapped[datetime | None]
+    disabled_reason: Mapped[str | None] = mapped_column(Text)
+    feed_horizon: Mapped[int] = mapped_column(
+        BigInteger,
+        server_default=text("(pg_snapshot_xmin(pg_current_snapshot()))::text::bigint"),
+        comment="Changes with a smaller tx_id have been fanned out to this endpoint.",
+    )
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+
+class OutboundDelivery(Base):
+    """One change to one endpoint: its state and its latest attempt."""
+
+    __tablename__ = "outbound_deliveries"
+    __table_args__ = (
+        UniqueConstraint("endpoint_id", "change_id"),
+        Index(
+            "ix_outbound_deliveries_due",
+            "next_attempt_at",
+            postgresql_where=text("state = 'pending'"),
+        ),
+        Index(None, "endpoint_id", "account_id", "platform", "order_id", "change_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    endpoint_id: Mapped[int] = mapped_column(
+        ForeignKey("outbound_endpoints.id", ondelete="CASCADE")
+    )
+    change_id: Mapped[int] = mapped_column(ForeignKey("ledger_changes.id", ondelete="CASCADE"))
+    account_id: Mapped[str] = mapped_column(String(64))
+    platform: Mapped[Platform] = mapped_column(_enum(Platform, "platform"))
+    order_id: Mapped[str] = mapped_column(String(64))
+    state: Mapped[DeliveryState] = mapped_column(
+        _enum(DeliveryState, "delivery_state"), server_default=DeliveryState.PENDING.value
+    )
+    attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    next_attempt_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_latency_ms: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    delivered_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+
+class OutboundDeliveryAttempt(Base):
+    """Append-only: every attempt of a delivery, as it ended."""
+
+    __tablename__ = "outbound_delivery_attempts"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    delivery_id: Mapped[int] = mapped_column(
+        ForeignKey("outbound_deliveries.id", ondelete="CASCADE"), index=True
+    )
+    attempted_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    latency_ms: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)

@@ -16,6 +16,10 @@ A running pay run holds a session advisory lock on its ``run_id`` (``hold_run_lo
 long as it lives, on a connection of its own: a ``started`` row whose run holds no lock was left
 by a run that died between the insert and the outcome (``run_alive``).
 
+Every outcome written (``finish_attempt``, ``mark_orphaned``, ``close_confirmed``,
+``release_attempt``) adds a ``payment.outcome`` row to the change feed in the same statement's
+transaction (``service.ledger.changes``).
+
 Every function takes a session or connection and never commits: the pay run commits at each
 step that must be durable before the next (``workers/payments.py``).
 """
@@ -27,13 +31,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from typing import Any
 
 from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from service.domain import PAYMENT_IN_FLIGHT_STATES, OrderStatus, PaymentState, Platform
-from service.ledger.models import Order, PaymentAttempt
+from service.ledger import changes
+from service.ledger.models import ChangeKind, Order, PaymentAttempt
 from service.pandapon.errors import clean_text
 
 # The first key of the two-int advisory lock form for pay runs (the reconcile's is 0x5053).
@@ -43,6 +49,19 @@ TEXT_LIMIT = 4000
 # The predicate of uq_payment_attempts_in_flight (PAYMENT_IN_FLIGHT_STATES), as the index has it.
 IN_FLIGHT_PREDICATE = "state IN ('started', 'unknown')"
 _COLUMN_LIMITS = {"upstream_code": 32, "upstream_request_id": 128, "requested_by": 128}
+# What an outcome's change row says of the attempt.
+_OUTCOME = (
+    PaymentAttempt.id,
+    PaymentAttempt.account_id,
+    PaymentAttempt.platform,
+    PaymentAttempt.order_id,
+    PaymentAttempt.state,
+    PaymentAttempt.amount,
+    PaymentAttempt.currency,
+    PaymentAttempt.pay_url,
+    PaymentAttempt.error,
+    PaymentAttempt.finished_at,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,9 +278,9 @@ async def finish_attempt(
             error=_cut("error", error),
             finished_at=func.now(),
         )
-        .returning(PaymentAttempt.id)
+        .returning(*_OUTCOME)
     )
-    return result.scalar_one_or_none() is not None
+    return await _outcome_recorded(session, result.one_or_none())
 
 
 async def discard_attempt(session: AsyncSession, attempt_id: int) -> None:
@@ -281,9 +300,9 @@ async def mark_orphaned(session: AsyncSession, attempt_id: int, note: str) -> bo
         update(PaymentAttempt)
         .where(PaymentAttempt.id == attempt_id, PaymentAttempt.state == PaymentState.STARTED)
         .values(state=PaymentState.UNKNOWN, error=_cut("error", note), finished_at=func.now())
-        .returning(PaymentAttempt.id)
+        .returning(*_OUTCOME)
     )
-    return result.scalar_one_or_none() is not None
+    return await _outcome_recorded(session, result.one_or_none())
 
 
 async def close_confirmed(
@@ -306,9 +325,9 @@ async def close_confirmed(
             error=func.concat_ws("; ", PaymentAttempt.error, note),
             finished_at=func.coalesce(PaymentAttempt.finished_at, func.now()),
         )
-        .returning(PaymentAttempt.id)
+        .returning(*_OUTCOME)
     )
-    return result.scalar_one_or_none() is not None
+    return await _outcome_recorded(session, result.one_or_none())
 
 
 async def release_attempt(session: AsyncSession, attempt_id: int, by: str, reason: str) -> bool:
@@ -323,9 +342,9 @@ async def release_attempt(session: AsyncSession, attempt_id: int, by: str, reaso
             error=func.concat_ws("; ", PaymentAttempt.error, _cut("error", note)),
             finished_at=func.coalesce(PaymentAttempt.finished_at, func.now()),
         )
-        .returning(PaymentAttempt.id)
+        .returning(*_OUTCOME)
     )
-    return result.scalar_one_or_none() is not None
+    return await _outcome_recorded(session, result.one_or_none())
 
 
 async def paying_attempt(
@@ -382,6 +401,35 @@ async def run_alive(session: AsyncSession, run_id: str) -> bool:
     does not hold that run's lock itself (a session's lock is re-entrant)."""
     alive = await session.scalar(_RUN_ALIVE, {"c": PAY_RUN_LOCK_CLASS, "k": run_lock_key(run_id)})
     return bool(alive)
+
+
+async def _outcome_recorded(session: AsyncSession, outcome: Any) -> bool:
+    """Add the change row of an outcome just written (None: nothing was written)."""
+    if outcome is None:
+        return False
+    order_pk = await session.scalar(
+        select(Order.id).where(
+            Order.account_id == outcome.account_id,
+            Order.platform == outcome.platform,
+            Order.order_id == outcome.order_id,
+        )
+    )
+    row = changes.change(
+        ChangeKind.PAYMENT_OUTCOME,
+        account_id=outcome.account_id,
+        platform=outcome.platform,
+        order_id=outcome.order_id,
+        order_pk=order_pk,
+        occurred_at=outcome.finished_at,
+        attempt_id=outcome.id,
+        state=outcome.state,
+        amount=outcome.amount,
+        currency=outcome.currency,
+        pay_url=outcome.pay_url,
+        error=outcome.error,
+    )
+    await changes.record(await session.connection(), [row])
+    return True
 
 
 def _cut(column: str, value: str | None) -> str | None:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -478,3 +478,83 @@ def _of_order(model: Any, order: OrderState) -> tuple[ColumnElement[bool], ...]:
 def sort_events(events: Sequence[Event]) -> list[Event]:
     """Oldest first; at the same instant by kind (the order of ``EventKind``), then as given."""
     return sorted(events, key=lambda event: (event.at, _RANK[event.kind]))
+
+
+# --- in words: what `pandasync order` prints and the console shows ---------------------------
+
+
+def at(value: datetime | None) -> str:
+    return "-" if value is None else value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def money(amount: Decimal | None, currency: str = "") -> str:
+    if amount is None:
+        return "-"
+    return f"{amount} {currency}".rstrip()
+
+
+def describe(event: Event) -> str:
+    """One line saying what happened."""
+    d = event.detail
+    if isinstance(d, InboxMessage):
+        signature = d.signature_state.value if d.signature_state else "not checked"
+        text = f"{d.message_kind.value} message {d.message_type}: {d.state.value}"
+        text += f", signature {signature}"
+        if d.refund_id:
+            text += f", refund {d.refund_id}"
+        return f"{text} (inbox #{d.inbox_id})"
+    if isinstance(d, StatusChange):
+        before = d.from_status.value if d.from_status else "(new)"
+        raw = f"{d.from_raw_status} → {d.to_raw_status}" if d.from_raw_status else d.to_raw_status
+        text = f"status {before} → {d.to_status.value} ({raw})"
+        return text + (f", after inbox #{d.inbox_id}" if d.inbox_id else "")
+    if isinstance(d, PriceChange):
+        parts = [f"total {money(d.old_total_amount)} → {money(d.new_total_amount, d.currency)}"]
+        for name, old, new in (
+            ("products", d.old_product_amount, d.new_product_amount),
+            ("shipping", d.old_shipping_fee, d.new_shipping_fee),
+        ):
+            if old != new:
+                parts.append(f"{name} {money(old)} → {money(new)}")
+        text = "price: " + ", ".join(parts)
+        return text + (f", after inbox #{d.inbox_id}" if d.inbox_id else "")
+    if isinstance(d, ShipmentTrace):
+        parcel = f"parcel {d.tracking_number}" + (f" ({d.carrier})" if d.carrier else "")
+        if d.event_id is None:
+            return f"{parcel}: {d.parcel_status or 'no trace event yet'}"
+        what = " ".join(part for part in (d.event_status, d.description) if part) or "-"
+        return f"{parcel}: {what}" + (f" @ {d.location}" if d.location else "")
+    if isinstance(d, RefundInfo):
+        amount = money(d.amount, d.currency)
+        now = f"{d.status.value} ({d.raw_status})"
+        if event.kind is EventKind.REFUND_RESOLVED:
+            return f"refund {d.refund_id} {now}: {amount}"
+        reason = f", reason: {d.reason}" if d.reason else ""
+        return f"refund {d.refund_id} requested: {amount}{reason}; now {now}"
+    if isinstance(d, PaymentAttemptInfo):
+        text = f"payment {d.state.value}: {money(d.amount, d.currency)} by {d.requested_by}"
+        if d.finished_at is not None:
+            text += f", finished {at(d.finished_at)}"
+        if d.pay_url:
+            text += f", pay by hand at {d.pay_url}"
+        if d.upstream_code or d.upstream_msg:
+            text += f", upstream {d.upstream_code or '-'} {d.upstream_msg or ''}".rstrip()
+        if d.error:
+            text += f", error: {d.error}"
+        return text
+    assert isinstance(d, FailureInfo)
+    if event.kind is EventKind.FAILURE_CLOSED:
+        if d.dismissed_at is not None:
+            reason = f": {d.dismissed_reason}" if d.dismissed_reason else ""
+            return f"failure #{d.failure_id} dismissed by {d.dismissed_by or '-'}{reason}"
+        return f"failure #{d.failure_id} resolved: the order synced"
+    return f"sync failed (failure #{d.failure_id}): {failure_text(d)}"
+
+
+def failure_text(f: FailureInfo) -> str:
+    text = (
+        f"{f.failure_kind.value}, {f.attempts} attempt(s), last {at(f.last_failed_at)}: {f.error}"
+    )
+    if f.replay_count:
+        text += f" (replayed {f.replay_count}x, last {at(f.replayed_at)})"
+    return text

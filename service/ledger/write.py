@@ -8,6 +8,8 @@
 - history (``order_status_history``, ``order_price_changes``) is appended only when the stored
   state really changes, so a replay writes none;
 - shipment events are inserted only when new (their natural key is ``event_key``);
+- a ``ledger_changes`` row (``service.ledger.changes``) is added for each real change: a status
+  or price history row, a new parcel, a parcel newly delivered, a new refund state;
 - the order's inbox rows received before the fetch started are marked processed: the fetch
   covers them. Rows received later stay open and cause one more reconcile.
 
@@ -52,8 +54,10 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import Insert, insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
+from service.ledger import changes
 from service.ledger.inbox import mark_processed
 from service.ledger.models import (
+    ChangeKind,
     Order,
     OrderLine,
     OrderPriceChange,
@@ -151,6 +155,7 @@ _LOCK_ORDER = (
         Order.status,
         Order.raw_status,
         Order.currency,
+        Order.refund_state,
         *(getattr(Order, name) for name in _AMOUNT_FIELDS),
     )
     .where(*_ORDER_KEY)
@@ -298,7 +303,9 @@ _SUMMARIZE_ORDER = (
             else_=None,
         ),
     )
+    .returning(Order.refund_state, Order.refunded_amount)
 )
+_PARCELS_OF_ORDER = select(Shipment.tracking_number, Shipment.delivered_at).where(_parcels)
 
 
 def rows_of_order(model: Any) -> tuple[ColumnElement[bool], ...]:
@@ -352,6 +359,7 @@ async def write_order(
         if existing is not None
         else dict.fromkeys(("status", "raw_status", "currency", *_AMOUNT_FIELDS))
     )
+    before_refund_state = RefundState.NONE if existing is None else existing.refund_state
     status_changed = existing is None or (
         before["status"] != snap.status or before["raw_status"] != snap.raw_status
     )
@@ -378,6 +386,21 @@ async def write_order(
             _UPDATE_ORDER, {**values, "order_pk": order_pk, "keep_synced": rederived}
         )
 
+    feed: list[dict[str, Any]] = []
+
+    def feed_row(kind: ChangeKind, **details: Any) -> None:
+        feed.append(
+            changes.change(
+                kind,
+                account_id=account_id,
+                platform=snap.platform,
+                order_id=snap.order_id,
+                order_pk=order_pk,
+                occurred_at=snap.modified_at,
+                **details,
+            )
+        )
+
     change = {
         "account_id": account_id,
         "order_pk": order_pk,
@@ -396,6 +419,13 @@ async def write_order(
                 "to_raw_status": snap.raw_status,
             },
         )
+        feed_row(
+            ChangeKind.STATUS_CHANGED,
+            from_status=before["status"],
+            to_status=snap.status,
+            from_raw_status=before["raw_status"],
+            to_raw_status=snap.raw_status,
+        )
     if price_changed:
         await conn.execute(
             _INSERT_PRICE_CHANGE,
@@ -410,18 +440,62 @@ async def write_order(
                 "new_shipping_fee": snap.shipping_fee,
             },
         )
+        feed_row(
+            ChangeKind.PRICE_CHANGED,
+            currency=snap.currency,
+            old_total_amount=before["total_amount"],
+            new_total_amount=snap.total_amount,
+            old_product_amount=before["product_amount"],
+            new_product_amount=snap.product_amount,
+            old_shipping_fee=before["shipping_fee"],
+            new_shipping_fee=snap.shipping_fee,
+        )
 
     await _upsert_lines(conn, account_id, order_pk, snap)
+    parcels_before: dict[str, datetime | None] = {}
+    if existing is not None and truth.shipments:
+        parcels_before = {
+            row.tracking_number: row.delivered_at
+            for row in await conn.execute(_PARCELS_OF_ORDER, {"order_pk": order_pk})
+        }
     new_events = await _upsert_shipments(conn, account_id, order_pk, truth, rederived)
+    for parcel in truth.shipments:
+        stored = shipment_values(parcel)
+        parcel_details = {
+            "tracking_number": parcel.tracking_number,
+            "carrier": parcel.carrier,
+            "carrier_code": parcel.carrier_code,
+            "line_id": parcel.line_id,
+        }
+        if parcel.tracking_number not in parcels_before:
+            feed_row(ChangeKind.SHIPPED, **parcel_details)
+        if (
+            stored["delivered_at"] is not None
+            and parcels_before.get(parcel.tracking_number) is None
+        ):
+            feed_row(ChangeKind.DELIVERED, **parcel_details, delivered_at=stored["delivered_at"])
+        parcels_before[parcel.tracking_number] = stored["delivered_at"]  # a parcel listed twice
     await _upsert_refunds(conn, account_id, order_pk, truth, rederived)
-    await conn.execute(
-        _SUMMARIZE_ORDER,
-        {
-            "order_pk": order_pk,
-            "shipped_at": snap.shipped_at,
-            "all_delivered": bool(truth.shipments) and all(s.delivered for s in truth.shipments),
-        },
-    )
+    summary = (
+        await conn.execute(
+            _SUMMARIZE_ORDER,
+            {
+                "order_pk": order_pk,
+                "shipped_at": snap.shipped_at,
+                "all_delivered": bool(truth.shipments)
+                and all(s.delivered for s in truth.shipments),
+            },
+        )
+    ).one()
+    if summary.refund_state != before_refund_state:
+        feed_row(
+            ChangeKind.REFUND_CHANGED,
+            from_refund_state=before_refund_state,
+            to_refund_state=summary.refund_state,
+            refunded_amount=summary.refunded_amount,
+            currency=snap.currency,
+        )
+    await changes.record(conn, feed)
     processed = 0 if rederived else await _mark_inbox_processed(conn, account_id, truth)
     return WriteResult(
         order_pk,

@@ -45,6 +45,7 @@ import httpx
 import structlog
 from prometheus_client import Counter, Histogram
 
+from service.accounts import Account
 from service.config import ConfigError, Settings
 from service.domain import PaymentState, Platform
 from service.pandapon import mapping
@@ -127,16 +128,18 @@ def make_http_client(settings: Settings, *, connect_retries: int = 1) -> httpx.A
     )
 
 
-def credentials_from(settings: Settings) -> Credentials:
-    if not settings.has_credentials or settings.access_secret is None:
+def credentials_from(settings: Settings, account: Account | None = None) -> Credentials:
+    """The credentials of ``account`` (default: the only account of ``settings``)."""
+    account = account or settings.accounts()[0]
+    if not account.has_credentials or account.access_secret is None:
         raise ConfigError(
             "PandaPon credentials are incomplete: set PANDASYNC_ACCESS_KEY, "
             "PANDASYNC_ACCESS_SECRET and PANDASYNC_USER_ID"
         )
     return Credentials(
-        access_key=settings.access_key or "",
-        access_secret=settings.access_secret.get_secret_value(),
-        user_id=settings.user_id or "",
+        access_key=account.access_key or "",
+        access_secret=account.access_secret.get_secret_value(),
+        user_id=account.user_id or "",
     )
 
 
@@ -235,14 +238,21 @@ class PandaPonClient:
         signer: Signer = DEFAULT_SIGNER,
         credentials: Credentials | None = None,
         endpoints: EndpointTable | None = None,
+        account: Account | None = None,
     ) -> None:
+        """A client of ``account`` (default: the only account of ``settings``): its
+        credentials, its base URL; ``limiter`` should be that account's
+        (``make_rate_limiter(settings, account=...)``)."""
         self._http = http
-        self._base_url = settings.api_base_url.rstrip("/")
+        self.account = account or settings.accounts()[0]
+        self._base_url = (self.account.api_base_url or settings.api_base_url).rstrip("/")
         self._unit = settings.timestamp_unit
         self._signer = signer
-        self._credentials = credentials or credentials_from(settings)
+        self._credentials = credentials or credentials_from(settings, self.account)
         self.endpoints = endpoints or EndpointTable(settings.endpoint_overrides)
-        self._limiter: RateLimiter = limiter or LocalTokenBucket(settings.upstream_rate_limit_rps)
+        self._limiter: RateLimiter = limiter or LocalTokenBucket(
+            self.account.rate_limit_rps or settings.upstream_rate_limit_rps
+        )
 
     def __repr__(self) -> str:
         return f"PandaPonClient({self._base_url!r}, user_id={self._credentials.user_id!r})"

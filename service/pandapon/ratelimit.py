@@ -26,13 +26,16 @@ import asyncio
 import random
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Protocol
 
 import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
 
+from service.accounts import Account
 from service.config import Settings
 
 log = structlog.get_logger(__name__)
@@ -47,6 +50,37 @@ MIN_WAIT_S = 0.001  # never spin: a wait below this (float rounding) is rounded 
 EPSILON = 1e-9
 
 Sleep = Callable[[float], Awaitable[None]]
+
+
+class AccountPaused(Exception):
+    """The account's calls are paused (an account-wide limit) for ``seconds`` more, and the
+    caller asked not to wait that out (``defer_when_paused``): a worker thread waiting for one
+    account would be a thread the other accounts cannot use."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"the account's upstream calls are paused for {seconds:.1f} s")
+        self.seconds = seconds
+
+
+_defer: ContextVar[bool] = ContextVar("pandasync_defer_when_paused", default=False)
+
+
+@contextmanager
+def defer_when_paused() -> Iterator[None]:
+    """In this block (this task), a call that finds its account paused raises AccountPaused
+    instead of waiting: the reconcile gives its message back, delayed, and the worker thread
+    serves other accounts meanwhile."""
+    token = _defer.set(True)
+    try:
+        yield
+    finally:
+        _defer.reset(token)
+
+
+def _check_pause(wait: float, rate: float) -> None:
+    """A wait longer than one token's refill (1/rate) can only be a pause."""
+    if _defer.get() and wait > 1.0 / rate + MIN_WAIT_S:
+        raise AccountPaused(wait)
 
 
 class RateLimiter(Protocol):
@@ -69,10 +103,12 @@ def account_pause_s(retry_after: float | None) -> float:
     return min(max(wanted, 0.0), MAX_PAUSE_S)
 
 
-def _log_account_wide(seconds: float) -> None:
+def _log_account_wide(seconds: float, bucket: str | None = None) -> None:
     log.warning(
-        "upstream rate limit is account-wide: every upstream call waits; if this repeats, "
-        "lower PANDASYNC_UPSTREAM_RATE_LIMIT_RPS",
+        "upstream rate limit is account-wide: every upstream call of the account waits; if "
+        "this repeats, lower PANDASYNC_UPSTREAM_RATE_LIMIT_RPS (or the account's "
+        "rate_limit_rps)",
+        bucket=bucket,
         seconds=seconds,
         orders_limited=ACCOUNT_WIDE_SUBJECTS,
         within_s=ACCOUNT_WIDE_WINDOW_S,
@@ -121,6 +157,7 @@ class LocalTokenBucket:
 
     async def acquire(self) -> None:
         while (wait := self.try_take()) > 0:
+            _check_pause(wait, self.rate)
             await self._sleep(wait)
 
     async def pause(self, seconds: float) -> None:
@@ -266,6 +303,7 @@ class RedisTokenBucket:
             self._degraded = False
             if wait <= 0:
                 return
+            _check_pause(wait, self.rate)
             # A little jitter so waiting processes do not all ask again in the same instant.
             await self._sleep(min(wait, MAX_POLL_S) * (1 + random.random() * 0.1))
 
@@ -292,7 +330,7 @@ class RedisTokenBucket:
             return await self._fallback.note_limited(subject, retry_after)
         paused = float(result.decode() if isinstance(result, bytes) else result)
         if paused > 0:
-            _log_account_wide(paused)
+            _log_account_wide(paused, self.key)
         return paused
 
     async def aclose(self) -> None:
@@ -307,10 +345,24 @@ class RedisTokenBucket:
         self._degraded = True
 
 
-def make_rate_limiter(settings: Settings, *, key: str = DEFAULT_KEY) -> RateLimiter:
-    """Redis-backed when the broker is Redis, in-process otherwise. The caller closes it."""
-    rate = settings.upstream_rate_limit_rps
+def limiter_key(account: Account | None) -> str:
+    """The Redis key of ``account``'s bucket: PandaPon limits per account, so each has its own
+    bucket and its own account-wide pause. The single-account settings keep the key they
+    always had."""
+    if account is None or not account.in_file:
+        return DEFAULT_KEY
+    return f"{DEFAULT_KEY}:{account.name}"
+
+
+def make_rate_limiter(
+    settings: Settings, *, key: str | None = None, account: Account | None = None
+) -> RateLimiter:
+    """``account``'s limiter (default: the only account's): Redis-backed when the broker is
+    Redis, in-process otherwise. The caller closes it."""
+    if account is None:
+        account = settings.accounts()[0]
+    rate = account.rate_limit_rps or settings.upstream_rate_limit_rps
     url = settings.broker_url
     if url and url.startswith(("redis://", "rediss://")):
-        return RedisTokenBucket(url, rate, key=key)
+        return RedisTokenBucket(url, rate, key=key or limiter_key(account))
     return LocalTokenBucket(rate)

@@ -20,6 +20,7 @@ import json
 import random
 import time
 from collections import Counter, deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,6 +92,7 @@ def callback_headers(
 @dataclass
 class DeliveryRecord:
     id: int
+    account: str  # the user-id of the account whose change it tells
     message_type: str
     platform: str
     order_id: str
@@ -106,6 +108,7 @@ class DeliveryRecord:
     def as_json(self, *, with_body: bool = False) -> dict[str, Any]:
         data: dict[str, Any] = {
             "id": self.id,
+            "account": self.account,
             "message_type": self.message_type,
             "platform": self.platform,
             "order_id": self.order_id,
@@ -133,13 +136,15 @@ class CallbackDeliverer:
         unit: TimestampUnit = "ms",
         signer: Signer = DEFAULT_SIGNER,
         seed: int | str = 0,
+        record_ids: Iterator[int] | None = None,
     ) -> None:
         self.settings = settings
         self._credentials = credentials
         self.upstream_unit = unit  # the upstream side's unit: callbacks use it unless told
         self._signer = signer
         self._rng = random.Random(f"{seed}:delivery")
-        self._ids = itertools.count(1)
+        # Shared by the deliverers of one sandbox, so a record id names one message of any account.
+        self._ids = record_ids or itertools.count(1)
         self._records: deque[DeliveryRecord] = deque(maxlen=LOG_SIZE)
         self._tasks: set[asyncio.Task[None]] = set()
         self._held: DeliveryRecord | None = None
@@ -210,6 +215,7 @@ class CallbackDeliverer:
     ) -> DeliveryRecord:
         record = DeliveryRecord(
             id=next(self._ids),
+            account=self._credentials.user_id,
             message_type=message_type,
             platform=platform,
             order_id=order_id,

@@ -1,7 +1,8 @@
 """A small async client for the sandbox's control API (tests, ``pandasync dev --demo``, bench).
 
 Amounts go over the wire as strings so they stay exact; answers are the control API's JSON
-(orders in their neutral "truth" form, see docs/sandbox.md).
+(orders in their neutral "truth" form, see docs/sandbox.md). ``account`` (or ``for_account``)
+addresses one account of a sandbox serving several: every call then carries ``?account=``.
 """
 
 from __future__ import annotations
@@ -40,10 +41,18 @@ def _amount(value: Decimal | str | int | None) -> str | None:
 
 
 class SandboxRemote:
-    def __init__(self, base_url: str, http: httpx.AsyncClient | None = None) -> None:
+    def __init__(
+        self, base_url: str, http: httpx.AsyncClient | None = None, *, account: str | None = None
+    ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.account = account  # a user-id; None: the sandbox's first account (or all, to read)
         self._own = http is None
         self._http = http or httpx.AsyncClient(timeout=30.0, trust_env=False)
+
+    def for_account(self, user_id: str) -> SandboxRemote:
+        """The same sandbox, addressing the account ``user_id``; shares this one's HTTP client
+        (close this one, not it)."""
+        return SandboxRemote(self.base_url, self._http, account=user_id)
 
     async def __aenter__(self) -> SandboxRemote:
         return self
@@ -65,6 +74,8 @@ class SandboxRemote:
         wait_s: float | None = None,
     ) -> Any:
         """One control call; ``wait_s``: the server may take that long to answer on purpose."""
+        if self.account is not None:
+            params = {**(params or {}), "account": self.account}
         response = await self._http.request(
             method,
             f"{self.base_url}{PREFIX}{path}",
@@ -225,6 +236,12 @@ class SandboxRemote:
         await self._call("POST", "/reset")
 
     # --- observing and steering ---------------------------------------------------------
+
+    async def accounts(self) -> list[dict[str, Any]]:
+        """Every account the sandbox serves: ``user_id``, ``access_key``, ``callback_url``,
+        ``orders``; the first is the default one."""
+        result: list[dict[str, Any]] = (await self._call("GET", ""))["accounts"]
+        return result
 
     async def calls(self) -> dict[str, int]:
         result: dict[str, int] = (await self._call("GET", "/calls"))["calls"]

@@ -4,8 +4,10 @@ The credentials, the timestamp unit and the endpoint overrides are the *service'
 (``PANDASYNC_ACCESS_KEY``, ``PANDASYNC_ACCESS_SECRET``, ``PANDASYNC_USER_ID``,
 ``PANDASYNC_TIMESTAMP_UNIT``, ``PANDASYNC_ENDPOINT_OVERRIDES``), so a service and a sandbox
 started from the same environment agree. Unset credentials fall back to the fixed dev values
-below, which ``pandasync dev`` uses too. Delivery, fault and upstream-variant settings can be
-changed at runtime through the control API (docs/sandbox.md).
+below, which ``pandasync dev`` uses too. ``PANDASYNC_SANDBOX_ACCOUNTS`` replaces that one account
+with several, each with its own keys, world and callback URL, served by the one host as PandaPon
+serves many accounts. Delivery, fault and upstream-variant settings can be changed at runtime
+through the control API (docs/sandbox.md).
 
 The variants (``upstream`` and the signing fields of ``delivery``) make the sandbox behave as the
 real PandaPon might where the contract is a guess: another timestamp unit, endpoints at other
@@ -15,10 +17,11 @@ Unset, the sandbox behaves as docs/upstream.md assumes.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from service.config import ConfigError, TimestampUnit
 from service.pandapon.endpoints import ENDPOINT_NAMES
@@ -27,6 +30,11 @@ from service.pandapon.endpoints import ENDPOINT_NAMES
 DEV_ACCESS_KEY = "sandbox-key"
 DEV_ACCESS_SECRET = "sandbox-secret"  # noqa: S105 - a documented dev value, not a secret
 DEV_USER_ID = "sandbox-user"
+# The second account of ``pandasync dev --demo`` (the first is the dev account above, so a data
+# directory of a plain ``pandasync dev`` and ``send-test-message`` stay valid). Public too.
+DEMO_B_ACCESS_KEY = "sandbox-key-b"
+DEMO_B_ACCESS_SECRET = "sandbox-secret-b"  # noqa: S105 - a documented dev value, not a secret
+DEMO_B_USER_ID = "sandbox-user-b"
 
 CONTROL_PREFIX = "/_sandbox"
 
@@ -143,6 +151,50 @@ class DeliverySettings(BaseModel):
     timestamp_skew_s: Annotated[float, Field(ge=-1e9, le=1e9, allow_inf_nan=False)] = 0.0
 
 
+class SandboxAccount(BaseModel):
+    """One PandaPon account the sandbox serves: its keys, and where its callbacks go."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    user_id: str
+    access_key: str
+    access_secret: SecretStr
+    # None: the delivery settings' ``webhook_url``
+    callback_url: str | None = None
+
+    @field_validator("user_id", "access_key")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+    @field_validator("access_secret")
+    @classmethod
+    def _secret_not_blank(cls, value: SecretStr) -> SecretStr:
+        if not value.get_secret_value():
+            raise ValueError("must not be empty")
+        return value
+
+    @field_validator("callback_url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+
+def check_accounts(accounts: list[SandboxAccount]) -> list[SandboxAccount]:
+    """ValueError when two accounts share a user-id or an access key (requests could not be told
+    apart)."""
+    for name in ("user_id", "access_key"):
+        values = [getattr(a, name) for a in accounts]
+        twice = sorted({v for v in values if values.count(v) > 1})
+        if twice:
+            raise ValueError(f"two accounts with the same {name}: {', '.join(twice)}")
+    return accounts
+
+
 class SandboxSettings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="PANDASYNC_SANDBOX_",
@@ -164,6 +216,8 @@ class SandboxSettings(BaseSettings):
         default_factory=dict, validation_alias="PANDASYNC_ENDPOINT_OVERRIDES"
     )
     signature_tolerance_s: Annotated[int, Field(gt=0)] = 600  # PandaPon's documented window
+    # JSON list; empty: the one account of the credentials above
+    accounts: list[SandboxAccount] = Field(default_factory=list)
 
     seed: int = 0
     scenario_orders: Annotated[int, Field(ge=0)] = 0  # orders generated at start
@@ -186,11 +240,31 @@ class SandboxSettings(BaseSettings):
             raise ValueError("must not be empty")
         return value
 
+    @field_validator("accounts")
+    @classmethod
+    def _check_accounts(cls, value: list[SandboxAccount]) -> list[SandboxAccount]:
+        return check_accounts(value)
+
+    def account_list(self) -> list[SandboxAccount]:
+        """The accounts served, the first being the default of the control API: ``accounts``,
+        or the one of the credentials settings."""
+        if self.accounts:
+            return list(self.accounts)
+        return [
+            SandboxAccount(
+                user_id=self.user_id, access_key=self.access_key, access_secret=self.access_secret
+            )
+        ]
+
 
 def load_sandbox_settings(**overrides: object) -> SandboxSettings:
     """SandboxSettings from the environment (and overrides), or ConfigError naming the setting."""
     try:
         return SandboxSettings(**overrides)  # type: ignore[arg-type]
+    except SettingsError as error:  # a JSON setting that is not JSON
+        match = re.search(r'field "(\w+)"', str(error))
+        name = "PANDASYNC_SANDBOX_" + (match.group(1).upper() if match else "…")
+        raise ConfigError(f"invalid sandbox settings:\n  {name}: not valid JSON") from None
     except ValidationError as error:
         lines = []
         for item in error.errors():

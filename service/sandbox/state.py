@@ -1,14 +1,15 @@
-"""What the sandbox's handlers share: the world, the routing of the upstream side, faults,
-credentials, the signature check of PandaPon's gateway and how the payment actions answer
-(``SandboxState``).
+"""What the sandbox's handlers share: the routing of the upstream side and its variant
+(``SandboxState``, the host), and per account (``AccountWorld``) the world, faults, credentials,
+the signature check of PandaPon's gateway and how the payment actions answer.
 """
 
 from __future__ import annotations
 
+import itertools
 import random
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Literal, TypeVar
@@ -26,6 +27,7 @@ from service.pandapon.endpoints import (
     EndpointTable,
 )
 from service.pandapon.signer import (
+    HEADER_ACCESS_KEY,
     HEADER_NONCE,
     HEADER_USER_ID,
     SIGNED_HEADERS,
@@ -38,6 +40,7 @@ from service.sandbox.settings import (
     ALL_ENDPOINTS,
     EndpointMove,
     FaultSpec,
+    SandboxAccount,
     SandboxSettings,
     UpstreamVariant,
 )
@@ -134,22 +137,20 @@ class Refusal:
 
 
 @dataclass
-class SandboxState:
-    """Everything the handlers share; lives on ``app.state.sandbox``."""
+class AccountWorld:
+    """One PandaPon account as the sandbox keeps it: its keys, its world of orders and refunds,
+    its faults, payment behaviour, call counts and nonces, and its own callback deliverer
+    (signed with its secret, to its URL). Requests and control calls pick one per request."""
 
-    settings: SandboxSettings
-    endpoints: EndpointTable
     credentials: Credentials
+    seed: int | str
     world: World
     deliverer: CallbackDeliverer
+    initial_faults: dict[str, FaultSpec]
     faults: dict[str, FaultSpec]
     fault_rng: random.Random
     scenario_rng: random.Random
-    upstream: UpstreamVariant = field(default_factory=UpstreamVariant)
-    served: list[Endpoint] = field(default_factory=list)
-    routes: Routes = field(default_factory=dict)
     calls: dict[str, Counter[str]] = field(default_factory=dict)
-    unrouted: Counter[str] = field(default_factory=Counter)
     nonces: OrderedDict[str, float] = field(default_factory=OrderedDict)
     payments: PaymentBehaviour = field(default_factory=PaymentBehaviour)
     # payment endpoint -> order id -> calls that named it; and -> outcome -> count
@@ -158,59 +159,53 @@ class SandboxState:
     protocol_paid: int = 0  # payments made so far, counted against ``payments.quota``
 
     @classmethod
-    def build(cls, settings: SandboxSettings) -> SandboxState:
+    def build(
+        cls,
+        account: SandboxAccount,
+        settings: SandboxSettings,
+        *,
+        seed: int | str,
+        record_ids: Iterator[int],
+    ) -> AccountWorld:
         credentials = Credentials(
-            access_key=settings.access_key,
-            access_secret=settings.access_secret.get_secret_value(),
-            user_id=settings.user_id,
+            access_key=account.access_key,
+            access_secret=account.access_secret.get_secret_value(),
+            user_id=account.user_id,
         )
-        state = cls(
-            settings=settings,
-            endpoints=EndpointTable(settings.endpoint_overrides),
+        delivery = settings.delivery
+        if account.callback_url is not None:
+            delivery = delivery.model_copy(update={"webhook_url": account.callback_url})
+        faults = dict(settings.faults)
+        kept = cls(
             credentials=credentials,
-            world=World(seed=settings.seed),
+            seed=seed,
+            world=World(seed=seed),
             deliverer=CallbackDeliverer(
-                settings.delivery,
+                delivery,
                 credentials,
                 unit=settings.timestamp_unit,
-                seed=settings.seed,
+                seed=seed,
+                record_ids=record_ids,
             ),
-            faults=dict(settings.faults),
-            fault_rng=random.Random(f"{settings.seed}:faults"),
-            scenario_rng=random.Random(f"{settings.seed}:scenario"),
+            initial_faults=faults,
+            faults=dict(faults),
+            fault_rng=random.Random(f"{seed}:faults"),
+            scenario_rng=random.Random(f"{seed}:scenario"),
         )
-        try:
-            state.set_upstream(settings.upstream)
-        except ValueError as error:
-            raise ConfigError(f"PANDASYNC_SANDBOX_UPSTREAM: {error}") from None
-        state.reset_calls()
-        state.world.subscribe(state.on_change)
-        return state
+        kept.reset_calls()
+        kept.world.subscribe(kept.on_change)
+        return kept
 
     @property
-    def timestamp_unit(self) -> TimestampUnit:
-        """The unit the upstream side accepts in a request's ``timestamp`` header."""
-        return self.upstream.timestamp_unit or self.settings.timestamp_unit
-
-    def set_upstream(self, variant: UpstreamVariant) -> None:
-        """Switch to ``variant``; ValueError (nothing changed) if its moves collide."""
-        # The payment actions are served where the table has them (no variant moves them).
-        served = [
-            *served_endpoints(self.endpoints, variant.endpoints),
-            *self.endpoints.payments(),
-        ]
-        self.routes = build_routes(served, variant.endpoints)
-        self.served = served
-        self.upstream = variant
-        self.deliverer.upstream_unit = self.timestamp_unit
+    def user_id(self) -> str:
+        return self.credentials.user_id
 
     def reset_world(self) -> None:
-        self.world = World(seed=self.settings.seed)
+        self.world = World(seed=self.seed)
         self.world.subscribe(self.on_change)
 
     def reset_calls(self) -> None:
         self.calls = {name: Counter() for name in ENDPOINT_NAMES}
-        self.unrouted = Counter()
         self.payment_calls = {name: Counter() for name in PAYMENT_ENDPOINT_NAMES}
         self.payment_outcomes = {name: Counter() for name in PAYMENT_ENDPOINT_NAMES}
 
@@ -218,6 +213,9 @@ class SandboxState:
         """Payment behaviour back to the default (every payment succeeds), quota count too."""
         self.payments = PaymentBehaviour()
         self.protocol_paid = 0
+
+    def reset_faults(self) -> None:
+        self.faults = dict(self.initial_faults)
 
     def on_change(self, change: Change) -> None:
         settings = self.deliverer.settings
@@ -263,10 +261,13 @@ class SandboxState:
                 return what
         return None
 
-    def verify(self, request: Request) -> Refusal | None:
-        """PandaPon's checks on the five headers (docs/upstream.md#requests-host-and-signing):
-        all present, then the same signature check as our own receiver's
-        (``signer.check_signature``), then a fresh nonce and the user-id's permission."""
+    def verify(
+        self, request: Request, *, unit: TimestampUnit, tolerance_s: float
+    ) -> Refusal | None:
+        """PandaPon's checks on the five headers (docs/upstream.md#requests-host-and-signing),
+        against this account: all present, then the same signature check as our own
+        receiver's (``signer.check_signature``) with this account's key and secret, then a
+        fresh nonce and the user-id's permission (this account's user-id only)."""
         headers = {name: request.headers.get(name, "") for name in SIGNED_HEADERS}
         missing = [name for name, value in headers.items() if not value]
         if missing:
@@ -276,20 +277,19 @@ class SandboxState:
             headers,
             access_key=self.credentials.access_key,
             access_secret=self.credentials.access_secret,
-            unit=self.timestamp_unit,
-            tolerance_s=self.settings.signature_tolerance_s,
+            unit=unit,
+            tolerance_s=tolerance_s,
             now=now,
         )
         if check.reason is not None:
             return Refusal(401, REFUSALS.get(check.reason, check.detail or check.reason))
-        if self._nonce_seen(headers[HEADER_NONCE], now):
+        if self._nonce_seen(headers[HEADER_NONCE], now, tolerance_s):
             return Refusal(401, "nonce already used")
         if headers[HEADER_USER_ID] != self.credentials.user_id:
             return Refusal(403, "user-id has no permission")
         return None
 
-    def _nonce_seen(self, nonce: str, now: float) -> bool:
-        window = self.settings.signature_tolerance_s
+    def _nonce_seen(self, nonce: str, now: float, window: float) -> bool:
         while self.nonces and (
             len(self.nonces) > NONCE_MEMORY or next(iter(self.nonces.values())) < now - window
         ):
@@ -298,6 +298,100 @@ class SandboxState:
             return True
         self.nonces[nonce] = now
         return False
+
+
+class UnknownAccount(Exception):
+    """A control call named an account the sandbox does not serve."""
+
+
+@dataclass
+class SandboxState:
+    """Everything the handlers share; lives on ``app.state.sandbox``: the host's routing and
+    upstream variant, and the accounts it serves (``accounts``, by user-id, the first being the
+    default of the control API)."""
+
+    settings: SandboxSettings
+    endpoints: EndpointTable
+    accounts: dict[str, AccountWorld]
+    upstream: UpstreamVariant = field(default_factory=UpstreamVariant)
+    served: list[Endpoint] = field(default_factory=list)
+    routes: Routes = field(default_factory=dict)
+    # requests no endpoint took: counted for the host, as no account is known yet
+    unrouted: Counter[str] = field(default_factory=Counter)
+    by_access_key: dict[str, AccountWorld] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, settings: SandboxSettings) -> SandboxState:
+        record_ids = itertools.count(1)  # callback record ids unique across accounts
+        accounts: dict[str, AccountWorld] = {}
+        for index, account in enumerate(settings.account_list()):
+            # The first account keeps the settings' seed, so one account runs as it always did.
+            seed = settings.seed if index == 0 else f"{settings.seed}:{account.user_id}"
+            accounts[account.user_id] = AccountWorld.build(
+                account, settings, seed=seed, record_ids=record_ids
+            )
+        state = cls(
+            settings=settings,
+            endpoints=EndpointTable(settings.endpoint_overrides),
+            accounts=accounts,
+            by_access_key={a.credentials.access_key: a for a in accounts.values()},
+        )
+        try:
+            state.set_upstream(settings.upstream)
+        except ValueError as error:
+            raise ConfigError(f"PANDASYNC_SANDBOX_UPSTREAM: {error}") from None
+        return state
+
+    @property
+    def default(self) -> AccountWorld:
+        """The first account: the one a control call without ``account`` addresses."""
+        return next(iter(self.accounts.values()))
+
+    def account(self, user_id: str | None) -> AccountWorld:
+        """The account ``user_id`` names (None: the default one), or UnknownAccount."""
+        if user_id is None:
+            return self.default
+        try:
+            return self.accounts[user_id]
+        except KeyError:
+            known = ", ".join(self.accounts)
+            raise UnknownAccount(
+                f"no account with user_id {user_id!r} (accounts: {known})"
+            ) from None
+
+    def selected(self, user_id: str | None) -> list[AccountWorld]:
+        """The account ``user_id`` names, or every account (None)."""
+        return list(self.accounts.values()) if user_id is None else [self.account(user_id)]
+
+    def account_of_request(self, request: Request) -> AccountWorld:
+        """The account an upstream request is for: the one its ``access-key`` names, as
+        PandaPon's gateway tells its accounts apart. A key no account has goes to the default
+        account, whose check refuses it (``invalid access-key``), as a one-account host does."""
+        return self.by_access_key.get(request.headers.get(HEADER_ACCESS_KEY, ""), self.default)
+
+    @property
+    def timestamp_unit(self) -> TimestampUnit:
+        """The unit the upstream side accepts in a request's ``timestamp`` header."""
+        return self.upstream.timestamp_unit or self.settings.timestamp_unit
+
+    def verify(self, request: Request, account: AccountWorld) -> Refusal | None:
+        """The gateway's checks of ``request`` against ``account`` (``AccountWorld.verify``)."""
+        return account.verify(
+            request, unit=self.timestamp_unit, tolerance_s=self.settings.signature_tolerance_s
+        )
+
+    def set_upstream(self, variant: UpstreamVariant) -> None:
+        """Switch to ``variant``; ValueError (nothing changed) if its moves collide."""
+        # The payment actions are served where the table has them (no variant moves them).
+        served = [
+            *served_endpoints(self.endpoints, variant.endpoints),
+            *self.endpoints.payments(),
+        ]
+        self.routes = build_routes(served, variant.endpoints)
+        self.served = served
+        self.upstream = variant
+        for account in self.accounts.values():
+            account.deliverer.upstream_unit = self.timestamp_unit
 
 
 def state_of(request: Request) -> SandboxState:

@@ -1,6 +1,9 @@
 """The upstream side of the sandbox: PandaPon's query APIs as the gateway answers them (see
 ``service.sandbox.app`` for the order of checks), and its two payment actions
 (``handle_payment``: they pay orders of the world, as ``PaymentBehaviour`` says).
+
+Each request is for the account its ``access-key`` header names (``SandboxState.
+account_of_request``): that account's faults, counts, keys and world answer it.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from service.sandbox.state import (
     FAR_FUTURE,
     HUGE_RETRY_AFTER_S,
     MAX_PAGE_SIZE,
+    AccountWorld,
     BadRequest,
     PayMode,
     Poison,
@@ -123,13 +127,14 @@ async def dispatch(request: Request) -> Response:
 
 async def handle_upstream(request: Request, state: SandboxState, endpoint: Endpoint) -> Response:
     """One query-API request, as PandaPon would answer it (see the module docstring)."""
+    account = state.account_of_request(request)
     if endpoint.action:
-        return await handle_payment(request, state, endpoint)
-    count = state.calls.setdefault(endpoint.name, Counter())
-    spec = state.fault_for(endpoint.name)
+        return await handle_payment(request, state, account, endpoint)
+    count = account.calls.setdefault(endpoint.name, Counter())
+    spec = account.fault_for(endpoint.name)
     if spec.latency_s:
         await asyncio.sleep(spec.latency_s)
-    fault = state.draw_fault(spec)
+    fault = account.draw_fault(spec)
     if fault == "timeout":
         count["timeout"] += 1
         await _hang(request, spec.timeout_s)
@@ -162,15 +167,15 @@ async def handle_upstream(request: Request, state: SandboxState, endpoint: Endpo
             render.envelope(None, "r" * 300, code=503, msg="系统\x00繁忙 " + "x" * 10_000),
             status_code=503,
         )
-    refusal = state.verify(request)
+    refusal = state.verify(request, account)
     if refusal is not None:
         count["auth_rejected"] += 1
         log.info("sandbox refused a request", endpoint=endpoint.name, reason=refusal.msg)
         return _envelope_response(None, code=refusal.status, msg=refusal.msg, status=refusal.status)
-    poison = state.draw_poison(spec) if endpoint.kind == "order_detail" else None
+    poison = account.draw_poison(spec) if endpoint.kind == "order_detail" else None
     try:
         params = await _read_params(request, endpoint)
-        data = serve(state.world, endpoint, params, state.upstream.payload_case, poison)
+        data = serve(account.world, endpoint, params, state.upstream.payload_case, poison)
     except BadRequest as error:
         count["bad_request"] += 1
         return _envelope_response(None, code=400, msg=str(error))
@@ -191,12 +196,14 @@ async def handle_upstream(request: Request, state: SandboxState, endpoint: Endpo
 PAY_URL = "https://sandbox.pandapon.invalid/pay?orderId={order_id}"
 
 
-async def handle_payment(request: Request, state: SandboxState, endpoint: Endpoint) -> Response:
+async def handle_payment(
+    request: Request, state: SandboxState, account: AccountWorld, endpoint: Endpoint
+) -> Response:
     """A payment call: signed like any request, then each order it names is paid (or not) as
-    ``state.payments`` says. No generic fault applies here; the behaviour has its own delay and
-    hang. Calls are counted per order (``payment_calls``) once they pass the gateway."""
-    outcomes = state.payment_outcomes.setdefault(endpoint.name, Counter())
-    refusal = state.verify(request)
+    ``account.payments`` says. No generic fault applies here; the behaviour has its own delay
+    and hang. Calls are counted per order (``payment_calls``) once they pass the gateway."""
+    outcomes = account.payment_outcomes.setdefault(endpoint.name, Counter())
+    refusal = state.verify(request, account)
     if refusal is not None:
         outcomes["auth_rejected"] += 1
         return _envelope_response(None, code=refusal.status, msg=refusal.msg, status=refusal.status)
@@ -205,10 +212,10 @@ async def handle_payment(request: Request, state: SandboxState, endpoint: Endpoi
     except BadRequest as error:
         outcomes["bad_request"] += 1
         return _envelope_response(None, code=400, msg=str(error))
-    calls = state.payment_calls.setdefault(endpoint.name, Counter())
+    calls = account.payment_calls.setdefault(endpoint.name, Counter())
     for order_id in order_ids:
         calls[order_id] += 1
-    behaviour = state.payments
+    behaviour = account.payments
     if behaviour.delay_s:
         await asyncio.sleep(behaviour.delay_s)
     modes = {order_id: behaviour.mode_for(order_id) for order_id in order_ids}
@@ -216,7 +223,7 @@ async def handle_payment(request: Request, state: SandboxState, endpoint: Endpoi
         outcomes["refused"] += 1
         return _envelope_response(None, code=400, msg="支付失败：账户余额不足")
     try:
-        orders = [state.world.order(endpoint.platform, order_id) for order_id in order_ids]
+        orders = [account.world.order(endpoint.platform, order_id) for order_id in order_ids]
     except WorldError as error:
         outcomes["not_found"] += 1
         return _envelope_response(None, code=error.status, msg=str(error))
@@ -235,11 +242,11 @@ async def handle_payment(request: Request, state: SandboxState, endpoint: Endpoi
         if order.order_id in not_payable:
             failed[order.order_id] = "订单状态不允许支付"
             continue
-        quota_used = behaviour.quota is not None and state.protocol_paid >= behaviour.quota
+        quota_used = behaviour.quota is not None and account.protocol_paid >= behaviour.quota
         if mode in ("succeed", "hang_after_paying") and quota_used:
             mode = "held_back"
         if mode in ("succeed", "hang_after_paying"):
-            _pay(state, order)
+            _pay(account, order)
             paid.append(order.order_id)
             hang = hang or mode == "hang_after_paying"
         elif mode == "hang":
@@ -279,10 +286,10 @@ async def handle_payment(request: Request, state: SandboxState, endpoint: Endpoi
     )
 
 
-def _pay(state: SandboxState, order: WorldOrder) -> None:
+def _pay(account: AccountWorld, order: WorldOrder) -> None:
     """Pay the order in the world: its status callback follows, as for any change."""
-    state.world.pay(order)
-    state.protocol_paid += 1
+    account.world.pay(order)
+    account.protocol_paid += 1
 
 
 async def _payment_ids(request: Request, endpoint: Endpoint) -> list[str]:

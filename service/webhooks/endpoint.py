@@ -56,7 +56,7 @@ from service.webhooks.errors import (
 )
 from service.webhooks.inbox import InboxRow, InboxWriter, StoreOutcome, dedupe_key
 from service.webhooks.request_ids import request_id_of
-from service.webhooks.verify import Verifier
+from service.webhooks.verify import Router
 
 log = structlog.get_logger("pandasync.webhooks")
 _stdlib_log = logging.getLogger("pandasync.webhooks")
@@ -140,10 +140,9 @@ class Receiver:
 
     def __init__(self, settings: Settings) -> None:
         # Built when the app is: a signature mode without credentials fails here, at startup.
-        self._verifier = Verifier(settings)
+        self._router = Router(settings)
         self._max_body = settings.max_body_bytes
         self._body_timeout_s = settings.body_timeout_s
-        self._user_id = settings.user_id
         self._writer: InboxWriter | None = None
 
     def attach(self, writer: InboxWriter | None) -> None:
@@ -188,9 +187,9 @@ class Receiver:
         document = decode_json(body)
         if is_probe(document):
             return self._probe()
-        verified = self._verifier.verify(headers, scope.get("path_params", {}).get("token"))
+        verifier, verified = self._router.verify(headers, scope.get("path_params", {}).get("token"))
         envelope = parse_envelope(document)
-        account_id = self._account_id(headers.get(HEADER_USER_ID))
+        account_id = self._account_id(verifier.account.user_id, headers.get(HEADER_USER_ID))
         routable = envelope.platform is not None and envelope.order_id is not None
         row = InboxRow(
             account_id=account_id,
@@ -272,9 +271,11 @@ class Receiver:
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
-    def _account_id(self, header_user_id: str | None) -> str:
-        if self._user_id:
-            return self._user_id
+    def _account_id(self, user_id: str | None, header_user_id: str | None) -> str:
+        """The account's user-id; only the single-account settings without PANDASYNC_USER_ID
+        take the header's (or ``default``), as they always did."""
+        if user_id:
+            return user_id
         value = (header_user_id or "").strip()
         if not value:
             return DEFAULT_ACCOUNT

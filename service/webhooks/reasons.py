@@ -62,8 +62,17 @@ REASONS: tuple[Reason, ...] = (
     Reason(
         "wrong_access_key",
         "401",
-        "the `access-key` header is not `PANDASYNC_ACCESS_KEY`",
-        "set `PANDASYNC_ACCESS_KEY` to the console's AccessKey",
+        "the `access-key` header is not `PANDASYNC_ACCESS_KEY` (with an accounts file: not "
+        "the `access_key` of any account)",
+        "set `PANDASYNC_ACCESS_KEY` (or the account's `access_key`) to the console's AccessKey",
+    ),
+    Reason(
+        "account_mismatch",
+        "401",
+        "with several accounts: the `access-key` or `user-id` header names another account "
+        "than the path token, or the two headers name different accounts",
+        "not PandaPon (it sends its own account's headers): someone probing, or two accounts' "
+        "tokens crossed in the console; compare the console's URL with `pandasync doctor`",
     ),
     Reason(
         "bad_timestamp",
@@ -95,7 +104,8 @@ REASONS: tuple[Reason, ...] = (
     Reason(
         "bad_signature",
         "401",
-        "the `signature` does not match the one computed with `PANDASYNC_ACCESS_SECRET`",
+        "the `signature` does not match the one computed with `PANDASYNC_ACCESS_SECRET` (with "
+        "an accounts file: the secret of the account the headers name)",
         "after a secret reset, update `PANDASYNC_ACCESS_SECRET`; if PandaPon signs otherwise, "
         "register the token URL under `PANDASYNC_WEBHOOK_AUTH=auto`",
     ),
@@ -115,7 +125,8 @@ REASONS: tuple[Reason, ...] = (
     Reason(
         "wrong_token",
         "401",
-        "the path token is not `PANDASYNC_WEBHOOK_TOKEN` (every mode)",
+        "the path token is not `PANDASYNC_WEBHOOK_TOKEN` (with an accounts file: no account's "
+        "`webhook_token` or `previous_webhook_tokens`), in every mode",
         "the console's URL and the setting differ: enter the URL that `pandasync doctor` prints",
     ),
     Reason(

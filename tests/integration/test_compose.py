@@ -154,7 +154,7 @@ def test_every_service_belongs_to_one_stack() -> None:
 def test_each_stack_is_whole_and_keeps_to_itself(source: str, profile: str, tmp_path: Path) -> None:
     services = stack(source, profile, tmp_path)
     roles = set(by_role(services))
-    expected = {"migrate", "serve", "worker", "scheduler"}
+    expected = {"migrate", "serve", "worker", "scheduler", "deliver"}
     assert roles == (expected | {"sandbox"} if profile == "sandbox" else expected)
     data = {s.name for s in services.values() if s.role is None}
     assert len(data) == 2  # Postgres and Redis of its own
@@ -180,6 +180,7 @@ def test_every_role_has_a_health_check_on_its_published_port(
             int(roles["scheduler"].environment["PANDASYNC_SCHEDULER_METRICS_PORT"]),
             "/metrics",
         ),
+        "deliver": (int(roles["deliver"].option("--metrics-port", "0")), "/metrics"),
     }
     if profile == "sandbox":
         checks["sandbox"] = (int(roles["sandbox"].option("--port", "8100")), "/_sandbox/health")
@@ -188,8 +189,11 @@ def test_every_role_has_a_health_check_on_its_published_port(
         service = roles[role]
         assert service.healthcheck == (*probe, f"http://127.0.0.1:{port}{path}"), role
         assert port in [target for _, _, target in service.ports], f"{role}: {port} unpublished"
-    for role in ("worker", "scheduler"):  # metrics have no auth: the host's loopback only
+    for role in ("worker", "scheduler", "deliver"):  # metrics have no auth: host loopback only
         assert {host for host, _, _ in roles[role].ports} == {"127.0.0.1"}, role
+        # ... but inside the container they listen on every interface, or the published
+        # port (and a Prometheus in the next container) would find nothing there.
+        assert roles[role].environment.get("PANDASYNC_HOST") == "0.0.0.0", role  # noqa: S104
 
 
 def health_probe() -> tuple[str, ...]:
@@ -235,7 +239,7 @@ def test_the_sandbox_delivers_to_the_token_url_of_its_web_role(source: str, tmp_
         "PANDASYNC_ACCESS_SECRET": DEV_ACCESS_SECRET,
         "PANDASYNC_USER_ID": DEV_USER_ID,
     }
-    for role in ("serve", "worker", "scheduler"):
+    for role in ("serve", "worker", "scheduler", "deliver"):
         env = roles[role].environment
         assert env["PANDASYNC_API_BASE_URL"] == upstream_url, role
         assert {k: env[k] for k in demo} == demo, role

@@ -532,6 +532,17 @@ async def test_failures_lists_filters_and_says_how_many_more(stack: Stack, tmp_p
     assert [f["id"] for f in json.loads(ran(result, 0))] == [ids[0]]
     assert result.stderr == "… and 4 more (--limit)\n"
 
+    # --account: the configured account's failures (by name or user-id); another is refused.
+    mine = {"PANDASYNC_USER_ID": ACCOUNT}
+    for name in ("default", ACCOUNT):
+        result = await pandasync(
+            tmp_path, stack.url, "failures", "--json", "--account", name, **mine
+        )
+        assert len(json.loads(ran(result, 0))) == 5
+    result = await pandasync(tmp_path, stack.url, "failures", "--account", "shop-z", **mine)
+    assert result.returncode == 2
+    assert result.stderr.startswith("pandasync failures: no account 'shop-z' here")
+
 
 # --- status -----------------------------------------------------------------------------------
 

@@ -59,6 +59,9 @@ INBOX_READABLE = [
 # Readable too, but empty in known_ledger(): the audit trail of `pandasync pay` (migration 0009).
 PAYMENT_TABLES = ["payment_attempts"]
 PAYMENT_VIEWS = ["report_awaiting_payment"]
+# Readable too, empty in known_ledger(): the change feed and the outbound deliveries (0010);
+# outbound_endpoints is not (it holds the signing secrets).
+FEED_TABLES = ["ledger_changes", "outbound_deliveries", "outbound_delivery_attempts"]
 SCRIPT = Path(__file__).resolve().parents[2] / "docs" / "sql" / "reporting_role.sql"
 # The reconcile's advisory lock of one order of known_ledger(), as workers/reconcile.py takes it.
 LOCK_CLASS = ORDER_LOCK_CLASS
@@ -110,7 +113,10 @@ WHERE a.grantee = '{ROLE}'::regrole
 """
 Grant = tuple[str, str, str | None, str]
 EXPECTED_GRANTS: set[Grant] = (
-    {("table", name, None, "SELECT") for name in TABLES + VIEWS + PAYMENT_TABLES + PAYMENT_VIEWS}
+    {
+        ("table", name, None, "SELECT")
+        for name in TABLES + VIEWS + PAYMENT_TABLES + PAYMENT_VIEWS + FEED_TABLES
+    }
     | {("column", "webhook_inbox", col, "SELECT") for col in INBOX_READABLE}
     | {("function", "report_timezone", None, "EXECUTE"), ("schema", "public", None, "USAGE")}
 )
@@ -162,13 +168,17 @@ async def test_the_role_reads_every_view_and_documented_table(db_session: AsyncS
     assert await db_session.scalar(text("SELECT report_timezone()")) == "Asia/Shanghai"
 
 
+WRITE_CHECKED = [*TABLES, *PAYMENT_TABLES, *FEED_TABLES, "webhook_inbox"]
 FORBIDDEN = [
-    *(f"INSERT INTO {name} DEFAULT VALUES" for name in [*TABLES, *PAYMENT_TABLES, "webhook_inbox"]),
+    *(f"INSERT INTO {name} DEFAULT VALUES" for name in WRITE_CHECKED),
     *(
-        f"UPDATE {name} SET account_id = account_id"
-        for name in [*TABLES, *PAYMENT_TABLES, "webhook_inbox"]
+        f"UPDATE {name} SET id = id"
+        if name == "outbound_delivery_attempts"
+        else f"UPDATE {name} SET account_id = account_id"
+        for name in WRITE_CHECKED
     ),
-    *(f"DELETE FROM {name}" for name in [*TABLES, *PAYMENT_TABLES, "webhook_inbox"]),
+    *(f"DELETE FROM {name}" for name in WRITE_CHECKED),
+    "SELECT * FROM outbound_endpoints",
     "TRUNCATE orders",
     "SELECT raw_body FROM webhook_inbox",
     "SELECT headers FROM webhook_inbox",

@@ -13,16 +13,45 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 # room -> the rooms it must never import (module-name prefixes).
-UPWARD = ("service.webhooks", "service.app", "workers", "service.cli", "service.devserver")
+UPWARD = (
+    "service.webhooks",
+    "service.app",
+    "service.console",
+    "workers",
+    "service.cli",
+    "service.devserver",
+)
 RULES: dict[str, tuple[str, ...]] = {
     "service.domain": ("service", "workers"),
     "service.pandapon": (*UPWARD, "service.ledger", "service.broker", "service.sandbox"),
     "service.ledger": (*UPWARD, "service.broker", "service.sandbox", "service.doctor"),
     "service.broker": (*UPWARD, "service.ledger", "service.pandapon", "service.sandbox"),
     "service.sandbox": (*UPWARD, "service.ledger", "service.broker", "service.doctor"),
-    "service.webhooks": ("workers", "service.cli", "service.devserver", "service.sandbox"),
+    "service.webhooks": (
+        "workers",
+        "service.cli",
+        "service.devserver",
+        "service.sandbox",
+        "service.console",
+    ),
+    # The console is part of the web role: it reads the ledger and sends through the broker,
+    # and loads no worker code (nor the webhook receiver's).
+    "service.console": (
+        "workers",
+        "service.cli",
+        "service.devserver",
+        "service.sandbox",
+        "service.webhooks",
+        "service.app",
+    ),
     "service.app": ("workers", "service.cli", "service.devserver", "service.sandbox"),
-    "workers": ("service.webhooks", "service.app", "service.sandbox", "service.cli"),
+    "workers": (
+        "service.webhooks",
+        "service.app",
+        "service.console",
+        "service.sandbox",
+        "service.cli",
+    ),
 }
 
 
