@@ -48,6 +48,7 @@ from service.console.auth import (
 )
 from service.db import session_scope
 from service.domain import InboxState, OrderStatus, Platform, SignatureState
+from service.ledger import outbound
 from service.ledger.failures import (
     AlreadyClosed,
     ClosedMeanwhile,
@@ -470,6 +471,34 @@ class Console:
             order_url=_order_url,
         )
 
+    async def deliveries(self, request: Request, session: Session) -> Response:
+        """The reseller's webhook endpoints and the latest deliveries to one of them."""
+        chosen = _int_param(request, "endpoint")
+        failed = _param(request, "failed", ("1",)) is not None
+        async with queries.reading(self.sessions(request)) as db:
+            endpoints = await outbound.list_endpoints(db)
+            if chosen is None and endpoints:
+                chosen = endpoints[0].id
+            known = any(e.id == chosen for e in endpoints)
+            rows = (
+                await outbound.deliveries(db, chosen, failed_only=failed, limit=queries.PAGE_SIZE)
+                if chosen is not None and known
+                else []
+            )
+        if chosen is not None and not known:
+            return self.error(request, 404, f"No webhook endpoint #{chosen}.", session)
+        return self.render(
+            request,
+            "deliveries.html",
+            session=session,
+            nav="deliveries",
+            endpoints=endpoints,
+            chosen=chosen,
+            failed=failed,
+            rows=rows,
+            limit=queries.PAGE_SIZE,
+        )
+
     # --- actions ----------------------------------------------------------------------------
 
     async def replay(self, request: Request, session: Session, form: dict[str, str]) -> Response:
@@ -598,6 +627,7 @@ def console_routes(settings: Settings) -> list[BaseRoute]:
                 Route("/messages", console.page(console.messages), methods=["GET"]),
                 Route("/messages/{inbox_id:int}", console.page(console.message), methods=["GET"]),
                 Route("/failures", console.page(console.failures), methods=["GET"]),
+                Route("/deliveries", console.page(console.deliveries), methods=["GET"]),
                 Route("/failures/replay", console.action(console.replay), methods=["POST"]),
                 Route(
                     "/failures/{failure_id:int}/replay",

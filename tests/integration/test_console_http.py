@@ -3,6 +3,7 @@ cookie, sessions and CSRF, escaping of what callers sent, replay and dismiss, ba
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -403,3 +404,76 @@ async def test_a_database_failure_is_a_503_in_one_line(
     assert answer.status_code == 503
     assert "The database did not answer (OSError)" in answer.text
     assert "Traceback" not in answer.text
+
+
+# --- outbound webhooks ----------------------------------------------------------------------
+
+
+async def test_the_webhooks_page_lists_endpoints_and_their_deliveries(console: Console) -> None:
+    await logged_in(console)
+    empty = await console.client.get("/console/deliveries")
+    assert empty.status_code == 200
+    assert 'id="no-endpoints"' in empty.text
+
+    conn = await asyncpg.connect(asyncpg_dsn(console.database_url))
+    try:
+        endpoint = await conn.fetchval(
+            "INSERT INTO outbound_endpoints (url, secret) VALUES ($1, 'whsec_x') RETURNING id",
+            "https://erp.example/hooks?a=<b>",
+        )
+        change = await conn.fetchval(
+            "INSERT INTO ledger_changes (account_id, platform, order_id, kind, payload) "
+            "VALUES ('acct-1', 'taobao', $1, 'order.shipped', '{}') RETURNING id",
+            ORDER_ID,
+        )
+        ok, failing = [
+            await conn.fetchval(
+                "INSERT INTO outbound_deliveries (endpoint_id, change_id, account_id, platform, "
+                "order_id, state, attempts, last_status_code, last_error, delivered_at) "
+                "VALUES ($1, $2, 'acct-1', 'taobao', $3, $4, $5, $6, $7, $8) RETURNING id",
+                endpoint,
+                change_id,
+                ORDER_ID,
+                state,
+                attempts,
+                code,
+                error,
+                delivered,
+            )
+            for change_id, state, attempts, code, error, delivered in (
+                (change, "delivered", 1, 200, None, dt.datetime.now(dt.UTC)),
+                (
+                    await conn.fetchval(
+                        "INSERT INTO ledger_changes (account_id, platform, order_id, kind, "
+                        "payload) VALUES ('acct-1', 'taobao', $1, 'order.delivered', '{}') "
+                        "RETURNING id",
+                        ORDER_ID,
+                    ),
+                    "pending",
+                    3,
+                    500,
+                    "HTTP 500 <script>",
+                    None,
+                ),
+            )
+        ]
+    finally:
+        await conn.close()
+
+    page = await console.client.get("/console/deliveries")
+    assert page.status_code == 200
+    assert f'id="endpoint-{endpoint}" class="here"' in page.text
+    assert "https://erp.example/hooks?a=&lt;b&gt;" in page.text  # escaped
+    assert f'id="delivery-{ok}" class="delivery-delivered"' in page.text
+    assert f'id="delivery-{failing}" class="delivery-pending"' in page.text
+    assert "HTTP 500 &lt;script&gt;" in page.text
+
+    failed_only = await console.client.get(f"/console/deliveries?endpoint={endpoint}&failed=1")
+    assert f'id="delivery-{failing}"' in failed_only.text
+    assert f'id="delivery-{ok}"' not in failed_only.text
+
+    missing = await console.client.get(f"/console/deliveries?endpoint={endpoint + 1}")
+    assert missing.status_code == 404
+    bad = await console.client.get("/console/deliveries?failed=yes")
+    assert bad.status_code == 400
+    assert "failed" in bad.text
