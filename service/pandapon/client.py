@@ -88,13 +88,13 @@ T = TypeVar("T")
 
 UPSTREAM_REQUESTS = Counter(
     "pandasync_upstream_requests_total",
-    "Calls to the PandaPon query APIs, by endpoint and outcome.",
-    ["endpoint", "outcome"],
+    "Calls to the PandaPon query APIs, by account, endpoint and outcome.",
+    ["account", "endpoint", "outcome"],
 )
 UPSTREAM_SECONDS = Histogram(
     "pandasync_upstream_request_seconds",
     "Duration of the HTTP exchange with PandaPon (not the rate-limit wait).",
-    ["endpoint"],
+    ["account", "endpoint"],
     buckets=(0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
 )
 
@@ -453,7 +453,7 @@ class PandaPonClient:
             outcome = "cancelled"
             raise
         finally:
-            UPSTREAM_REQUESTS.labels(endpoint.name, outcome).inc()
+            UPSTREAM_REQUESTS.labels(self.account.name, endpoint.name, outcome).inc()
 
     async def _exchange(
         self,
@@ -484,7 +484,9 @@ class PandaPonClient:
                 endpoint=endpoint.name,
             ) from error
         finally:
-            UPSTREAM_SECONDS.labels(endpoint.name).observe(time.perf_counter() - started)
+            UPSTREAM_SECONDS.labels(self.account.name, endpoint.name).observe(
+                time.perf_counter() - started
+            )
         return unwrap(endpoint.name, response, answers=answers)
 
 

@@ -492,9 +492,9 @@ def _sample(name: str, labels: dict[str, str]) -> float:
 
 
 async def test_calls_are_counted_by_endpoint_and_outcome() -> None:
-    ok_labels = {"endpoint": "alibaba_refund_detail", "outcome": "ok"}
-    limited = {"endpoint": "alibaba_refund_detail", "outcome": "rate_limited"}
-    seconds = {"endpoint": "alibaba_refund_detail"}
+    ok_labels = {"account": "default", "endpoint": "alibaba_refund_detail", "outcome": "ok"}
+    limited = {"account": "default", "endpoint": "alibaba_refund_detail", "outcome": "rate_limited"}
+    seconds = {"account": "default", "endpoint": "alibaba_refund_detail"}
     before = (
         _sample("pandasync_upstream_requests_total", ok_labels),
         _sample("pandasync_upstream_requests_total", limited),

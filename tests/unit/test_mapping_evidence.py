@@ -487,7 +487,7 @@ ALIBABA_ORDER = OrderSnapshot(
 
 
 def outcome_count(endpoint: str, outcome: str) -> float:
-    labels = {"endpoint": endpoint, "outcome": outcome}
+    labels = {"account": "default", "endpoint": endpoint, "outcome": outcome}
     return REGISTRY.get_sample_value("pandasync_upstream_requests_total", labels) or 0.0
 
 
