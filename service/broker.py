@@ -11,6 +11,9 @@ the actors (``reconcile_message``).
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -95,16 +98,110 @@ def _redis_list(broker: Any, queue_name: str) -> str:
 
 
 def queue_depth(broker: dramatiq.Broker | None) -> int | None:
-    """Messages waiting in the reconcile queue (Redis only; None when it cannot be read)."""
+    """Messages waiting in the reconcile queue, delayed ones included (Redis and RabbitMQ;
+    None when it cannot be read). Blocking."""
     from dramatiq.brokers.redis import RedisBroker
 
-    if not isinstance(broker, RedisBroker):
-        return None
-    full_name = _redis_list(broker, RECONCILE_QUEUE)
     try:
-        return int(broker.client.llen(full_name)) + int(broker.client.llen(f"{full_name}.DQ"))
+        if isinstance(broker, RedisBroker):
+            full_name = _redis_list(broker, RECONCILE_QUEUE)
+            return int(broker.client.llen(full_name)) + int(broker.client.llen(f"{full_name}.DQ"))
+        if broker is not None and _is_rabbitmq(broker):
+            with rabbitmq_connection(broker) as connection:
+                return sum(
+                    _rabbitmq_count(connection, name)
+                    for name in (RECONCILE_QUEUE, f"{RECONCILE_QUEUE}.DQ")
+                )
     except Exception:  # a status command must still print the database half
         return None
+    return None
+
+
+# A check of RabbitMQ (readiness, status) gives up after this long: one attempt, no retries.
+RABBITMQ_CHECK_TIMEOUT_S = 2.0
+
+
+def _is_rabbitmq(broker: dramatiq.Broker | None) -> bool:
+    return type(broker).__name__ == "RabbitmqBroker" and hasattr(broker, "parameters")
+
+
+@contextmanager
+def rabbitmq_connection(
+    broker: dramatiq.Broker, timeout_s: float = RABBITMQ_CHECK_TIMEOUT_S
+) -> Iterator[Any]:
+    """A connection of its own, with short timeouts and one attempt, closed after the block:
+    the broker's own connections are per thread and retry for long. Blocking."""
+    import pika  # type: ignore[import-untyped]
+
+    configured = broker.parameters  # type: ignore[attr-defined]
+    first = configured[0] if isinstance(configured, list) else configured
+    parameters = copy.copy(first)
+    parameters.connection_attempts = 1
+    parameters.retry_delay = 0
+    parameters.socket_timeout = timeout_s
+    parameters.stack_timeout = timeout_s
+    parameters.blocked_connection_timeout = timeout_s
+    connection = pika.BlockingConnection(parameters)
+    try:
+        yield connection
+    finally:
+        with suppress(Exception):
+            connection.close()
+
+
+def _rabbitmq_count(connection: Any, queue_name: str) -> int:
+    """Messages ready in ``queue_name`` (a passive declare: 0 when it does not exist yet, as
+    dramatiq declares queues on first use). A channel each: the broker closes the channel that
+    asked about a missing queue."""
+    import pika.exceptions  # type: ignore[import-untyped]
+
+    try:
+        declared = connection.channel().queue_declare(queue=queue_name, passive=True)
+    except pika.exceptions.ChannelClosedByBroker as error:
+        if error.reply_code == 404:
+            return 0
+        raise
+    return int(declared.method.message_count)
+
+
+def broker_problem(broker: dramatiq.Broker | None) -> str | None:
+    """Why the broker cannot be reached, in a few words; None when it answers (or is the
+    in-process one). Redis is pinged, RabbitMQ connected to. Blocking: call it off the loop."""
+    if broker is None or isinstance(broker, StubBroker):
+        return None
+    try:
+        client = getattr(broker, "client", None)  # Redis
+        if client is not None:
+            client.ping()
+        elif _is_rabbitmq(broker):
+            with rabbitmq_connection(broker):
+                pass
+    except Exception as error:
+        text = str(error).strip().splitlines()
+        return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+    return None
+
+
+def oldest_ready_rabbitmq(
+    broker: dramatiq.Broker, queue_name: str = RECONCILE_QUEUE
+) -> datetime | None:
+    """When the message at the head of a RabbitMQ queue was enqueued (None if none waits): it is
+    read without being acknowledged and goes back to the head when the channel closes. For an
+    operator's look (``pandasync status``), not for a loop. Blocking; raises when unreachable."""
+    import pika.exceptions
+
+    with rabbitmq_connection(broker) as connection:
+        channel = connection.channel()
+        try:
+            method, _properties, body = channel.basic_get(queue=queue_name, auto_ack=False)
+        except pika.exceptions.ChannelClosedByBroker as error:
+            if error.reply_code == 404:  # not declared yet: nothing ever waited
+                return None
+            raise
+        if method is None:
+            return None
+        channel.basic_nack(delivery_tag=method.delivery_tag, requeue=True)
+    return dramatiq.Message.decode(body).message_datetime
 
 
 # What ``oldest_waiting`` answers when messages wait but their age cannot be read: as old as

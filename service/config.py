@@ -48,6 +48,14 @@ class Settings(BaseSettings):
         default=None,
         description="`redis://…` or `amqp://…`; unset: in-process (`pandasync dev` only).",
     )
+    rate_limit_redis_url: str | None = Field(
+        default=None,
+        description=(
+            "`redis://…` holding the shared upstream rate limit (a token bucket per account). "
+            "Unset: the broker's Redis when BROKER_URL is `redis://`; with RabbitMQ, a row per "
+            "account in Postgres (table `rate_limit_buckets`); with no broker, this process."
+        ),
+    )
     data_dir: Path = Field(
         default=Path(".pandasync"), description="Where the embedded Postgres keeps its data."
     )
@@ -338,6 +346,16 @@ class Settings(BaseSettings):
         parts = urlsplit(value)
         if parts.scheme not in ("redis", "rediss", "amqp", "amqps") or not parts.hostname:
             raise ValueError("must be a redis://host:port/db or amqp://user@host/vhost URL")
+        return value
+
+    @field_validator("rate_limit_redis_url")
+    @classmethod
+    def _check_rate_limit_redis_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+            raise ValueError("must be a redis://host:port/db URL")
         return value
 
     @field_validator("api_base_url")

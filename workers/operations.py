@@ -11,9 +11,17 @@ from typing import Any
 
 import dramatiq
 from sqlalchemy import Interval, and_, func, select, text, type_coerce, update
+from sqlalchemy.dialects.postgresql import distinct_on
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from service.broker import queue_depth, reconcile_message
+from service.broker import (
+    AGE_UNKNOWN,
+    broker_problem,
+    oldest_ready_rabbitmq,
+    oldest_waiting,
+    queue_depth,
+    reconcile_message,
+)
 from service.config import Settings
 from service.db import session_scope
 from service.domain import (
@@ -155,7 +163,7 @@ class Status:
     oldest_unprocessed_age: timedelta | None
     open_failures: int
     queue_depth: int | None
-    broker_error: str | None  # the broker's ping failed (Redis; others are not pinged)
+    broker_error: str | None  # the broker could not be reached
     sweeps: list[SweepStatus]
     refund_sweeps: list[SweepStatus]
     # The first message or order stored: a sweep is due within its interval of it.
@@ -165,6 +173,9 @@ class Status:
     unmapped: tuple[UnmappedStatus, ...]
     unmapped_total: int  # more than ``unmapped`` lists when over UNMAPPED_SHOWN
     accounts: tuple[AccountStatus, ...] = ()
+    # How long the oldest message ready in the reconcile queue has waited (None: none waits,
+    # or the broker cannot tell).
+    queue_oldest_age: timedelta | None = None
 
 
 async def gather_status(
@@ -223,7 +234,12 @@ async def gather_status(
         inbox_unqueued=int(unqueued),
         oldest_unprocessed_age=oldest,
         open_failures=int(failures),
-        queue_depth=None if broker_error else queue_depth(broker),
+        queue_depth=None if broker_error else await asyncio.to_thread(queue_depth, broker),
+        queue_oldest_age=(
+            None
+            if broker_error
+            else _waited(checked_at, await asyncio.to_thread(_queue_oldest, broker))
+        ),
         broker_error=broker_error,
         sweeps=sweep_rows,
         refund_sweeps=refund_sweep_rows,
@@ -318,17 +334,27 @@ async def _first_stored_at(session: AsyncSession) -> datetime | None:
     return min(found) if found else None
 
 
-def _ping(broker: dramatiq.Broker) -> str | None:
-    """Why the broker cannot be reached, or None (also for a broker that is not pinged)."""
-    client = getattr(broker, "client", None)  # Redis; RabbitMQ and the stub have none
-    if client is None:
+def _queue_oldest(broker: dramatiq.Broker | None) -> datetime | None:
+    """When the oldest message ready in the reconcile queue was enqueued; None when none waits
+    or it cannot be read. Blocking."""
+    if broker is None:
         return None
     try:
-        client.ping()
-    except Exception as error:
-        text = str(error).strip().splitlines()
-        return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
-    return None
+        if type(broker).__name__ == "RabbitmqBroker":
+            return oldest_ready_rabbitmq(broker)
+        found = oldest_waiting(broker)
+    except Exception:  # a status command must still print the rest
+        return None
+    return None if found == AGE_UNKNOWN else found
+
+
+def _waited(now: datetime, then: datetime | None) -> timedelta | None:
+    return None if then is None else max(timedelta(0), now - then)
+
+
+def _ping(broker: dramatiq.Broker) -> str | None:
+    """Why the broker cannot be reached (Redis pinged, RabbitMQ connected to), or None."""
+    return broker_problem(broker)
 
 
 async def _payments(session: AsyncSession) -> PaymentsStatus:
@@ -340,7 +366,9 @@ async def _payments(session: AsyncSession) -> PaymentsStatus:
             PaymentAttempt.state,
             PaymentAttempt.started_at,
         )
-        .distinct(PaymentAttempt.account_id, PaymentAttempt.platform, PaymentAttempt.order_id)
+        .ext(
+            distinct_on(PaymentAttempt.account_id, PaymentAttempt.platform, PaymentAttempt.order_id)
+        )
         .order_by(
             PaymentAttempt.account_id,
             PaymentAttempt.platform,

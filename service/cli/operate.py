@@ -489,7 +489,8 @@ def status(max_lag_s: float, as_json: bool, account_name: str | None) -> None:
     click.echo(f"  not yet queued:     {report.inbox_unqueued}")
     click.echo(f"  oldest unprocessed: {age if age is not None else '-'}")
     depth = report.queue_depth
-    click.echo(f"queue depth:          {depth if depth is not None else 'n/a'}")
+    waited = f" (oldest waiting {report.queue_oldest_age})" if report.queue_oldest_age else ""
+    click.echo(f"queue depth:          {depth if depth is not None else 'n/a'}{waited}")
     click.echo(f"open failures:        {report.open_failures}")
     if not report.sweeps:
         click.echo("last sweep:           never")

@@ -17,6 +17,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Double,
     Enum,
     ForeignKey,
     Identity,
@@ -513,6 +514,19 @@ class JobRun(Base):
     last_started_at: Mapped[datetime | None]
     last_finished_at: Mapped[datetime | None]
     last_error: Mapped[str | None] = mapped_column(Text)
+
+
+class RateLimitBucket(Base):
+    """The upstream rate limit's token bucket of one account when no Redis holds it (a RabbitMQ
+    broker): ``service.pandapon.ratelimit.PostgresTokenBucket``. Times are epoch seconds of the
+    database clock."""
+
+    __tablename__ = "rate_limit_buckets"
+
+    key: Mapped[str] = mapped_column(Text, primary_key=True)
+    tokens: Mapped[float] = mapped_column(Double)
+    stamp: Mapped[float] = mapped_column(Double)
+    blocked_until: Mapped[float] = mapped_column(Double, server_default="0")
 
 
 # --- the change feed and outbound webhooks (migration 0010) --------------------------------------

@@ -1,8 +1,13 @@
 """The upstream rate limit, shared by every worker thread and process: a token bucket.
 
-With Redis (``PANDASYNC_BROKER_URL`` is ``redis://``) the bucket lives in one Redis hash and is
-taken by an atomic Lua script that reads Redis's own clock, so all processes on all hosts share
-one limit and one time source. Without Redis it is an in-process bucket (``pandasync dev``).
+Where the bucket lives (``rate_limit_backend``), so that every worker process on every host
+shares one limit and one clock, whatever the broker:
+
+- ``PANDASYNC_RATE_LIMIT_REDIS_URL`` when set, else the broker's Redis (``PANDASYNC_BROKER_URL``
+  is ``redis://``): one Redis hash, taken by an atomic Lua script that reads Redis's own clock;
+- a RabbitMQ broker without that Redis: one row per account in Postgres (``rate_limit_buckets``),
+  taken by one locking UPDATE that reads the database's clock;
+- no broker (``pandasync dev``, one process): an in-process bucket.
 
 A caller that finds the bucket empty *waits* for its token; it never fails, so a worker's
 retries are never spent on our own limiter. ``pause(seconds)`` stops everyone for a while.
@@ -34,6 +39,9 @@ from typing import Protocol
 import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from service.accounts import Account
 from service.config import Settings
@@ -345,6 +353,138 @@ class RedisTokenBucket:
         self._degraded = True
 
 
+# One round trip, atomic: the row is locked (concurrent takers queue on it), refilled by the
+# database clock's elapsed time, and a token taken if one is there. Returns the seconds to wait,
+# 0 when granted. Times are epoch seconds; ``stamp`` never goes back (a taker that read the
+# clock before waiting for the lock).
+_PG_ACQUIRE = text(
+    """
+WITH b AS (
+  SELECT key, blocked_until,
+         least(CAST(:burst AS float8),
+               tokens + greatest(0.0, extract(epoch FROM clock_timestamp()) - stamp)
+                        * CAST(:rate AS float8)) AS tokens,
+         greatest(stamp, extract(epoch FROM clock_timestamp())) AS now
+  FROM rate_limit_buckets WHERE key = :key FOR UPDATE
+)
+UPDATE rate_limit_buckets AS r
+SET tokens = CASE WHEN b.now >= b.blocked_until AND b.tokens >= 1 - 1e-9
+                  THEN greatest(0.0, b.tokens - 1) ELSE b.tokens END,
+    stamp = b.now
+FROM b WHERE r.key = b.key
+RETURNING CASE WHEN b.now < b.blocked_until THEN greatest(0.001, b.blocked_until - b.now)
+               WHEN b.tokens >= 1 - 1e-9 THEN 0.0
+               ELSE greatest(0.001, (1 - b.tokens) / CAST(:rate AS float8)) END AS wait
+"""
+)
+_PG_CREATE = text(
+    "INSERT INTO rate_limit_buckets (key, tokens, stamp, blocked_until) "
+    "VALUES (:key, CAST(:burst AS float8), extract(epoch FROM clock_timestamp()), 0) "
+    "ON CONFLICT (key) DO NOTHING"
+)
+_PG_PAUSE = text(
+    "UPDATE rate_limit_buckets SET blocked_until = greatest(blocked_until, "
+    "extract(epoch FROM clock_timestamp()) + CAST(:seconds AS float8)) WHERE key = :key"
+)
+
+
+class PostgresTokenBucket:
+    """The token bucket in a Postgres row (``rate_limit_buckets``), shared by every process that
+    uses the same ``key``: the limit of a RabbitMQ deployment without a Redis.
+
+    Which orders were limited lately (``note_limited``) is counted in this process; the
+    account-wide pause it leads to is shared through the row. If Postgres cannot be reached the
+    limiter degrades to an in-process bucket (and says so in the log), as the Redis one does.
+    """
+
+    def __init__(
+        self,
+        database_url: str,
+        rate: float,
+        burst: float | None = None,
+        *,
+        key: str = DEFAULT_KEY,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        if rate <= 0:
+            raise ValueError("rate must be positive")
+        self.rate = rate
+        self.burst = burst if burst is not None else _default_burst(rate)
+        self.key = key
+        self._sleep = sleep
+        # Its own small pool: one statement per upstream call, never inside a reconcile's lock.
+        self._engine: AsyncEngine = create_async_engine(
+            database_url,
+            pool_size=2,
+            max_overflow=4,
+            pool_pre_ping=True,
+            isolation_level="AUTOCOMMIT",
+            connect_args={"server_settings": {"application_name": "pandasync-ratelimit"}},
+        )
+        self._created = False
+        self._counter = LocalTokenBucket(rate, self.burst, sleep=sleep)  # note_limited's count
+        self._fallback = LocalTokenBucket(rate, self.burst, sleep=sleep)
+        self._degraded = False
+
+    async def _ensure_row(self) -> None:
+        if not self._created:
+            async with self._engine.connect() as conn:
+                await conn.execute(_PG_CREATE, {"key": self.key, "burst": self.burst})
+            self._created = True
+
+    async def try_take(self) -> float:
+        """One attempt: 0.0 when granted, else the seconds to wait. Raises SQLAlchemyError."""
+        await self._ensure_row()
+        params = {"key": self.key, "rate": self.rate, "burst": self.burst}
+        async with self._engine.connect() as conn:
+            wait = (await conn.execute(_PG_ACQUIRE, params)).scalar_one_or_none()
+        if wait is None:  # the row was deleted under us: make it again
+            self._created = False
+            return MIN_WAIT_S
+        return float(wait)
+
+    async def acquire(self) -> None:
+        while True:
+            try:
+                wait = await self.try_take()
+            except (SQLAlchemyError, OSError) as error:
+                self._note_degraded(error)
+                await self._fallback.acquire()
+                return
+            self._degraded = False
+            if wait <= 0:
+                return
+            _check_pause(wait, self.rate)
+            await self._sleep(min(wait, MAX_POLL_S) * (1 + random.random() * 0.1))
+
+    async def pause(self, seconds: float) -> None:
+        seconds = min(max(seconds, 0.0), MAX_PAUSE_S)
+        try:
+            await self._ensure_row()
+            async with self._engine.connect() as conn:
+                await conn.execute(_PG_PAUSE, {"key": self.key, "seconds": seconds})
+        except (SQLAlchemyError, OSError) as error:
+            self._note_degraded(error)
+            await self._fallback.pause(seconds)
+
+    async def note_limited(self, subject: str, retry_after: float | None) -> float:
+        paused = await self._counter.note_limited(subject, retry_after)
+        if paused > 0:
+            await self.pause(paused)
+        return paused
+
+    async def aclose(self) -> None:
+        await self._engine.dispose()
+
+    def _note_degraded(self, error: Exception) -> None:
+        if not self._degraded:
+            log.warning(
+                "rate limit falls back to this process: Postgres unavailable",
+                error=type(error).__name__,
+            )
+        self._degraded = True
+
+
 def limiter_key(account: Account | None) -> str:
     """The Redis key of ``account``'s bucket: PandaPon limits per account, so each has its own
     bucket and its own account-wide pause. The single-account settings keep the key they
@@ -354,15 +494,60 @@ def limiter_key(account: Account | None) -> str:
     return f"{DEFAULT_KEY}:{account.name}"
 
 
+def rate_limit_backend(settings: Settings) -> str:
+    """Where the shared bucket lives for ``settings``: ``redis`` (PANDASYNC_RATE_LIMIT_REDIS_URL,
+    else a Redis broker), ``postgres`` (a RabbitMQ broker without that Redis) or ``process``
+    (no broker: ``pandasync dev``, or no database to share it through)."""
+    if _redis_url(settings):
+        return "redis"
+    if settings.broker_url and settings.database_url:
+        return "postgres"
+    return "process"
+
+
+def _redis_url(settings: Settings) -> str | None:
+    if settings.rate_limit_redis_url:
+        return settings.rate_limit_redis_url
+    url = settings.broker_url
+    if url and url.startswith(("redis://", "rediss://")):
+        return url
+    return None
+
+
+_backend_logged = False
+
+
+def log_rate_limit_backend(settings: Settings) -> None:
+    """Say once per process where the limit lives (the first limiter made says it): a
+    per-process limit multiplies the limit by the processes."""
+    global _backend_logged
+    if _backend_logged:
+        return
+    _backend_logged = True
+    backend = rate_limit_backend(settings)
+    if backend == "process" and settings.broker_url:
+        log.warning(
+            "upstream rate limit is per process: each worker process sends up to the limit; set "
+            "PANDASYNC_DATABASE_URL or PANDASYNC_RATE_LIMIT_REDIS_URL to share it",
+            backend=backend,
+        )
+    else:
+        log.info("upstream rate limit", backend=backend, shared=backend != "process")
+
+
 def make_rate_limiter(
     settings: Settings, *, key: str | None = None, account: Account | None = None
 ) -> RateLimiter:
-    """``account``'s limiter (default: the only account's): Redis-backed when the broker is
-    Redis, in-process otherwise. The caller closes it."""
+    """``account``'s limiter (default: the only account's), on ``rate_limit_backend``'s
+    store. The caller closes it."""
     if account is None:
         account = settings.accounts()[0]
     rate = account.rate_limit_rps or settings.upstream_rate_limit_rps
-    url = settings.broker_url
-    if url and url.startswith(("redis://", "rediss://")):
-        return RedisTokenBucket(url, rate, key=key or limiter_key(account))
+    backend = rate_limit_backend(settings)
+    log_rate_limit_backend(settings)
+    redis_url = _redis_url(settings)
+    if redis_url:
+        return RedisTokenBucket(redis_url, rate, key=key or limiter_key(account))
+    if backend == "postgres" and settings.database_url:
+        return PostgresTokenBucket(settings.database_url, rate, key=key or limiter_key(account))
     return LocalTokenBucket(rate)
