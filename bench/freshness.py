@@ -17,6 +17,13 @@ ledger reflects the message. Upstream calls come from the sandbox's call counts.
 
 Baseline, same run: the upstream round trip itself, the median of direct
 ``PandaPonClient.order_detail`` calls to the same sandbox with the same latency.
+
+Floor, same run (``bare_reconcile``): for the same orders, the CPU of a minimal loop doing only
+what a reconcile cannot avoid: the same upstream calls with a plain httpx client (signed, JSON
+parsed), the same rows (the order, its lines, a status history row, a change feed row, the inbox
+row) written with raw asyncpg in one transaction, and a dramatiq round trip of a no-op actor on
+the same Redis broker (enqueued and consumed in the bench process). The workers' CPU per message
+is printed against it.
 """
 
 from __future__ import annotations
@@ -33,7 +40,9 @@ import time
 from typing import Any
 
 import asyncpg
+import dramatiq
 import httpx
+from dramatiq.brokers.redis import RedisBroker
 
 from bench._stack import (
     BenchStack,
@@ -92,6 +101,167 @@ async def baseline_round_trip(sandbox_url: str, order: dict[str, Any], calls: in
             await client.order_detail(Platform(order["platform"]), order["order_id"])
             times.append((time.perf_counter() - started) * 1000)
     return statistics.median(times[2:])  # the first two open the connection
+
+
+# The floor's order write: what any reconcile of a new paid order must store, in SQL as plain
+# as it gets (the row values the real reconcile wrote, read back before the floor starts).
+_FLOOR_ORDER = (
+    "UPDATE orders SET status = $2, raw_status = $3, raw = $4::jsonb, snapshot_at = now(), "
+    "last_synced_at = now(), upstream_modified_at = $5 WHERE id = $1"
+)
+_FLOOR_LINE = (
+    "INSERT INTO order_lines (account_id, order_pk, line_id, product_id, sku_id, title, "
+    "quantity, unit_price, amount, raw_status, raw) "
+    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::jsonb) "
+    "ON CONFLICT ON CONSTRAINT uq_order_lines_order_pk_line_id DO UPDATE SET "
+    "title = excluded.title, quantity = excluded.quantity, amount = excluded.amount, "
+    "raw = excluded.raw"
+)
+_FLOOR_HISTORY = (
+    "INSERT INTO order_status_history (account_id, order_pk, from_status, to_status, "
+    "from_raw_status, to_raw_status, upstream_modified_at, source) "
+    "VALUES ($1, $2, NULL, $3, NULL, $4, $5, 'webhook')"
+)
+_FLOOR_CHANGE = (
+    "INSERT INTO ledger_changes (account_id, platform, order_id, order_pk, kind, payload, "
+    "occurred_at) VALUES ($1, $2, $3, $4, 'order.status_changed', $5::jsonb, $6)"
+)
+_FLOOR_INBOX = (
+    "UPDATE webhook_inbox SET state = 'processed', processed_at = now() "
+    "WHERE account_id = $1 AND platform = $2 AND order_id = $3"
+)
+
+
+async def bare_reconcile(
+    stack: BenchStack, orders: list[dict[str, Any]], redis_url: str, concurrency: int
+) -> dict[str, float]:
+    """CPU seconds of this process for the floor of ``orders``: ``upstream+write`` (the calls
+    and the transaction) and ``dramatiq`` (a no-op actor's round trip per order)."""
+    from service.domain import Platform
+    from service.pandapon.endpoints import EndpointTable, Kind
+
+    endpoints = EndpointTable()
+    conn = await asyncpg.connect(asyncpg_dsn(stack.database_url))
+    try:
+        stored = {
+            row["order_id"]: row
+            for row in await conn.fetch(
+                "SELECT id, order_id, status::text AS status, raw_status, upstream_modified_at "
+                "FROM orders WHERE order_id = ANY($1::text[])",
+                [o["order_id"] for o in orders],
+            )
+        }
+        lines: dict[int, list[Any]] = {}
+        for row in await conn.fetch(
+            "SELECT order_pk, line_id, product_id, sku_id, title, quantity, unit_price, amount, "
+            "raw_status, raw::text AS raw FROM order_lines WHERE order_pk = ANY($1::bigint[])",
+            [r["id"] for r in stored.values()],
+        ):
+            lines.setdefault(row["order_pk"], []).append(row)
+    finally:
+        await conn.close()
+
+    pool = await asyncpg.create_pool(
+        asyncpg_dsn(stack.database_url), min_size=concurrency, max_size=concurrency
+    )
+    http = httpx.AsyncClient(
+        timeout=30,
+        trust_env=False,
+        limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
+    )
+    gate = asyncio.Semaphore(concurrency)
+
+    async def call(platform: Platform, kind: Kind, order_id: str) -> Any:
+        endpoint = endpoints.get(platform, kind)
+        wire = endpoint.wire_params({"order_id": order_id})
+        url = stack.sandbox_url + endpoint.path
+        headers = signed_headers(CREDENTIALS)
+        if endpoint.method == "GET":
+            response = await http.get(url, params=wire, headers=headers)
+        else:
+            response = await http.post(url, json=wire, headers=headers)
+        body = response.json()
+        if response.status_code != 200:
+            raise RuntimeError(f"floor: {endpoint.name} answered {response.status_code}")
+        return body.get("data", body)
+
+    async def one(order: dict[str, Any]) -> None:
+        platform = Platform(order["platform"])
+        async with gate:
+            data = await call(platform, "order_detail", order["order_id"])
+            if platform is Platform.ALIBABA_1688:
+                await call(platform, "logistics", order["order_id"])
+            row = stored[order["order_id"]]
+            raw = json.dumps(data)
+            async with pool.acquire() as db, db.transaction():
+                await db.execute(
+                    _FLOOR_ORDER,
+                    row["id"],
+                    row["status"],
+                    row["raw_status"],
+                    raw,
+                    row["upstream_modified_at"],
+                )
+                await db.executemany(
+                    _FLOOR_LINE,
+                    [(DEV_USER_ID, *line) for line in lines.get(row["id"], [])],
+                )
+                await db.execute(
+                    _FLOOR_HISTORY,
+                    DEV_USER_ID,
+                    row["id"],
+                    row["status"],
+                    row["raw_status"],
+                    row["upstream_modified_at"],
+                )
+                await db.execute(
+                    _FLOOR_CHANGE,
+                    DEV_USER_ID,
+                    order["platform"],
+                    order["order_id"],
+                    row["id"],
+                    json.dumps({"to_status": row["status"], "to_raw_status": row["raw_status"]}),
+                    row["upstream_modified_at"],
+                )
+                await db.execute(_FLOOR_INBOX, DEV_USER_ID, order["platform"], order["order_id"])
+
+    async with http:
+        try:
+            await asyncio.gather(*(one(order) for order in orders[:concurrency]))  # warm
+            before = time.process_time()
+            await asyncio.gather(*(one(order) for order in orders))
+            upstream_write = time.process_time() - before
+        finally:
+            await pool.close()
+
+    # A no-op actor's round trip on the same broker: enqueued here, consumed by a worker of
+    # this process with dramatiq's default middleware.
+    broker = RedisBroker(url=redis_url)  # type: ignore[no-untyped-call]
+    loop = asyncio.get_running_loop()
+    done = asyncio.Event()
+    remaining = [len(orders)]
+
+    def arrived() -> None:
+        remaining[0] -= 1
+        if remaining[0] <= 0:
+            done.set()
+
+    @dramatiq.actor(broker=broker, queue_name="bench_floor", actor_name="bench_floor_noop")
+    def noop(order_id: str) -> None:
+        loop.call_soon_threadsafe(arrived)
+
+    worker = dramatiq.Worker(broker, worker_threads=16)
+    worker.start()
+    try:
+        before = time.process_time()
+        for order in orders:
+            noop.send(order["order_id"])
+        await asyncio.wait_for(done.wait(), 120)
+        round_trips = time.process_time() - before
+    finally:
+        worker.stop()
+        broker.close()
+    return {"upstream+write": upstream_write, "dramatiq": round_trips}
 
 
 class Poller:
@@ -239,6 +409,10 @@ async def measure(stack: BenchStack, args: argparse.Namespace) -> dict[str, Any]
         )
     finally:
         await conn.close()
+    assert stages is not None  # an aggregate always answers one row
+    # After the inbox figures above: the floor marks the same inbox rows processed again.
+    measured = [o for o in orders[:count] if o["order_id"] in poller.seen]
+    floor = await bare_reconcile(stack, measured, args.redis_url, args.worker_threads)
     latencies = sorted((poller.seen[o] - sent_at[o]) * 1000 for o in poller.seen)
     return {
         "messages": len(sent_at),
@@ -251,6 +425,8 @@ async def measure(stack: BenchStack, args: argparse.Namespace) -> dict[str, Any]
         "base_ms": base_ms,
         "stages": dict(stages),
         "cpu": cpu,
+        "floor": floor,
+        "floor_messages": len(measured),
         "post_ms": statistics.median(post_ms),
     }
 
@@ -293,6 +469,8 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> str:
         "CPU per message (user + system, sending until the ledger held every message):",
         *cpu_lines(result["cpu"], messages),
         "",
+        *floor_lines(result, messages),
+        "",
         f"targets: p50 <= 250 ms {'ok' if p50 <= 250 else 'MISSED'}, "
         f"p99 <= 2000 ms {'ok' if p99 <= 2000 else 'MISSED'}, "
         f"detail calls/message <= 1.2 {'ok' if detail / messages <= 1.2 else 'MISSED'}",
@@ -304,6 +482,20 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> str:
             f"INVALID: {len(result['errors'])} non-200 answers, e.g. {result['errors'][0]}"
         )
     return "\n".join(lines)
+
+
+def floor_lines(result: dict[str, Any], messages: int) -> list[str]:
+    """The bare-reconcile floor per message, and the workers' CPU per message against it."""
+    floor = result["floor"]
+    n = result["floor_messages"] or 1
+    floor_ms = sum(floor.values()) * 1000 / n
+    worker_ms = result["cpu"].get("worker", 0.0) * 1000 / messages
+    return [
+        f"bare-reconcile floor (same orders, {n}): "
+        + ", ".join(f"{k} {v * 1000 / n:.2f} ms" for k, v in floor.items())
+        + f"; {floor_ms:.2f} ms/message",
+        f"worker CPU per message {worker_ms:.2f} ms = {worker_ms / floor_ms:.2f}x the floor",
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:

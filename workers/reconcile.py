@@ -169,7 +169,8 @@ async def order_lock(
         "lock_key": order_lock_key(request.account_id, request.platform, request.order_id),
     }
     async with engine.connect() as conn:
-        await set_isolation(conn, "AUTOCOMMIT")
+        # A connection fresh from the pool has no transaction to end: no rollback first.
+        await conn.execution_options(isolation_level="AUTOCOMMIT")
         row = (await conn.execute(_LOCK_AND_LOOK, {**params, "inbox_id": request.inbox_id})).one()
         if not row.acquired:
             yield None

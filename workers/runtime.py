@@ -106,6 +106,8 @@ _lock = asyncio.Lock()
 
 async def get_runtime() -> WorkerRuntime:
     global _runtime
+    if _runtime is not None:  # every message after the first: no lock to take
+        return _runtime
     async with _lock:
         if _runtime is None:
             _runtime = WorkerRuntime.build(get_settings())

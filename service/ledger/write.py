@@ -42,6 +42,8 @@ from sqlalchemy import (
     Boolean,
     ColumnElement,
     DateTime,
+    String,
+    all_,
     bindparam,
     case,
     delete,
@@ -51,7 +53,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.dialects.postgresql import Insert, insert
+from sqlalchemy.dialects.postgresql import ARRAY, Insert, insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from service.ledger import changes
@@ -199,9 +201,11 @@ _UPSERT_LINES = _upsert(
     "uq_order_lines_order_pk_line_id",
     ("product_id", "sku_id", "title", "quantity", "unit_price", "amount", "raw_status", "raw"),
 )
+# ``<> ALL(array)``, not ``NOT IN (expanding)``: one SQL text whatever the number of lines, so
+# one prepared statement per connection and no per-call expansion of the parameter.
 _DELETE_GONE_LINES = delete(OrderLine).where(
     OrderLine.order_pk == bindparam("order_pk"),
-    OrderLine.line_id.not_in(bindparam("line_ids", expanding=True)),
+    OrderLine.line_id != all_(bindparam("line_ids", type_=ARRAY(String))),
 )
 _UPSERT_SHIPMENT = (
     insert(Shipment)
@@ -451,7 +455,7 @@ async def write_order(
             new_shipping_fee=snap.shipping_fee,
         )
 
-    await _upsert_lines(conn, account_id, order_pk, snap)
+    await _upsert_lines(conn, account_id, order_pk, snap, new_order=existing is None)
     parcels_before: dict[str, datetime | None] = {}
     if existing is not None and truth.shipments:
         parcels_before = {
@@ -476,18 +480,25 @@ async def write_order(
             feed_row(ChangeKind.DELIVERED, **parcel_details, delivered_at=stored["delivered_at"])
         parcels_before[parcel.tracking_number] = stored["delivered_at"]  # a parcel listed twice
     await _upsert_refunds(conn, account_id, order_pk, truth, rederived)
+    # An order created just now with no parcel, no refund and no shipping time: the summary is
+    # the row's defaults (no refund, nothing shipped), so there is nothing to derive.
+    bare = existing is None and not truth.shipments and not truth.refunds and not snap.shipped_at
     summary = (
-        await conn.execute(
-            _SUMMARIZE_ORDER,
-            {
-                "order_pk": order_pk,
-                "shipped_at": snap.shipped_at,
-                "all_delivered": bool(truth.shipments)
-                and all(s.delivered for s in truth.shipments),
-            },
-        )
-    ).one()
-    if summary.refund_state != before_refund_state:
+        None
+        if bare
+        else (
+            await conn.execute(
+                _SUMMARIZE_ORDER,
+                {
+                    "order_pk": order_pk,
+                    "shipped_at": snap.shipped_at,
+                    "all_delivered": bool(truth.shipments)
+                    and all(s.delivered for s in truth.shipments),
+                },
+            )
+        ).one()
+    )
+    if summary is not None and summary.refund_state != before_refund_state:
         feed_row(
             ChangeKind.REFUND_CHANGED,
             from_refund_state=before_refund_state,
@@ -536,14 +547,17 @@ def order_values(account_id: str, truth: OrderTruth) -> dict[str, Any]:
 
 
 async def _upsert_lines(
-    conn: AsyncConnection, account_id: str, order_pk: int, snap: OrderSnapshot
+    conn: AsyncConnection, account_id: str, order_pk: int, snap: OrderSnapshot, *, new_order: bool
 ) -> None:
+    """``new_order``: the order row was inserted by this transaction, so it has no other lines."""
     if not snap.lines:
         return  # the answer lists no lines: it says nothing about them
     rows = [
         {"account_id": account_id, "order_pk": order_pk, **line_values(line)} for line in snap.lines
     ]
     await conn.execute(_UPSERT_LINES, rows)
+    if new_order:
+        return
     gone = {"order_pk": order_pk, "line_ids": [line.line_id for line in snap.lines]}
     await conn.execute(_DELETE_GONE_LINES, gone)
 
