@@ -265,12 +265,59 @@ return ARGV[4]
 )
 
 
-class RedisTokenBucket:
-    """The token bucket in Redis, shared by every process that uses the same ``key``.
+class _SharedBucket:
+    """What the shared buckets have in common: the wait loop over ``try_take``, and the
+    in-process bucket they fall back to (saying so once in the log) when their store cannot be
+    reached, rather than stopping every upstream call."""
 
-    If Redis cannot be reached the limiter degrades to an in-process bucket (and says so in the
-    log) rather than stopping every upstream call.
-    """
+    store = ""  # named in the log line
+    store_errors: tuple[type[Exception], ...] = ()
+
+    def __init__(
+        self, rate: float, burst: float | None, *, key: str, sleep: Sleep = asyncio.sleep
+    ) -> None:
+        if rate <= 0:
+            raise ValueError("rate must be positive")
+        self.rate = rate
+        self.burst = burst if burst is not None else _default_burst(rate)
+        self.key = key
+        self._sleep = sleep
+        self._fallback = LocalTokenBucket(rate, self.burst, sleep=sleep)
+        self._degraded = False
+
+    async def try_take(self) -> float:
+        """One attempt: 0.0 when granted, else the seconds to wait. Raises ``store_errors``."""
+        raise NotImplementedError
+
+    async def acquire(self) -> None:
+        while True:
+            try:
+                wait = await self.try_take()
+            except self.store_errors as error:
+                self._note_degraded(error)
+                await self._fallback.acquire()
+                return
+            self._degraded = False
+            if wait <= 0:
+                return
+            _check_pause(wait, self.rate)
+            # A little jitter so waiting processes do not all ask again in the same instant.
+            await self._sleep(min(wait, MAX_POLL_S) * (1 + random.random() * 0.1))
+
+    def _note_degraded(self, error: Exception) -> None:
+        if not self._degraded:
+            log.warning(
+                f"rate limit falls back to this process: {self.store} unavailable",
+                error=type(error).__name__,
+            )
+        self._degraded = True
+
+
+class RedisTokenBucket(_SharedBucket):
+    """The token bucket in Redis, shared by every process that uses the same ``key``."""
+
+    store = "Redis"
+    store_errors = (RedisError,)
 
     def __init__(
         self,
@@ -281,39 +328,17 @@ class RedisTokenBucket:
         key: str = DEFAULT_KEY,
         sleep: Sleep = asyncio.sleep,
     ) -> None:
-        if rate <= 0:
-            raise ValueError("rate must be positive")
-        self.rate = rate
-        self.burst = burst if burst is not None else _default_burst(rate)
-        self.key = key
-        self._sleep = sleep
+        super().__init__(rate, burst, key=key, sleep=sleep)
         self._redis = aioredis.Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=2)
         self._acquire = self._redis.register_script(_ACQUIRE_LUA)
         self._pause = self._redis.register_script(_PAUSE_LUA)
         self._note_limited = self._redis.register_script(_NOTE_LIMITED_LUA)
-        self._fallback = LocalTokenBucket(rate, self.burst, sleep=sleep)
-        self._degraded = False
 
     async def try_take(self) -> float:
         """One attempt: 0.0 when granted, else the seconds to wait. Raises RedisError."""
         result = await self._acquire(keys=[self.key], args=[repr(self.rate), repr(self.burst)])
         text = result.decode() if isinstance(result, bytes) else str(result)
         return float(text)
-
-    async def acquire(self) -> None:
-        while True:
-            try:
-                wait = await self.try_take()
-            except RedisError as error:
-                self._note_degraded(error)
-                await self._fallback.acquire()
-                return
-            self._degraded = False
-            if wait <= 0:
-                return
-            _check_pause(wait, self.rate)
-            # A little jitter so waiting processes do not all ask again in the same instant.
-            await self._sleep(min(wait, MAX_POLL_S) * (1 + random.random() * 0.1))
 
     async def pause(self, seconds: float) -> None:
         seconds = min(max(seconds, 0.0), MAX_PAUSE_S)
@@ -343,14 +368,6 @@ class RedisTokenBucket:
 
     async def aclose(self) -> None:
         await self._redis.aclose()
-
-    def _note_degraded(self, error: RedisError) -> None:
-        if not self._degraded:
-            log.warning(
-                "rate limit falls back to this process: Redis unavailable",
-                error=type(error).__name__,
-            )
-        self._degraded = True
 
 
 # One round trip, atomic: the row is locked (concurrent takers queue on it), refilled by the
@@ -388,14 +405,16 @@ _PG_PAUSE = text(
 )
 
 
-class PostgresTokenBucket:
+class PostgresTokenBucket(_SharedBucket):
     """The token bucket in a Postgres row (``rate_limit_buckets``), shared by every process that
     uses the same ``key``: the limit of a RabbitMQ deployment without a Redis.
 
     Which orders were limited lately (``note_limited``) is counted in this process; the
-    account-wide pause it leads to is shared through the row. If Postgres cannot be reached the
-    limiter degrades to an in-process bucket (and says so in the log), as the Redis one does.
+    account-wide pause it leads to is shared through the row.
     """
+
+    store = "Postgres"
+    store_errors = (SQLAlchemyError, OSError)
 
     def __init__(
         self,
@@ -406,12 +425,7 @@ class PostgresTokenBucket:
         key: str = DEFAULT_KEY,
         sleep: Sleep = asyncio.sleep,
     ) -> None:
-        if rate <= 0:
-            raise ValueError("rate must be positive")
-        self.rate = rate
-        self.burst = burst if burst is not None else _default_burst(rate)
-        self.key = key
-        self._sleep = sleep
+        super().__init__(rate, burst, key=key, sleep=sleep)
         # Its own small pool: one statement per upstream call, never inside a reconcile's lock.
         self._engine: AsyncEngine = create_async_engine(
             database_url,
@@ -423,8 +437,6 @@ class PostgresTokenBucket:
         )
         self._created = False
         self._counter = LocalTokenBucket(rate, self.burst, sleep=sleep)  # note_limited's count
-        self._fallback = LocalTokenBucket(rate, self.burst, sleep=sleep)
-        self._degraded = False
 
     async def _ensure_row(self) -> None:
         if not self._created:
@@ -443,27 +455,13 @@ class PostgresTokenBucket:
             return MIN_WAIT_S
         return float(wait)
 
-    async def acquire(self) -> None:
-        while True:
-            try:
-                wait = await self.try_take()
-            except (SQLAlchemyError, OSError) as error:
-                self._note_degraded(error)
-                await self._fallback.acquire()
-                return
-            self._degraded = False
-            if wait <= 0:
-                return
-            _check_pause(wait, self.rate)
-            await self._sleep(min(wait, MAX_POLL_S) * (1 + random.random() * 0.1))
-
     async def pause(self, seconds: float) -> None:
         seconds = min(max(seconds, 0.0), MAX_PAUSE_S)
         try:
             await self._ensure_row()
             async with self._engine.connect() as conn:
                 await conn.execute(_PG_PAUSE, {"key": self.key, "seconds": seconds})
-        except (SQLAlchemyError, OSError) as error:
+        except self.store_errors as error:
             self._note_degraded(error)
             await self._fallback.pause(seconds)
 
@@ -475,14 +473,6 @@ class PostgresTokenBucket:
 
     async def aclose(self) -> None:
         await self._engine.dispose()
-
-    def _note_degraded(self, error: Exception) -> None:
-        if not self._degraded:
-            log.warning(
-                "rate limit falls back to this process: Postgres unavailable",
-                error=type(error).__name__,
-            )
-        self._degraded = True
 
 
 def limiter_key(account: Account | None) -> str:
@@ -543,11 +533,11 @@ def make_rate_limiter(
     if account is None:
         account = settings.accounts()[0]
     rate = account.rate_limit_rps or settings.upstream_rate_limit_rps
-    backend = rate_limit_backend(settings)
     log_rate_limit_backend(settings)
+    key = key or limiter_key(account)
     redis_url = _redis_url(settings)
     if redis_url:
-        return RedisTokenBucket(redis_url, rate, key=key or limiter_key(account))
-    if backend == "postgres" and settings.database_url:
-        return PostgresTokenBucket(settings.database_url, rate, key=key or limiter_key(account))
+        return RedisTokenBucket(redis_url, rate, key=key)
+    if settings.broker_url and settings.database_url:  # rate_limit_backend: "postgres"
+        return PostgresTokenBucket(settings.database_url, rate, key=key)
     return LocalTokenBucket(rate)
