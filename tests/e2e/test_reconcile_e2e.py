@@ -20,15 +20,13 @@ import asyncpg
 import httpx
 import pytest
 
-from service.pandapon.signer import Credentials, signed_headers
 from service.sandbox.remote import SandboxRemote
-from service.sandbox.settings import DEV_ACCESS_KEY, DEV_ACCESS_SECRET, DEV_USER_ID
+from service.sandbox.settings import DEV_USER_ID
 from tests.support.ledger_truth import fetch, ledger_mismatches, wait_for_ledger
-from tests.support.stack import PANDASYNC, Stack, run_command
+from tests.support.stack import PANDASYNC, Stack, burst_detail_fetches, run_command, send_signed
 
 pytestmark = pytest.mark.e2e
 
-CREDENTIALS = Credentials(DEV_ACCESS_KEY, DEV_ACCESS_SECRET, DEV_USER_ID)
 LINES = [
     {"title": "保温杯", "quantity": 2, "unit_price": "25.00", "product_id": "p-cup"},
     {"title": "杯垫", "quantity": 3, "unit_price": "4.00", "product_id": "p-mat"},
@@ -155,12 +153,6 @@ async def settle_queue(stack: Stack) -> None:
         await client.aclose()
 
 
-async def send_signed(http: httpx.AsyncClient, url: str, message: dict[str, Any]) -> int:
-    body = json.dumps(message, ensure_ascii=False).encode()
-    headers = {**signed_headers(CREDENTIALS), "content-type": "application/json"}
-    return (await http.post(url, content=body, headers=headers)).status_code
-
-
 async def test_duplicated_and_reversed_delivery_gives_the_truth_and_no_extra_history(
     stack: Stack,
 ) -> None:
@@ -200,33 +192,8 @@ async def test_duplicated_and_reversed_delivery_gives_the_truth_and_no_extra_his
 
 
 async def test_a_burst_for_one_order_costs_at_most_two_detail_fetches(stack: Stack) -> None:
-    async with SandboxRemote(stack.sandbox_url) as sb:
-        await sb.configure_delivery(drop=1.0)
-        order = await sb.create_order("taobao", LINES)
-        await sb.pay("taobao", order["order_id"])
-        message = (await sb.callbacks(with_body=True))["records"][-1]["message"]
-        await sb.reset_calls()
-        async with httpx.AsyncClient(timeout=5) as http:
-            for n in range(10):
-                # Ten distinct messages (another push time each) about the same order.
-                burst = {**message, "timestamp": str(int(message["timestamp"]) + n)}
-                assert await send_signed(http, stack.webhook_url, burst) == 200
-        truth = await sb.order("taobao", order["order_id"])
-        await wait_for_ledger(stack.database_url, DEV_USER_ID, [truth])
-
-        async def all_processed() -> bool:
-            rows = await fetch(
-                stack.database_url, "SELECT 1 FROM webhook_inbox WHERE state <> 'processed'"
-            )
-            return not rows
-
-        for _ in range(100):
-            if await all_processed():
-                break
-            await asyncio.sleep(0.1)
-        assert await all_processed()
-        calls = await sb.calls()
-    assert 1 <= calls.get("taobao_order_detail", 0) <= 2, calls
+    fetches = await burst_detail_fetches(stack, LINES)
+    assert 1 <= fetches <= 2, fetches
 
 
 @pytest.mark.parametrize(

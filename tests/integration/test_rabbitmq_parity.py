@@ -11,7 +11,6 @@ own (``tests.support.rabbitmq``). Without a server a test is skipped on a laptop
 from __future__ import annotations
 
 import asyncio
-import json
 import multiprocessing
 import sys
 import time
@@ -21,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import dramatiq
-import httpx
 import pytest
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -41,13 +39,9 @@ from service.pandapon.ratelimit import (
     make_rate_limiter,
     rate_limit_backend,
 )
-from service.pandapon.signer import Credentials, signed_headers
-from service.sandbox.remote import SandboxRemote
-from service.sandbox.settings import DEV_ACCESS_KEY, DEV_ACCESS_SECRET, DEV_USER_ID
 from tests.support.broker import enqueue_aged
-from tests.support.ledger_truth import fetch, wait_for_ledger
 from tests.support.rabbitmq import rabbitmq_url
-from tests.support.stack import Stack
+from tests.support.stack import Stack, burst_detail_fetches
 from workers.operations import gather_status
 
 pytestmark = pytest.mark.redis
@@ -55,7 +49,6 @@ pytestmark = pytest.mark.redis
 __all__ = ["rabbitmq_url"]  # the fixture, used by name
 
 BROKERS = ["redis", "rabbitmq"]
-CREDENTIALS = Credentials(DEV_ACCESS_KEY, DEV_ACCESS_SECRET, DEV_USER_ID)
 LINES = [{"title": "保温杯", "quantity": 2, "unit_price": "25.00", "product_id": "p-cup"}]
 
 
@@ -265,40 +258,8 @@ async def stack(
         print(running.logs())  # shown by pytest when the test failed
 
 
-async def _send_signed(http: httpx.AsyncClient, url: str, message: dict[str, Any]) -> int:
-    body = json.dumps(message, ensure_ascii=False).encode()
-    headers = {**signed_headers(CREDENTIALS), "content-type": "application/json"}
-    return (await http.post(url, content=body, headers=headers)).status_code
-
-
 @pytest.mark.e2e
 async def test_a_burst_for_one_order_costs_at_most_three_detail_fetches(stack: Stack) -> None:
-    async with SandboxRemote(stack.sandbox_url) as sb:
-        await sb.configure_delivery(drop=1.0)
-        order = await sb.create_order("taobao", LINES)
-        await sb.pay("taobao", order["order_id"])
-        message = (await sb.callbacks(with_body=True))["records"][-1]["message"]
-        await sb.reset_calls()
-        async with httpx.AsyncClient(timeout=5) as http:
-            for n in range(10):
-                # Ten distinct messages (another push time each) about the same order.
-                burst = {**message, "timestamp": str(int(message["timestamp"]) + n)}
-                assert await _send_signed(http, stack.webhook_url, burst) == 200
-        truth = await sb.order("taobao", order["order_id"])
-        await wait_for_ledger(stack.database_url, DEV_USER_ID, [truth])
-
-        async def all_processed() -> bool:
-            rows = await fetch(
-                stack.database_url, "SELECT 1 FROM webhook_inbox WHERE state <> 'processed'"
-            )
-            return not rows
-
-        for _ in range(150):
-            if await all_processed():
-                break
-            await asyncio.sleep(0.1)
-        assert await all_processed()
-        calls = await sb.calls()
-    fetches = calls.get("taobao_order_detail", 0)
+    fetches = await burst_detail_fetches(stack, LINES)
     print(f"detail fetches for a burst of 10: {fetches}", file=sys.stderr)
-    assert 1 <= fetches <= 3, calls
+    assert 1 <= fetches <= 3, fetches

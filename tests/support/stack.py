@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -19,9 +20,12 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
+from service.pandapon.signer import Credentials, signed_headers
+from service.sandbox.remote import SandboxRemote
 from service.sandbox.settings import DEV_ACCESS_KEY, DEV_ACCESS_SECRET, DEV_USER_ID
 
 PANDASYNC = str(Path(sys.executable).parent / "pandasync")
@@ -203,3 +207,47 @@ async def run_command(stack: Stack, *args: str) -> subprocess.CompletedProcess[s
         text=True,
         timeout=60,
     )
+
+
+DEV_CREDENTIALS = Credentials(DEV_ACCESS_KEY, DEV_ACCESS_SECRET, DEV_USER_ID)
+
+
+async def send_signed(http: httpx.AsyncClient, url: str, message: dict[str, Any]) -> int:
+    """POST ``message`` as the sandbox's dev account signs a callback; the status code."""
+    body = json.dumps(message, ensure_ascii=False).encode()
+    headers = {**signed_headers(DEV_CREDENTIALS), "content-type": "application/json"}
+    return (await http.post(url, content=body, headers=headers)).status_code
+
+
+async def burst_detail_fetches(stack: Stack, lines: list[dict[str, Any]]) -> int:
+    """Ten distinct callbacks about one paid order, sent at once; once every inbox row is
+    processed and the ledger holds the order, how many detail fetches the burst cost."""
+    from tests.support.ledger_truth import fetch, wait_for_ledger
+
+    async with SandboxRemote(stack.sandbox_url) as sb:
+        await sb.configure_delivery(drop=1.0)
+        order = await sb.create_order("taobao", lines)
+        await sb.pay("taobao", order["order_id"])
+        message = (await sb.callbacks(with_body=True))["records"][-1]["message"]
+        await sb.reset_calls()
+        async with httpx.AsyncClient(timeout=5) as http:
+            for n in range(10):
+                # Ten distinct messages (another push time each) about the same order.
+                burst = {**message, "timestamp": str(int(message["timestamp"]) + n)}
+                assert await send_signed(http, stack.webhook_url, burst) == 200
+        truth = await sb.order("taobao", order["order_id"])
+        await wait_for_ledger(stack.database_url, DEV_USER_ID, [truth])
+
+        async def all_processed() -> bool:
+            rows = await fetch(
+                stack.database_url, "SELECT 1 FROM webhook_inbox WHERE state <> 'processed'"
+            )
+            return not rows
+
+        for _ in range(150):
+            if await all_processed():
+                break
+            await asyncio.sleep(0.1)
+        assert await all_processed()
+        calls = await sb.calls()
+    return int(calls.get("taobao_order_detail", 0))
