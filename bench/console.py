@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import re
 import secrets
 import socket
@@ -32,7 +31,7 @@ import httpx
 import uvicorn
 from dramatiq.brokers.stub import StubBroker
 
-from bench.reporting import _ensure_database, _prepare_ledger
+from bench.reporting import _ensure_database, _prepare_ledger, add_ledger_arguments
 from service.db import asyncpg_dsn, with_database
 
 BUDGET_MS = 300.0
@@ -207,14 +206,7 @@ def run(url: str, orders: int, repeats: int) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.console", description=__doc__)
-    parser.add_argument("--orders", type=int, default=20_000, help="ledger size (20000)")
-    parser.add_argument(
-        "--database-url",
-        default=os.environ.get("PANDASYNC_TEST_DATABASE_URL")
-        or os.environ.get("PANDASYNC_DATABASE_URL"),
-        help="a server where the bench may create a database (default: "
-        "PANDASYNC_TEST_DATABASE_URL, then PANDASYNC_DATABASE_URL); the database part is ignored",
-    )
+    add_ledger_arguments(parser)
     parser.add_argument("--repeats", type=int, default=9, help="timed requests per page (9)")
     args = parser.parse_args(argv)
     if not args.database_url:

@@ -182,8 +182,9 @@ async def _run(url: str, args: argparse.Namespace) -> None:
             await defaults.close()
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.reporting", description=__doc__)
+def add_ledger_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--orders`` and ``--database-url``: which generated ledger, on which server (shared
+    with the benches that reuse it, such as bench.console)."""
     parser.add_argument("--orders", type=int, default=20_000, help="ledger size (20000)")
     parser.add_argument(
         "--database-url",
@@ -192,6 +193,11 @@ def main(argv: list[str] | None = None) -> None:
         help="a server where the bench may create a database (default: "
         "PANDASYNC_TEST_DATABASE_URL, then PANDASYNC_DATABASE_URL); the database part is ignored",
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.reporting", description=__doc__)
+    add_ledger_arguments(parser)
     parser.add_argument("--repeats", type=int, default=7, help="timed runs per query (7)")
     parser.add_argument("--timezone", default="Asia/Shanghai", help="reporting zone")
     parser.add_argument("--regenerate", action="store_true", help="make the ledger anew")
