@@ -362,47 +362,6 @@ async def message(session: AsyncSession, inbox_id: int) -> Any | None:
 
 
 @dataclass(frozen=True, slots=True)
-class FailureRow:
-    id: int
-    account_id: str
-    platform: str
-    order_id: str
-    kind: str
-    source: str
-    error: str
-    endpoint: str | None
-    http_status: int | None
-    upstream_code: str | None
-    upstream_msg: str | None
-    attempts: int
-    first_failed_at: datetime
-    last_failed_at: datetime
-    replay_count: int
-    replayed_at: datetime | None
-
-
-_FAILURES = text(
-    """
-SELECT id, account_id, platform, order_id, kind, source, error, endpoint, http_status,
-       upstream_code, upstream_msg, attempts, first_failed_at, last_failed_at, replay_count,
-       replayed_at, count(*) OVER () AS total
-FROM sync_failures
-WHERE resolved_at IS NULL AND id > :after
-ORDER BY id
-LIMIT :limit
-"""
-)
-
-
-async def open_failures(session: AsyncSession, after: int | None) -> tuple[list[FailureRow], int]:
-    """A page of the open failures, oldest first, after the id ``after``; and how many open
-    failures follow ``after`` in all."""
-    rows = (await session.execute(_FAILURES, {"after": after or 0, "limit": PAGE_SIZE + 1})).all()
-    total = int(rows[0].total) if rows else 0
-    return [FailureRow(*r[:-1]) for r in rows], total
-
-
-@dataclass(frozen=True, slots=True)
 class ReplayTarget:
     id: int
     account_id: str

@@ -55,6 +55,7 @@ from service.ledger.failures import (
     DismissRefused,
     NoSuchFailure,
     dismiss_failures,
+    list_open,
 )
 from service.ledger.timeline import at, describe, failure_text, find_orders, money, order_timeline
 
@@ -448,7 +449,7 @@ class Console:
     async def failures(self, request: Request, session: Session) -> Response:
         after = _int_param(request, "after")
         async with queries.reading(self.sessions(request)) as db:
-            rows, total = await queries.open_failures(db, after)
+            rows, total = await list_open(db, after=after, limit=queries.PAGE_SIZE + 1)
         more = len(rows) > queries.PAGE_SIZE
         rows = rows[: queries.PAGE_SIZE]
         notice = None

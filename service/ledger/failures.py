@@ -98,6 +98,7 @@ class OpenFailure:
     upstream_msg: str | None
     upstream_request_id: str | None
     replay_count: int
+    replayed_at: datetime | None
 
 
 async def list_open(
@@ -106,10 +107,12 @@ async def list_open(
     platform: Platform | None = None,
     kind: FailureKind | None = None,
     account_ids: Sequence[str] | None = None,
+    after: int | None = None,
     limit: int,
 ) -> tuple[list[OpenFailure], int]:
     """The first ``limit`` (at least 1) open failures, oldest first, and how many match;
-    ``account_ids``: only those accounts' (None: every account's)."""
+    ``account_ids``: only those accounts' (None: every account's); ``after``: only those
+    with a greater id (the next page of a keyset)."""
     if limit < 1:
         raise ValueError("limit must be at least 1")
     columns = [getattr(SyncFailure, field.name) for field in fields(OpenFailure)]
@@ -122,6 +125,8 @@ async def list_open(
         query = query.where(SyncFailure.kind == kind)
     if account_ids is not None:
         query = query.where(SyncFailure.account_id.in_(account_ids))
+    if after is not None:
+        query = query.where(SyncFailure.id > after)
     rows = (await session.execute(query.order_by(SyncFailure.id).limit(limit))).all()
     total = int(rows[0].total) if rows else 0
     return [OpenFailure(*row[:-1]) for row in rows], total
