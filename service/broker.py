@@ -12,7 +12,7 @@ the actors (``reconcile_message``).
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from typing import Any
@@ -89,6 +89,13 @@ def reconcile_message(
         kwargs=kwargs,
         options={},
     )
+
+
+def enqueue_replays(broker: dramatiq.Broker, orders: Iterable[tuple[str, str, str]]) -> None:
+    """A reconcile (source ``replay``) of each (account_id, platform, order_id): what
+    ``pandasync replay`` and the console's Replay send. Blocking: the broker client is."""
+    for account_id, platform, order_id in orders:
+        broker.enqueue(reconcile_message(account_id, platform, order_id, source="replay"))
 
 
 def _redis_list(broker: Any, queue_name: str) -> str:

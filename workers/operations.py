@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import dramatiq
-from sqlalchemy import Interval, and_, func, select, text, type_coerce, update
+from sqlalchemy import Interval, and_, func, select, text, type_coerce
 from sqlalchemy.dialects.postgresql import distinct_on
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -20,17 +20,14 @@ from service.broker import (
     oldest_ready_rabbitmq,
     oldest_waiting,
     queue_depth,
-    reconcile_message,
 )
 from service.config import Settings
-from service.db import session_scope
 from service.domain import (
     WAITING_INBOX_STATES,
     InboxState,
     OrderStatus,
     PaymentState,
     Platform,
-    SyncSource,
     UnmappedField,
 )
 from service.ledger.models import (
@@ -42,60 +39,6 @@ from service.ledger.models import (
     WebhookInbox,
 )
 from workers.reconcile import count_open_failures
-
-
-@dataclass(frozen=True, slots=True)
-class FailureRef:
-    id: int
-    account_id: str
-    platform: Platform
-    order_id: str
-
-
-async def open_failures(
-    sessions: async_sessionmaker[AsyncSession],
-    *,
-    platform: Platform | None = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    account_ids: Sequence[str] | None = None,
-) -> list[FailureRef]:
-    """The open failures, optionally only those of ``account_ids``."""
-    query = select(
-        SyncFailure.id, SyncFailure.account_id, SyncFailure.platform, SyncFailure.order_id
-    ).where(SyncFailure.resolved_at.is_(None))
-    if account_ids is not None:
-        query = query.where(SyncFailure.account_id.in_(account_ids))
-    if platform is not None:
-        query = query.where(SyncFailure.platform == platform)
-    if since is not None:
-        query = query.where(SyncFailure.last_failed_at >= since)
-    if until is not None:
-        query = query.where(SyncFailure.last_failed_at < until)
-    async with sessions() as session:
-        rows = (await session.execute(query.order_by(SyncFailure.id))).all()
-    return [FailureRef(*row) for row in rows]
-
-
-async def mark_replayed(sessions: async_sessionmaker[AsyncSession], ids: list[int]) -> None:
-    async with session_scope(sessions) as session:
-        await session.execute(
-            update(SyncFailure)
-            .where(SyncFailure.id.in_(ids))
-            .values(replayed_at=func.now(), replay_count=SyncFailure.replay_count + 1)
-        )
-
-
-def enqueue_replay(broker: dramatiq.Broker, failures: list[FailureRef]) -> None:
-    for failure in failures:
-        broker.enqueue(
-            reconcile_message(
-                failure.account_id,
-                failure.platform.value,
-                failure.order_id,
-                source=SyncSource.REPLAY.value,
-            )
-        )
 
 
 @dataclass(frozen=True, slots=True)

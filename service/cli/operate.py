@@ -374,10 +374,10 @@ def replay(
     """Re-run the open sync failures (they close when the order syncs)."""
     import asyncio
 
-    from service.broker import make_broker
+    from service.broker import enqueue_replays, make_broker
     from service.db import make_engine, make_sessionmaker
+    from service.ledger.failures import mark_replayed, open_failures, replay_orders
     from service.ledger.models import Platform
-    from workers.operations import enqueue_replay, mark_replayed, open_failures
 
     settings = settings_or_exit()
     account_ids = (
@@ -405,7 +405,7 @@ def replay(
                 until=_parse_time(until),
                 account_ids=account_ids,
             )
-            enqueue_replay(make_broker(settings), failures)
+            enqueue_replays(make_broker(settings), replay_orders(failures))
             await mark_replayed(sessions, [f.id for f in failures])
             return len(failures)
         finally:

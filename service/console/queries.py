@@ -20,14 +20,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-import dramatiq
-from sqlalchemy import func, text, update
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from service.broker import reconcile_message
-from service.db import session_scope
-from service.domain import SyncSource
-from service.ledger.models import SyncFailure
 from service.ledger.timeline import read_consistently
 
 STATEMENT_TIMEOUT_MS = 10_000
@@ -356,50 +351,3 @@ FROM webhook_inbox WHERE id = :id
 
 async def message(session: AsyncSession, inbox_id: int) -> Any | None:
     return (await session.execute(_MESSAGE, {"id": inbox_id})).one_or_none()
-
-
-# --- failures -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ReplayTarget:
-    id: int
-    account_id: str
-    platform: str
-    order_id: str
-
-
-_REPLAY_TARGETS = text(
-    """
-SELECT id, account_id, platform, order_id FROM sync_failures
-WHERE resolved_at IS NULL AND (CAST(:id AS bigint) IS NULL OR id = :id)
-ORDER BY id
-"""
-)
-
-
-async def replay_targets(session: AsyncSession, failure_id: int | None) -> list[ReplayTarget]:
-    """The open failure ``failure_id``, or every open failure when None."""
-    rows = (await session.execute(_REPLAY_TARGETS, {"id": failure_id})).all()
-    return [ReplayTarget(*r) for r in rows]
-
-
-def enqueue_replays(broker: dramatiq.Broker, targets: Sequence[ReplayTarget]) -> None:
-    """A reconcile of each failed order, as ``pandasync replay`` sends it (blocking: run it in
-    a thread)."""
-    for target in targets:
-        broker.enqueue(
-            reconcile_message(
-                target.account_id, target.platform, target.order_id,
-                source=SyncSource.REPLAY.value,
-            )
-        )  # fmt: skip
-
-
-async def mark_replayed(sessions: async_sessionmaker[AsyncSession], ids: Sequence[int]) -> None:
-    async with session_scope(sessions) as session:
-        await session.execute(
-            update(SyncFailure)
-            .where(SyncFailure.id.in_(list(ids)))
-            .values(replayed_at=func.now(), replay_count=SyncFailure.replay_count + 1)
-        )

@@ -28,6 +28,7 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.templating import Jinja2Templates
 
+from service.broker import enqueue_replays
 from service.config import Settings
 from service.console import charts, queries, views
 from service.console.auth import (
@@ -56,6 +57,9 @@ from service.ledger.failures import (
     NoSuchFailure,
     dismiss_failures,
     list_open,
+    mark_replayed,
+    open_failures,
+    replay_orders,
 )
 from service.ledger.timeline import at, describe, failure_text, find_orders, money, order_timeline
 
@@ -504,8 +508,7 @@ class Console:
 
     async def replay(self, request: Request, session: Session, form: dict[str, str]) -> Response:
         failure_id: int | None = request.path_params.get("failure_id")
-        async with queries.reading(self.sessions(request)) as db:
-            targets = await queries.replay_targets(db, failure_id)
+        targets = await open_failures(self.sessions(request), failure_id=failure_id)
         if failure_id is not None and not targets:
             return self.error(
                 request,
@@ -514,7 +517,8 @@ class Console:
                 session,
             )
         try:
-            await asyncio.to_thread(queries.enqueue_replays, self.broker(request), targets)
+            orders = replay_orders(targets)
+            await asyncio.to_thread(enqueue_replays, self.broker(request), orders)
         except Exception as error:  # the broker is down: say so, mark nothing
             log.warning("console.replay_failed", error=type(error).__name__)
             return self.error(
@@ -526,7 +530,7 @@ class Console:
             )
         ids = [t.id for t in targets]
         if ids:
-            await queries.mark_replayed(self.sessions(request), ids)
+            await mark_replayed(self.sessions(request), ids)
         log.info("console.replay", failures=len(ids), client=_client(request))
         return RedirectResponse(
             f"/console/failures?replayed={len(ids)}", 303, headers=SECURITY_HEADERS

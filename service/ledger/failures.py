@@ -28,8 +28,9 @@ from dataclasses import dataclass, fields
 from datetime import datetime
 
 from sqlalchemy import and_, func, select, update
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from service.db import session_scope
 from service.domain import WAITING_INBOX_STATES, FailureKind, Platform, SyncSource
 from service.ledger.inbox import mark_ignored
 from service.ledger.models import SyncFailure, WebhookInbox
@@ -244,3 +245,57 @@ async def dismiss_failures(
         )
         for failure_id in wanted
     ]
+
+
+# --- replay: the open failures to sync again, and the count of replays on each --------------
+
+
+@dataclass(frozen=True, slots=True)
+class FailureRef:
+    id: int
+    account_id: str
+    platform: Platform
+    order_id: str
+
+
+async def open_failures(
+    sessions: async_sessionmaker[AsyncSession],
+    *,
+    platform: Platform | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    account_ids: Sequence[str] | None = None,
+    failure_id: int | None = None,
+) -> list[FailureRef]:
+    """The open failures, oldest first: optionally one (``failure_id``), those of a platform,
+    last seen in ``[since, until)``, or those of ``account_ids``."""
+    query = select(
+        SyncFailure.id, SyncFailure.account_id, SyncFailure.platform, SyncFailure.order_id
+    ).where(SyncFailure.resolved_at.is_(None))
+    if failure_id is not None:
+        query = query.where(SyncFailure.id == failure_id)
+    if account_ids is not None:
+        query = query.where(SyncFailure.account_id.in_(account_ids))
+    if platform is not None:
+        query = query.where(SyncFailure.platform == platform)
+    if since is not None:
+        query = query.where(SyncFailure.last_failed_at >= since)
+    if until is not None:
+        query = query.where(SyncFailure.last_failed_at < until)
+    async with sessions() as session:
+        rows = (await session.execute(query.order_by(SyncFailure.id))).all()
+    return [FailureRef(*row) for row in rows]
+
+
+def replay_orders(failures: Sequence[FailureRef]) -> list[tuple[str, str, str]]:
+    """The (account_id, platform, order_id) of each failure, for ``enqueue_replays``."""
+    return [(f.account_id, f.platform.value, f.order_id) for f in failures]
+
+
+async def mark_replayed(sessions: async_sessionmaker[AsyncSession], ids: Sequence[int]) -> None:
+    async with session_scope(sessions) as session:
+        await session.execute(
+            update(SyncFailure)
+            .where(SyncFailure.id.in_(list(ids)))
+            .values(replayed_at=func.now(), replay_count=SyncFailure.replay_count + 1)
+        )

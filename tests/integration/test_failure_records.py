@@ -14,11 +14,11 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from service.config import load_settings
 from service.db import make_engine, make_sessionmaker, session_scope
 from service.domain import FailureKind, Platform, ReconcileRequest, SyncSource
+from service.ledger.failures import open_failures
 from service.ledger.models import SyncFailure
 from service.pandapon.client import PandaPonClient
 from service.pandapon.errors import UpstreamRejected
 from workers import policy
-from workers.operations import open_failures
 
 REQUEST = ReconcileRequest("acct-poison", Platform.TAOBAO, "O-poison", SyncSource.WEBHOOK)
 POISONED_MSG = "订单\x00不存在\ud800" + "m" * 1_000_000
