@@ -159,6 +159,10 @@ EXPECTED = {
     "not_json": 415,
 }
 
+# PandaPon's signature covers the headers, not the body: a replay is refused by the inbox write
+# that records its nonce, so its verdict waits for the store like a genuine message's.
+DECIDED_AT_STORE = frozenset({"replayed"})
+
 
 @dataclass(frozen=True, slots=True)
 class BadRequest:
@@ -167,7 +171,7 @@ class BadRequest:
     started: float
     finished: float
     status: int | None  # None: no HTTP answer (connection refused or reset)
-    error: str | None
+    error: str | None  # the exception's name when there was no answer, else the refusal reason
 
 
 def bad_envelope(n: int) -> dict[str, Any]:
@@ -214,6 +218,20 @@ def bad_request(
     raise ValueError(kind)
 
 
+def describe(bad: BadRequest) -> str:
+    """``kind:status:reason``, or ``kind:ExceptionName`` when there was no answer."""
+    return ":".join(str(part) for part in (bad.kind, bad.status, bad.error) if part is not None)
+
+
+def refusal_reason(response: httpx.Response) -> str | None:
+    """The receiver's ``{"error": reason}``, if the answer carries one."""
+    try:
+        reason = response.json().get("error")
+    except ValueError:
+        return None
+    return reason if isinstance(reason, str) else None
+
+
 async def bad_clients(
     web_ports: list[int],
     credentials: Credentials,
@@ -238,7 +256,7 @@ async def bad_clients(
             url = f"http://127.0.0.1:{web_ports[target]}/webhooks/pandapon"
             try:
                 response = await http.post(url, content=body, headers=headers)
-                status, error = response.status_code, None
+                status, error = response.status_code, refusal_reason(response)
             except httpx.HTTPError as failure:
                 status, error = None, type(failure).__name__
             results.append(BadRequest(kind, target, started, time.monotonic(), status, error))
