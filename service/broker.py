@@ -192,9 +192,13 @@ def broker_problem(broker: dramatiq.Broker | None) -> str | None:
 def oldest_ready_rabbitmq(
     broker: dramatiq.Broker, queue_name: str = RECONCILE_QUEUE
 ) -> datetime | None:
-    """When the message at the head of a RabbitMQ queue was enqueued (None if none waits): it is
-    read without being acknowledged and goes back to the head when the channel closes. For an
-    operator's look (``pandasync status``), not for a loop. Blocking; raises when unreachable."""
+    """When the message at the head of a RabbitMQ queue was enqueued (None if none waits).
+
+    RabbitMQ has no peek: the head is fetched unacknowledged and rejected with requeue, which puts
+    it back at its place (a consumer may see it marked redelivered; dramatiq ignores that). One
+    short-lived connection per call: meant for a pass every few seconds (the relay, the
+    scheduler's backlog check, ``pandasync status``), not for a tight loop. Blocking; raises
+    when unreachable."""
     import pika.exceptions
 
     with rabbitmq_connection(broker) as connection:
@@ -208,7 +212,7 @@ def oldest_ready_rabbitmq(
         if method is None:
             return None
         channel.basic_nack(delivery_tag=method.delivery_tag, requeue=True)
-    return dramatiq.Message.decode(body).message_datetime
+    return _enqueued_at(body)
 
 
 # What ``oldest_waiting`` answers when messages wait but their age cannot be read: as old as
@@ -244,10 +248,13 @@ def oldest_waiting(broker: dramatiq.Broker, queue_name: str = RECONCILE_QUEUE) -
         if head is None:
             return None
         data = head[1] or None
-    elif hasattr(broker, "get_queue_message_counts"):  # RabbitmqBroker: counts, no ages
-        ready, _delayed, _dead = broker.get_queue_message_counts(queue_name)
-        if ready == 0:
-            return None
-    if data is None:
+    elif _is_rabbitmq(broker):
+        return oldest_ready_rabbitmq(broker, queue_name)
+    return AGE_UNKNOWN if data is None else _enqueued_at(data)
+
+
+def _enqueued_at(data: bytes) -> datetime:
+    try:
+        return dramatiq.Message.decode(data).message_datetime
+    except Exception:  # not one of ours: its age is unknown, so nothing is taken for lost
         return AGE_UNKNOWN
-    return dramatiq.Message.decode(data).message_datetime

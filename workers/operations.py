@@ -17,7 +17,6 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from service.broker import (
     AGE_UNKNOWN,
     broker_problem,
-    oldest_ready_rabbitmq,
     oldest_waiting,
     queue_depth,
 )
@@ -283,8 +282,6 @@ def _queue_oldest(broker: dramatiq.Broker | None) -> datetime | None:
     if broker is None:
         return None
     try:
-        if type(broker).__name__ == "RabbitmqBroker":
-            return oldest_ready_rabbitmq(broker)
         found = oldest_waiting(broker)
     except Exception:  # a status command must still print the rest
         return None
