@@ -215,14 +215,16 @@ class Receiver:
         metrics.STORE_SECONDS.observe(time.perf_counter() - started)
         if result.outcome is StoreOutcome.REPLAYED_NONCE:
             raise VerificationFailed("replayed_nonce", "nonce already used")
+        # Labelled with the account's name, as the upstream metrics are (`default` alone).
+        counters = metrics.for_account(verifier.account.name)
         if verified.signature is not None:
-            metrics.SIGNATURES_BY_STATE[verified.signature].inc()
+            counters.signatures[verified.signature].inc()
         if result.outcome is StoreOutcome.DUPLICATE:
-            metrics.DUPLICATES.inc()
+            counters.duplicates.inc()
         else:
-            metrics.ACCEPTED_BY_KIND[envelope.kind].inc()
+            counters.accepted[envelope.kind].inc()
             if not envelope.known_type:
-                metrics.UNKNOWN_TYPES.inc()
+                counters.unknown_types.inc()
                 unmapped.count_message_type(envelope.platform)
         # A stored message is recorded, with its request id, by its inbox row; a log line
         # for each would cost a third of the request (structlog's chain runs even for a

@@ -6,7 +6,10 @@ the command when the environment does not), so one scrape of /metrics sums them 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.metrics import Counter as CounterChild
 
 from service.domain import MessageKind, SignatureState
 from service.webhooks.reasons import REASON_NAMES
@@ -19,12 +22,13 @@ RECEIVED = Counter(
 )
 ACCEPTED = Counter(
     "pandasync_webhook_accepted_total",
-    "Messages newly committed to webhook_inbox, by kind.",
-    ["kind"],
+    "Messages newly committed to webhook_inbox, by account and kind.",
+    ["account", "kind"],
 )
 DUPLICATES = Counter(
     "pandasync_webhook_duplicates_total",
-    "Messages answered 200 because an identical message was already in the inbox.",
+    "Messages answered 200 because an identical message was already in the inbox, by account.",
+    ["account"],
 )
 PROBES = Counter(
     "pandasync_webhook_probes_total",
@@ -32,13 +36,15 @@ PROBES = Counter(
 )
 UNKNOWN_TYPES = Counter(
     "pandasync_webhook_unknown_type_total",
-    "Stored messages whose messageType is not one pandasync knows.",
+    "Stored messages whose messageType is not one pandasync knows, by account.",
+    ["account"],
 )
 SIGNATURES = Counter(
     "pandasync_webhook_signature_total",
-    "Accepted callbacks (stored or duplicate) by what their signature headers showed: valid, "
-    "absent, stale or mismatch. Under WEBHOOK_AUTH=auto the token URL accepts all four.",
-    ["state"],
+    "Accepted callbacks (stored or duplicate) by account and what their signature headers "
+    "showed: valid, absent, stale or mismatch. Under WEBHOOK_AUTH=auto the token URL accepts "
+    "all four.",
+    ["account", "state"],
 )
 REJECTED = Counter(
     "pandasync_webhook_rejected_total",
@@ -87,11 +93,37 @@ NONCES_PURGED = Counter(
 
 # Pre-bound children: the hot path should not look labels up on every request.
 REJECTED_BY_REASON = {reason: REJECTED.labels(reason=reason) for reason in REJECT_REASONS}
-ACCEPTED_BY_KIND = {kind: ACCEPTED.labels(kind=kind.value) for kind in MessageKind}
-SIGNATURES_BY_STATE = {state: SIGNATURES.labels(state=state.value) for state in SignatureState}
 HANDOFF_SENT = HANDOFF.labels(result="sent")
 HANDOFF_FAILED = HANDOFF.labels(result="failed")
 HANDOFF_DEFERRED = HANDOFF.labels(result="deferred")
+
+
+@dataclass(frozen=True, slots=True)
+class AccountCounters:
+    """The children of one account's counters, bound once (an account is known only once a
+    callback is verified, so they are made on its first)."""
+
+    accepted: dict[MessageKind, CounterChild]
+    duplicates: CounterChild
+    unknown_types: CounterChild
+    signatures: dict[SignatureState, CounterChild]
+
+
+_BY_ACCOUNT: dict[str, AccountCounters] = {}
+
+
+def for_account(account_id: str) -> AccountCounters:
+    counters = _BY_ACCOUNT.get(account_id)
+    if counters is None:
+        counters = _BY_ACCOUNT[account_id] = AccountCounters(
+            accepted={k: ACCEPTED.labels(account=account_id, kind=k.value) for k in MessageKind},
+            duplicates=DUPLICATES.labels(account=account_id),
+            unknown_types=UNKNOWN_TYPES.labels(account=account_id),
+            signatures={
+                s: SIGNATURES.labels(account=account_id, state=s.value) for s in SignatureState
+            },
+        )
+    return counters
 
 
 def rejected(reason: str) -> None:

@@ -193,4 +193,5 @@ def test_metrics_of_several_web_processes_are_one_exposition(
     # Whichever process answers, it reports the requests of both.
     for text in scrapes:
         assert metric(text, "pandasync_webhook_received_total") == posts
-        assert metric(text, 'pandasync_webhook_accepted_total{kind="status"}') == posts
+        accepted = 'pandasync_webhook_accepted_total{account="default",kind="status"}'
+        assert metric(text, accepted) == posts

@@ -15,7 +15,7 @@ import pytest
 
 from service.app import create_app
 from service.pandapon.signer import Credentials
-from tests.support.webhook_checks import count, fetch
+from tests.support.webhook_checks import count, fetch, sample
 from tests.support.webhook_requests import (
     JSON_TYPE,
     WEBHOOK,
@@ -89,12 +89,19 @@ async def auto(
         yield running
 
 
+def accepted(account: str) -> float:
+    return sample("pandasync_webhook_accepted_total", account=account, kind="status")
+
+
 async def test_each_token_lands_in_its_own_account(auto: Running) -> None:
+    before = {name: accepted(name) for name in ("shop-a", "shop-b")}
     assert (await auto.post(JSON_TYPE, f"{WEBHOOK}/{TOKEN_A}")).status_code == 200
     assert (await auto.post(JSON_TYPE, f"{WEBHOOK}/{TOKEN_B}")).status_code == 200
     # A previous token (a rotation under way) still lands in its account.
     assert (await auto.post(JSON_TYPE, f"{WEBHOOK}/{TOKEN_A_OLD}")).status_code == 200
     assert await auto.accounts() == [A.user_id, B.user_id, A.user_id]
+    # Counted by the account's name, as the upstream metrics are.
+    assert {name: accepted(name) - before[name] for name in before} == {"shop-a": 2, "shop-b": 1}
 
 
 async def test_an_unknown_token_is_refused(auto: Running) -> None:

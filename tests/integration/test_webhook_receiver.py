@@ -133,14 +133,14 @@ async def test_request_id_is_made_when_missing_or_unusable(server: Running) -> N
 async def test_redelivery_is_a_duplicate_answered_200(server: Running) -> None:
     envelope = taobao_status()
     assert (await server.post(encode(envelope))).status_code == 200
-    before = sample("pandasync_webhook_duplicates_total")
+    before = sample("pandasync_webhook_duplicates_total", account="default")
     # PandaPon's retry: new nonce, timestamp and signature; the JSON re-serialized.
     again = json.dumps(dict(reversed(list(envelope.items()))), indent=1).encode()
     response = await server.post(again)
     assert response.status_code == 200
     assert response.content == b'{"status":"ok"}'
     assert len(await server.rows()) == 1
-    assert sample("pandasync_webhook_duplicates_total") == before + 1
+    assert sample("pandasync_webhook_duplicates_total", account="default") == before + 1
     # Its nonce was recorded all the same: it cannot be replayed either.
     assert await count(server.database_url, "webhook_nonces") == 2
 
@@ -414,10 +414,10 @@ async def test_auto_counts_each_signature_state(auto: Running) -> None:
         if line.startswith("pandasync_webhook_signature_total{")
     }
     # The registry is the process's: compare with what this test sent, not with zero.
-    assert values['pandasync_webhook_signature_total{state="absent"}'] >= 1
-    assert values['pandasync_webhook_signature_total{state="stale"}'] >= 1
+    assert values['pandasync_webhook_signature_total{account="default",state="absent"}'] >= 1
+    assert values['pandasync_webhook_signature_total{account="default",state="stale"}'] >= 1
     assert set(values) == {
-        f'pandasync_webhook_signature_total{{state="{state}"}}'
+        f'pandasync_webhook_signature_total{{account="default",state="{state}"}}'
         for state in ("valid", "absent", "stale", "mismatch")
     }
 
@@ -688,8 +688,8 @@ async def test_metrics_expose_the_receiver_series(server: Running) -> None:
     text = (await server.client.get("/metrics")).text
     for series in (
         "pandasync_webhook_received_total",
-        'pandasync_webhook_accepted_total{kind="status"}',
-        "pandasync_webhook_duplicates_total",
+        'pandasync_webhook_accepted_total{account="default",kind="status"}',
+        'pandasync_webhook_duplicates_total{account="default"}',
         'pandasync_webhook_rejected_total{reason="malformed_json"}',
         "pandasync_webhook_store_seconds_bucket",
         "pandasync_relay_backlog",
