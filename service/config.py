@@ -235,6 +235,15 @@ class Settings(BaseSettings):
             "(`pandasync endpoints enable` turns it back on)."
         ),
     )
+    outbound_retention_days: PositiveFloat = Field(
+        default=30.0,
+        description=(
+            "Delivered and failed outbound deliveries, with their attempts, are deleted this "
+            "many days after they were made (`pandasync deliver`, hourly); pending ones are "
+            "kept. `pandasync endpoints replay --since` sends from the change feed, whatever "
+            "their age."
+        ),
+    )
 
     # --- workers and scheduler ----------------------------------------------------------
     worker_processes: PositiveInt = Field(

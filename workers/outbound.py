@@ -55,6 +55,13 @@ ENDPOINTS_DISABLED = Counter(
     "pandasync_outbound_endpoints_disabled_total",
     "Endpoints disabled because every attempt failed for OUTBOUND_DISABLE_AFTER_S",
 )
+PURGED = Counter(
+    "pandasync_outbound_deliveries_purged_total",
+    "Delivered and failed deliveries deleted after OUTBOUND_RETENTION_DAYS",
+)
+
+# How often the dispatcher deletes deliveries past their retention.
+PURGE_INTERVAL_S = 3600.0
 
 USER_AGENT = "pandasync-webhooks/1"
 
@@ -126,6 +133,7 @@ class Dispatcher:
         timeout_s: float,
         schedule: Sequence[float],
         disable_after_s: float,
+        retention_s: float,
     ) -> None:
         self.engine = engine
         self.sessions = sessions
@@ -135,6 +143,7 @@ class Dispatcher:
         self.lease_s = timeout_s + outbound.LEASE_MARGIN_S
         self.schedule = tuple(schedule)
         self.disable_after_s = disable_after_s
+        self.retention_s = retention_s
         self._slots = asyncio.Semaphore(concurrency)
         self._in_flight: set[asyncio.Task[None]] = set()
         self._freed = asyncio.Event()  # a delivery ended: a slot is free, its successor due
@@ -215,6 +224,14 @@ class Dispatcher:
                 failing_since=disabled_since.isoformat(),
             )
 
+    async def purge(self) -> int:
+        """Delete the deliveries past their retention; how many."""
+        purged = await outbound.purge_finished(self.sessions, self.retention_s)
+        PURGED.inc(purged)
+        if purged:
+            log.info("outbound deliveries purged", deliveries=purged)
+        return purged
+
     async def step(self) -> int:
         """One pass: fan out, then send what is due; how many deliveries started."""
         await self.fan_out()
@@ -228,9 +245,13 @@ class Dispatcher:
         process dies first, sent again once its lease has passed)."""
         stopped = asyncio.create_task(stop.wait())
         fanned_out = -poll_interval_s
+        purged = -PURGE_INTERVAL_S
         while not stop.is_set():
             self._freed.clear()
             try:
+                if time.monotonic() - purged >= PURGE_INTERVAL_S:
+                    purged = time.monotonic()
+                    await self.purge()
                 # The fan-out and the gauge once per poll interval; claims whenever a slot
                 # frees (a pass per freed slot would cost more than the delivery itself).
                 if time.monotonic() - fanned_out >= poll_interval_s:
@@ -269,5 +290,6 @@ async def run_dispatcher(settings: Settings, engine: AsyncEngine, stop: asyncio.
             timeout_s=settings.outbound_timeout_s,
             schedule=settings.outbound_retry_schedule_s,
             disable_after_s=settings.outbound_disable_after_s,
+            retention_s=settings.outbound_retention_days * 86400,
         )
         await dispatcher.run(stop, settings.outbound_poll_interval_s)

@@ -35,8 +35,9 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 
+from service.db import rowcount, session_scope
 from service.ledger.models import ChangeKind, DeliveryState
 
 SECRET_PREFIX = "whsec_"  # noqa: S105 - the prefix of every secret, not one
@@ -370,6 +371,30 @@ async def deliveries(
         _DELIVERIES, {"id": endpoint_id, "limit": limit, "failed_only": failed_only}
     )
     return [DeliveryRow(*row) for row in rows.all()]
+
+
+_PURGE = text(
+    "DELETE FROM outbound_deliveries WHERE id IN ("
+    " SELECT id FROM outbound_deliveries"
+    " WHERE state <> 'pending' AND created_at < now() - make_interval(secs => :age_s)"
+    " LIMIT :batch)"
+)
+
+
+async def purge_finished(
+    sessions: async_sessionmaker[AsyncSession], older_than_s: float, *, batch: int = 5000
+) -> int:
+    """Delete deliveries no longer pending made more than ``older_than_s`` ago, with their
+    attempts (the foreign key cascades); how many. A transaction per batch, so a first purge
+    of a large backlog holds no lock for long. The change feed keeps the changes themselves:
+    ``replay_range`` makes deliveries of them again."""
+    purged = 0
+    while True:
+        async with session_scope(sessions) as session:
+            done = rowcount(await session.execute(_PURGE, {"age_s": older_than_s, "batch": batch}))
+        purged += done
+        if done < batch:
+            return purged
 
 
 async def pending_count(session: AsyncSession) -> int:

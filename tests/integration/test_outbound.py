@@ -74,6 +74,7 @@ def dispatcher(
     *,
     schedule: tuple[float, ...] = (0.05, 0.05, 0.05),
     disable_after_s: float = 3600.0,
+    retention_s: float = 30 * 86400.0,
 ) -> Dispatcher:
     return Dispatcher(
         engine,
@@ -83,6 +84,7 @@ def dispatcher(
         timeout_s=2.0,
         schedule=schedule,
         disable_after_s=disable_after_s,
+        retention_s=retention_s,
     )
 
 
@@ -170,6 +172,63 @@ async def test_the_schedule_runs_out_then_replay_sends_again(
     accepted = receiver.accepted()
     assert len(accepted) == 2
     assert accepted[0].msg_id == accepted[1].msg_id  # a replay is the same message
+
+
+async def test_finished_deliveries_past_their_retention_are_purged(
+    fresh_engine: AsyncEngine,
+    fresh_sessions: async_sessionmaker[AsyncSession],
+    receiver: Receiver,
+    endpoint: int,
+) -> None:
+    await history(fresh_sessions, "old-ok", 1)
+    await history(fresh_sessions, "new-ok", 1)
+    async with httpx.AsyncClient() as http:
+        d = dispatcher(fresh_engine, fresh_sessions, http, retention_s=86400.0)
+        await drive(d, 2)
+        receiver.failing = True
+        await history(fresh_sessions, "old-pending", 1)
+        await drive(d, 1)
+        # Two made two days ago: one delivered, one still being retried.
+        async with session_scope(fresh_sessions) as session:
+            await session.execute(
+                text(
+                    "UPDATE outbound_deliveries SET created_at = now() - interval '2 days' "
+                    "WHERE order_id IN ('old-ok', 'old-pending')"
+                )
+            )
+        states = "SELECT order_id, state FROM outbound_deliveries ORDER BY order_id"
+        assert await rows(fresh_sessions, states) == [
+            {"order_id": "new-ok", "state": "delivered"},
+            {"order_id": "old-ok", "state": "delivered"},
+            {"order_id": "old-pending", "state": "pending"},
+        ]
+
+        attempts = (
+            "SELECT d.order_id, count(*) AS n FROM outbound_delivery_attempts a "
+            "JOIN outbound_deliveries d ON d.id = a.delivery_id GROUP BY 1 ORDER BY 1"
+        )
+        before = await rows(fresh_sessions, attempts)
+        assert [r["order_id"] for r in before] == ["new-ok", "old-ok", "old-pending"]
+
+        assert await d.purge() == 1
+
+        # The delivered one went, with its attempts; the pending one stays until it ends.
+        assert await rows(fresh_sessions, attempts) == [before[0], before[2]]
+        [[total]] = [
+            list(r.values())
+            for r in await rows(fresh_sessions, "SELECT count(*) FROM outbound_delivery_attempts")
+        ]
+        assert total == int(str(before[0]["n"])) + int(str(before[2]["n"]))
+        assert await d.purge() == 0
+        # The change itself is kept: a replay of the range makes its delivery again.
+        receiver.failing = False
+        async with session_scope(fresh_sessions) as session:
+            made = await outbound.replay_range(
+                session, endpoint, datetime.now(UTC) - timedelta(hours=1), datetime.now(UTC)
+            )
+        assert made == 3
+        await drive(d, 3)
+    assert {d.data["order_id"] for d in receiver.accepted()} >= {"old-ok", "old-pending"}
 
 
 async def test_an_endpoint_failing_too_long_is_disabled(
