@@ -29,6 +29,7 @@ from service.domain import (
     Platform,
     UnmappedField,
 )
+from service.ledger import outbound
 from service.ledger.models import (
     Order,
     PaymentAttempt,
@@ -86,6 +87,17 @@ class PaymentsStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class OutboundStatus:
+    """The outbound webhooks: endpoints, the disabled ones (shown, not judged: an operator may
+    disable one on purpose), and the deliveries waiting."""
+
+    endpoints: int = 0
+    disabled: tuple[outbound.Endpoint, ...] = ()
+    pending: int = 0
+    oldest_pending_age: timedelta | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class AccountStatus:
     """One configured account's share of the backlog, failures and orders awaiting payment."""
 
@@ -118,6 +130,7 @@ class Status:
     # How long the oldest message ready in the reconcile queue has waited (None: none waits,
     # or the broker cannot tell).
     queue_oldest_age: timedelta | None = None
+    outbound: OutboundStatus = OutboundStatus()
 
 
 async def gather_status(
@@ -168,6 +181,8 @@ async def gather_status(
             )
         ).scalar_one()
         payments = await _payments(session)
+        endpoints = await outbound.list_endpoints(session)
+        pending, oldest_pending = await outbound.pending_summary(session)
         per_account = await _per_account(session, accounts) if len(accounts) > 1 or only else ()
     broker_error = await asyncio.to_thread(_ping, broker) if broker is not None else None
     return Status(
@@ -191,6 +206,12 @@ async def gather_status(
         unmapped=unmapped,
         unmapped_total=unmapped_total,
         accounts=per_account,
+        outbound=OutboundStatus(
+            endpoints=len(endpoints),
+            disabled=tuple(e for e in endpoints if not e.enabled),
+            pending=pending,
+            oldest_pending_age=oldest_pending,
+        ),
     )
 
 
@@ -477,6 +498,7 @@ def status_document(status: Status, found: list[str], limits: HealthLimits) -> d
         "inbox_unqueued": status.inbox_unqueued,
         "oldest_unprocessed_age_s": seconds(status.oldest_unprocessed_age),
         "queue_depth": status.queue_depth,
+        "queue_oldest_age_s": seconds(status.queue_oldest_age),
         "broker_error": status.broker_error,
         "open_failures": status.open_failures,
         "sweeps": [sweep(row) for row in status.sweeps],
@@ -502,6 +524,20 @@ def status_document(status: Status, found: list[str], limits: HealthLimits) -> d
             }
             for u in status.unmapped
         ],
+        "outbound": {
+            "endpoints": status.outbound.endpoints,
+            "disabled": [
+                {
+                    "id": e.id,
+                    "url": e.url,
+                    "since": when(e.disabled_at),
+                    "reason": e.disabled_reason,
+                }
+                for e in status.outbound.disabled
+            ],
+            "pending": status.outbound.pending,
+            "oldest_pending_age_s": seconds(status.outbound.oldest_pending_age),
+        },
         # Only with several accounts (or --account): a single-account document keeps its keys.
         **({"accounts": accounts} if accounts else {}),
         "limits": {

@@ -507,6 +507,7 @@ def status(max_lag_s: float, as_json: bool, account_name: str | None) -> None:
         f"{stale_min:.0f} min ago {payments.started_stale}, pay by hand {payments.pay_by_hand}, "
         f"held back {payments.held_back})"
     )
+    _echo_outbound(report)
     for account in report.accounts:
         oldest = account.oldest_unprocessed_age
         click.echo(
@@ -518,6 +519,25 @@ def status(max_lag_s: float, as_json: bool, account_name: str | None) -> None:
     for problem in found:
         click.echo(f"unhealthy: {problem}")
     sys.exit(1 if found else 0)
+
+
+def _echo_outbound(report: Status) -> None:
+    """The outbound webhooks, when any endpoint exists: what waits, and each disabled one."""
+    out = report.outbound
+    if not out.endpoints:
+        return
+    oldest = f" (oldest made {out.oldest_pending_age} ago)" if out.oldest_pending_age else ""
+    click.echo(
+        f"outbound webhooks:    {out.endpoints} endpoint(s), {len(out.disabled)} disabled, "
+        f"{out.pending} delivery(ies) pending{oldest}"
+    )
+    for endpoint in out.disabled:
+        since = endpoint.disabled_at.replace(microsecond=0) if endpoint.disabled_at else "-"
+        click.echo(
+            f"  endpoint {endpoint.id} disabled since {since}: "
+            f"{printable(endpoint.disabled_reason or 'no reason given')} "
+            f"(`pandasync endpoints enable {endpoint.id}` sends what waited)"
+        )
 
 
 def _echo_unmapped(report: Status) -> None:

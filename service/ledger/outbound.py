@@ -397,6 +397,19 @@ async def purge_finished(
             return purged
 
 
+async def pending_summary(session: AsyncSession) -> tuple[int, timedelta | None]:
+    """Deliveries pending (waiting to be sent or retried), and how long ago the oldest was made."""
+    count, oldest = (
+        await session.execute(
+            text(
+                "SELECT count(*), now() - min(created_at) FROM outbound_deliveries "
+                "WHERE state = 'pending'"
+            )
+        )
+    ).one()
+    return int(count), oldest
+
+
 async def pending_count(session: AsyncSession) -> int:
     found = await session.execute(
         text("SELECT count(*) FROM outbound_deliveries WHERE state = 'pending'")

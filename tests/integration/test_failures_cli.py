@@ -692,6 +692,7 @@ async def test_status_json_carries_every_figure_of_the_text(stack: Stack, tmp_pa
         "inbox_unqueued",
         "oldest_unprocessed_age_s",
         "queue_depth",
+        "queue_oldest_age_s",
         "broker_error",
         "open_failures",
         "sweeps",
@@ -700,8 +701,15 @@ async def test_status_json_carries_every_figure_of_the_text(stack: Stack, tmp_pa
         "payments_needing_a_person",
         "unmapped_total",
         "unmapped",
+        "outbound",
         "limits",
     }
     assert (document["oldest_unprocessed_age_s"], document["queue_depth"]) == (None, None)
     assert len(document["sweeps"]) == len(document["refund_sweeps"]) == 2
     assert (document["unmapped_total"], document["unmapped"]) == (0, [])
+    assert document["outbound"] == {
+        "endpoints": 0,
+        "disabled": [],
+        "pending": 0,
+        "oldest_pending_age_s": None,
+    }

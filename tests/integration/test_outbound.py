@@ -4,6 +4,7 @@ disabling an endpoint that keeps failing, replay, and the commands' refusals."""
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -259,11 +260,47 @@ async def test_an_endpoint_failing_too_long_is_disabled(
     assert len(receiver.accepted()) == 1
 
 
-def run(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+def command(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
     env = {"PATH": "/usr/bin:/bin", "PANDASYNC_DATABASE_URL": database_url}
-    return subprocess.run(
-        [PANDASYNC, "endpoints", *args], env=env, capture_output=True, text=True, timeout=60
+    return subprocess.run([PANDASYNC, *args], env=env, capture_output=True, text=True, timeout=60)
+
+
+def run(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return command(database_url, "endpoints", *args)
+
+
+async def test_status_shows_what_waits_and_each_disabled_endpoint(
+    fresh_engine: AsyncEngine,
+    fresh_sessions: async_sessionmaker[AsyncSession],
+    fresh_database_url: str,
+    receiver: Receiver,
+    endpoint: int,
+) -> None:
+    quiet = await asyncio.to_thread(command, fresh_database_url, "status")
+    assert "outbound webhooks" in quiet.stdout  # the fixture's endpoint
+    async with session_scope(fresh_sessions) as session:
+        second, _ = await outbound.add_endpoint(session, "http://127.0.0.1:9/erp")
+    receiver.failing = True
+    await history(fresh_sessions, "waits", 1)
+    async with httpx.AsyncClient() as http:
+        await drive(dispatcher(fresh_engine, fresh_sessions, http, schedule=(600.0,)), 1)
+    disabled = await asyncio.to_thread(
+        run, fresh_database_url, "disable", str(second), "--reason", "ERP move"
     )
+    assert disabled.returncode == 0, disabled.stderr
+
+    text_out = await asyncio.to_thread(command, fresh_database_url, "status")
+    as_json = await asyncio.to_thread(command, fresh_database_url, "status", "--json")
+
+    assert text_out.returncode == as_json.returncode == 0, text_out.stdout + text_out.stderr
+    document = json.loads(as_json.stdout)["outbound"]
+    # Made for both endpoints; each still pending after its first attempt failed.
+    assert (document["endpoints"], document["pending"]) == (2, 2)
+    assert document["oldest_pending_age_s"] >= 0
+    assert [(d["id"], d["reason"]) for d in document["disabled"]] == [(second, "ERP move")]
+    assert "2 endpoint(s), 1 disabled, 2 delivery(ies) pending" in text_out.stdout
+    assert f"endpoint {second} disabled since" in text_out.stdout
+    assert f"pandasync endpoints enable {second}" in text_out.stdout
 
 
 async def test_the_commands_refuse_bad_input_in_one_line(
