@@ -12,6 +12,9 @@ each test that needs a database gets either
 
 Redis: ``PANDASYNC_TEST_REDIS_URL`` (default ``redis://127.0.0.1:6379/15``). Without a reachable
 server the test is skipped on a laptop but fails when ``CI`` is set.
+
+The broker: a test about what the broker does takes ``broker_url`` and runs twice, on a Redis
+database of its own and on a RabbitMQ vhost of the run's (``tests.support.rabbitmq``).
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -37,6 +41,10 @@ from sqlalchemy.ext.asyncio import (
 from service.config import load_settings
 from service.db import asyncpg_dsn, make_engine, make_sessionmaker, with_database
 from service.ledger.migrations import run_migrations
+from tests.support.broker import BROKERS
+from tests.support.rabbitmq import rabbitmq_run_url, rabbitmq_url
+
+__all__ = ["rabbitmq_run_url", "rabbitmq_url"]  # fixtures, used by name
 
 ON_CI = bool(os.environ.get("CI"))
 TEMPLATE_DB = f"pandasync_tmpl_{os.getpid()}"
@@ -92,9 +100,32 @@ def template_database_url(postgres_server_url: str) -> Iterator[str]:
     )
 
 
+@pytest.fixture(scope="session")
+def drop_database_later(postgres_server_url: str) -> Iterator[Callable[[str], None]]:
+    """Drops a test's database while the next tests run: a DROP DATABASE waits a second or more
+    on the server, and no test needs it gone. Every drop is done (and its error raised) when the
+    run ends."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pandasync-drop-database")
+    drops: list[Future[None]] = []
+
+    def run_drop(name: str) -> None:
+        statement = f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'
+        asyncio.run(_admin_execute(postgres_server_url, statement))
+
+    def drop(name: str) -> None:
+        drops.append(pool.submit(run_drop, name))
+
+    yield drop
+    pool.shutdown(wait=True)
+    for done in drops:
+        done.result()
+
+
 @pytest.fixture
 async def fresh_database_url(
-    postgres_server_url: str, template_database_url: str
+    postgres_server_url: str,
+    template_database_url: str,
+    drop_database_later: Callable[[str], None],
 ) -> AsyncIterator[str]:
     """A database of this test's own, at the latest schema, dropped afterwards."""
     name = f"pandasync_t_{uuid.uuid4().hex[:12]}"
@@ -102,7 +133,7 @@ async def fresh_database_url(
     try:
         yield with_database(postgres_server_url, name)
     finally:
-        await _admin_execute(postgres_server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        drop_database_later(name)
 
 
 @pytest.fixture
@@ -202,3 +233,13 @@ def own_redis(redis_url: str) -> Iterator[str]:
     yield url
     client.flushdb()
     client.close()
+
+
+@pytest.fixture(params=BROKERS)
+def broker_url(request: pytest.FixtureRequest) -> str:
+    """The broker of the test: a Redis database no worker of another test consumes, or a RabbitMQ
+    vhost no other test run uses, empty either way. A test may narrow it to one broker with
+    ``@pytest.mark.parametrize("broker_url", ["redis"], indirect=True)``."""
+    name = "own_redis" if request.param == "redis" else "rabbitmq_url"
+    url: str = request.getfixturevalue(name)
+    return url

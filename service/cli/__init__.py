@@ -7,8 +7,8 @@ embedded Postgres under ``PANDASYNC_DATA_DIR`` and export its URL to their child
 
 from __future__ import annotations
 
-# The commands register themselves on ``main`` when imported.
-from service.cli import bulk, failures, operate, outbound, payments, roles, timeline  # noqa: F401
+# Each command's module is imported when the command is looked up (common.COMMAND_MODULES),
+# so a command starts without importing every other command's dependencies.
 from service.cli.common import main
 
 __all__ = ["main"]

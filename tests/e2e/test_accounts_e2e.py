@@ -7,6 +7,9 @@ world) that delivers its callbacks to that account's token URL; one ``pandasync 
 account, that a callback claiming an account it was not signed for is refused, that a backfill
 of one account leaves the other alone, and that a 429 storm on one account leaves the other's
 freshness as it was (measured, and printed).
+
+On Redis only: the broker carries the same reconcile messages as in test_reconcile_e2e, which
+runs on both brokers; the 429 storm reads the accounts' pauses in the Redis rate limiter.
 """
 
 from __future__ import annotations

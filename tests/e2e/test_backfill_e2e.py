@@ -2,7 +2,9 @@
 
 The sandbox holds a few hundred orders whose callbacks were all dropped, so only the backfill
 can bring them into the ledger; ``pandasync backfill`` runs as a subprocess against a Stack
-(sandbox, web role, worker on Redis) and the ledger is then compared with the truth.
+(sandbox, web role, worker) and the ledger is then compared with the truth. The backfill sends
+its reconciles through the broker and paces itself on its queue: the full backfill runs on Redis
+and on RabbitMQ; the resume is the command's own bookkeeping, in Postgres, and runs on Redis.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ PAGE_SIZE = 10
 
 
 @pytest.fixture
-async def stack(fresh_database_url: str, clean_redis: str, tmp_path: Path) -> AsyncIterator[Stack]:
-    running = Stack(fresh_database_url, clean_redis, tmp_path)
+async def stack(fresh_database_url: str, broker_url: str, tmp_path: Path) -> AsyncIterator[Stack]:
+    running = Stack(fresh_database_url, broker_url, tmp_path)
     try:
         await running.start()
         async with SandboxRemote(running.sandbox_url) as sb:
@@ -112,6 +114,7 @@ async def test_backfill_brings_every_order_into_the_ledger(stack: Stack, tmp_pat
     assert sum(r["orders_seen"] for r in runs) == ORDERS
 
 
+@pytest.mark.parametrize("broker_url", ["redis"], indirect=True)
 async def test_a_killed_backfill_resumes_without_redoing_finished_pages(
     stack: Stack, tmp_path: Path
 ) -> None:

@@ -1,6 +1,10 @@
 """Outbound webhooks with the real processes: the sandbox drives orders, the worker writes the
 ledger (and its change feed), ``pandasync deliver`` sends each change to a receiver that checks
-every signature with the official ``standardwebhooks`` package."""
+every signature with the official ``standardwebhooks`` package.
+
+On Redis only: outbound delivery reads the change feed in Postgres, not the broker, whose
+reconcile messages test_reconcile_e2e runs on both brokers.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,9 @@
 """A refund whose messages are lost, and that a later refund on its line hides from the order
-detail, is brought into the ledger by the scheduler's refund sweep."""
+detail, is brought into the ledger by the scheduler's refund sweep.
+
+On Redis only: the scheduler sends the refund sweep's reconciles the way test_sweep_e2e's, which
+runs on both brokers.
+"""
 
 from __future__ import annotations
 

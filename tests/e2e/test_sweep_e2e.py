@@ -1,4 +1,5 @@
-"""Lost and late callbacks: one sweep of the scheduler brings the ledger back to the truth."""
+"""Lost and late callbacks: one sweep of the scheduler brings the ledger back to the truth, on
+Redis and on RabbitMQ (the scheduler sends the sweep's reconciles through the broker)."""
 
 from __future__ import annotations
 
@@ -18,10 +19,10 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture
-async def stack(fresh_database_url: str, clean_redis: str, tmp_path: Path) -> AsyncIterator[Stack]:
+async def stack(fresh_database_url: str, broker_url: str, tmp_path: Path) -> AsyncIterator[Stack]:
     running = Stack(
         fresh_database_url,
-        clean_redis,
+        broker_url,
         tmp_path,
         # A sweep every few seconds; the relay never re-sends (so only the sweep can repair).
         settings={"PANDASYNC_SWEEP_INTERVAL_S": "4", "PANDASYNC_REQUEUE_AFTER_S": "3600"},

@@ -1,6 +1,10 @@
 """Unmapped values in plain sight, with the real processes: a status PandaPon starts sending
 that the mapping does not know shows in ``pandasync status`` and in ``report_sync_health``
-within one reconcile, and so does a message type the receiver does not know."""
+within one reconcile, and so does a message type the receiver does not know.
+
+On Redis only: the broker carries the same reconcile messages as in test_reconcile_e2e,
+which runs on both brokers; what is checked here happens after the broker.
+"""
 
 from __future__ import annotations
 

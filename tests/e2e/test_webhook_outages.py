@@ -1,9 +1,9 @@
 """The broker, then the database, taken away while messages keep arriving.
 
-Real HTTP to the receiver under uvicorn, Postgres and Redis behind TCP proxies the test cuts
-and restores. The promises checked: nothing answered 200 is missing from the inbox, and every
-stored message (including any stored but answered 503) reaches the workers' queue once the
-broker is back.
+Real HTTP to the receiver under uvicorn, Postgres and the broker (Redis, then RabbitMQ) behind
+TCP proxies the test cuts and restores. The promises checked: nothing answered 200 is missing
+from the inbox, and every stored message (including any stored but answered 503) reaches the
+workers' queue once the broker is back.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import Counter
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import pytest
@@ -30,11 +30,12 @@ pytestmark = pytest.mark.redis
 SENDERS = 4
 
 
-def drain_reconciles(redis_url: str) -> list[MessageProxy]:
-    """Every reconcile message waiting in Redis, consumed the way a worker would."""
-    broker = make_broker(load_settings(broker_url=redis_url))
+def drain_reconciles(broker_url: str) -> list[MessageProxy]:
+    """Every reconcile message waiting in the broker, consumed the way a worker would."""
+    broker = make_broker(load_settings(broker_url=broker_url))
     broker.declare_queue(RECONCILE_QUEUE)
-    consumer = broker.consume(RECONCILE_QUEUE, prefetch=1000, timeout=200)
+    # Everything already waits: the timeout only says when the queue is empty.
+    consumer = broker.consume(RECONCILE_QUEUE, prefetch=1000, timeout=1000)
     messages: list[MessageProxy] = []
     try:
         while (message := next(consumer)) is not None:
@@ -46,17 +47,28 @@ def drain_reconciles(redis_url: str) -> list[MessageProxy]:
     return messages
 
 
+def broker_address(broker_url: str) -> tuple[str, int]:
+    parts = urlsplit(broker_url)
+    return parts.hostname or "127.0.0.1", parts.port or (5672 if parts.scheme == "amqp" else 6379)
+
+
+def broker_via_port(broker_url: str, port: int) -> str:
+    parts = urlsplit(broker_url)
+    credentials = parts.netloc.rpartition("@")[0]
+    netloc = f"{credentials}@127.0.0.1:{port}" if credentials else f"127.0.0.1:{port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 async def test_broker_then_database_outage_loses_nothing(
-    fresh_database_url: str, own_redis: str
+    fresh_database_url: str, broker_url: str
 ) -> None:
-    redis = urlsplit(own_redis)
     with (
         TcpProxy(postgres_address(fresh_database_url)) as postgres_proxy,
-        TcpProxy((redis.hostname or "127.0.0.1", redis.port or 6379)) as redis_proxy,
+        TcpProxy(broker_address(broker_url)) as broker_proxy,
     ):
         settings = receiver_settings(
             via_port(fresh_database_url, postgres_proxy.port),
-            broker_url=f"redis://127.0.0.1:{redis_proxy.port}{redis.path}",
+            broker_url=broker_via_port(broker_url, broker_proxy.port),
             relay_interval_s=0.2,
             relay_grace_s=0.5,
         )
@@ -86,7 +98,7 @@ async def test_broker_then_database_outage_loses_nothing(
             try:
                 await eventually(lambda: stored_at_least(20), "messages stored, all up")
 
-                redis_proxy.cut()
+                broker_proxy.cut()
                 mark = tally(200)
                 await eventually(lambda: stored_at_least(mark + 40), "stored with the broker down")
 
@@ -101,7 +113,7 @@ async def test_broker_then_database_outage_loses_nothing(
                 mark = tally(200)
                 await eventually(lambda: stored_at_least(mark + 40), "stored after the database")
 
-                redis_proxy.restore()
+                broker_proxy.restore()
             finally:
                 stop.set()
                 await asyncio.gather(*senders)
@@ -131,20 +143,20 @@ async def test_broker_then_database_outage_loses_nothing(
     # What the broker outage stranded went out through the relay.
     assert sample("pandasync_relay_handed_off_total") > relayed_before
 
-    messages = await asyncio.to_thread(drain_reconciles, own_redis)
+    messages = await asyncio.to_thread(drain_reconciles, broker_url)
     reached = {m.kwargs["inbox_id"] for m in messages}
     assert {r["id"] for r in rows} <= reached
     assert {m.args[2] for m in messages} == set(stored)
 
 
 async def test_hand_off_survives_its_helper_process_dying(
-    fresh_database_url: str, own_redis: str
+    fresh_database_url: str, broker_url: str
 ) -> None:
     import multiprocessing
     import os
     import signal
 
-    settings = receiver_settings(fresh_database_url, broker_url=own_redis, relay_grace_s=600)
+    settings = receiver_settings(fresh_database_url, broker_url=broker_url, relay_grace_s=600)
 
     async def all_queued() -> bool:
         rows = await fetch(fresh_database_url, "SELECT state FROM webhook_inbox")
@@ -162,5 +174,5 @@ async def test_hand_off_survives_its_helper_process_dying(
         assert second.status_code == 200
         # Not the relay (its grace is ten minutes): a new helper sends it.
         await eventually(all_queued, "the second message handed off")
-    messages = await asyncio.to_thread(drain_reconciles, own_redis)
+    messages = await asyncio.to_thread(drain_reconciles, broker_url)
     assert len(messages) == 2

@@ -1,5 +1,9 @@
 """``pandasync worker`` binds its metrics port before dramatiq starts and its exposition process
-serves it: the metrics of every worker process on one port, and the port free again at exit."""
+serves it: the metrics of every worker process on one port, and the port free again at exit.
+
+On Redis only: the metrics do not depend on the broker, and a worker's start on RabbitMQ is
+test_reconcile_e2e's.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""How old the oldest waiting reconcile is, read from a real Redis (the relay's test of loss)."""
+"""How old the oldest waiting reconcile is, read from a real Redis and a real RabbitMQ (the
+relay's test of loss)."""
 
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ pytestmark = pytest.mark.redis
 
 
 @pytest.fixture
-def broker(own_redis: str) -> Iterator[dramatiq.Broker]:
-    broker = make_broker(load_settings(broker_url=own_redis))
+def broker(broker_url: str) -> Iterator[dramatiq.Broker]:
+    broker = make_broker(load_settings(broker_url=broker_url))
     broker.declare_queue(RECONCILE_QUEUE)
     yield broker
     broker.close()
@@ -57,6 +58,8 @@ def test_a_fetched_message_no_longer_waits(broker: dramatiq.Broker) -> None:
         consumer.close()
 
 
+# On RabbitMQ: tests/integration/test_rabbitmq_parity.py (which waits for RabbitMQ's count).
+@pytest.mark.parametrize("broker_url", ["redis"], indirect=True)
 def test_queue_depth_counts_the_waiting_and_the_delayed(broker: dramatiq.Broker) -> None:
     assert queue_depth(broker) == 0
     enqueue_aged(broker, 5)

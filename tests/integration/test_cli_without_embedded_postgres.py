@@ -11,6 +11,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import click
+
 from service.cli import main
 
 MISSING = (
@@ -56,10 +58,13 @@ AFTER_A_WEB_ROLE = {"send-test-message"}
 
 def database_commands() -> set[str]:
     """The commands whose code looks for the database (the embedded one when none is set)."""
+    ctx = click.Context(main)
+    commands = {name: main.get_command(ctx, name) for name in main.list_commands(ctx)}
     return {
         name
-        for name, command in main.commands.items()
-        if command.callback is not None
+        for name, command in commands.items()
+        if command is not None
+        and command.callback is not None
         and name not in AFTER_A_WEB_ROLE
         and "database_url_or_embedded(" in inspect.getsource(command.callback)
     }

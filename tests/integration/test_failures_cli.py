@@ -54,6 +54,7 @@ from service.ledger.models import (
 )
 from service.pandapon.errors import UpstreamRejected
 from service.pandapon.models import OrderSnapshot, RefundSnapshot, ShipmentSnapshot
+from tests.support.broker import BROKERS
 from tests.support.stack import PANDASYNC
 from workers import actors, policy
 from workers.reconcile import Outcome
@@ -608,13 +609,14 @@ async def test_status_names_sweeps_late_by_two_intervals(stack: Stack, tmp_path:
     assert (taobao["examined"], taobao["drift"], taobao["account_id"]) == (3, 0, ACCOUNT)
 
 
+@pytest.mark.parametrize(
+    "unreachable", ["redis://127.0.0.1:1/0", "amqp://guest:guest@127.0.0.1:1/"], ids=BROKERS
+)
 async def test_status_is_unhealthy_when_the_broker_cannot_be_reached(
-    stack: Stack, tmp_path: Path
+    stack: Stack, tmp_path: Path, unreachable: str
 ) -> None:
     await sweeps_done(stack)
-    document = await status_json(
-        tmp_path, stack.url, code=1, PANDASYNC_BROKER_URL="redis://127.0.0.1:1/0"
-    )
+    document = await status_json(tmp_path, stack.url, code=1, PANDASYNC_BROKER_URL=unreachable)
     [problem] = document["problems"]
     assert problem.startswith("the broker cannot be reached (")
     assert "PANDASYNC_BROKER_URL" in problem

@@ -39,7 +39,7 @@ from service.pandapon.ratelimit import (
     make_rate_limiter,
     rate_limit_backend,
 )
-from tests.support.broker import enqueue_aged
+from tests.support.broker import BROKERS, enqueue_aged
 from tests.support.rabbitmq import rabbitmq_url
 from tests.support.stack import Stack, burst_detail_fetches
 from workers.operations import gather_status
@@ -48,16 +48,7 @@ pytestmark = pytest.mark.redis
 
 __all__ = ["rabbitmq_url"]  # the fixture, used by name
 
-BROKERS = ["redis", "rabbitmq"]
 LINES = [{"title": "保温杯", "quantity": 2, "unit_price": "25.00", "product_id": "p-cup"}]
-
-
-@pytest.fixture(params=BROKERS)
-def broker_url(request: pytest.FixtureRequest) -> str:
-    """The broker of the test: its own Redis database, or its own RabbitMQ vhost."""
-    name = "own_redis" if request.param == "redis" else "rabbitmq_url"
-    url: str = request.getfixturevalue(name)
-    return url
 
 
 @pytest.fixture
@@ -162,13 +153,16 @@ RUN_S = 4.0
 WARMUP_S = 1.0  # past the bucket's initial burst
 
 
-def _take_tokens(settings: dict[str, Any], start_at: float, queue: Any) -> None:
-    """One worker-like process: take tokens as fast as the limit lets it until ``RUN_S``."""
+def _take_tokens(settings: dict[str, Any], ready: Any, start: Any, queue: Any) -> None:
+    """One worker-like process: once every process is ready, take tokens as fast as the limit
+    lets it until ``RUN_S`` after the common start (``start``, set by the test)."""
 
     async def run() -> list[float]:
         limiter = make_rate_limiter(load_settings(**settings))
         taken: list[float] = []
         try:
+            ready.put(True)  # imported, connected: a slow start costs no share of the window
+            start_at: float = await asyncio.to_thread(start.get, True, 120)
             await asyncio.sleep(max(0.0, start_at - time.time()))
             while time.time() < start_at + RUN_S:
                 await limiter.acquire()
@@ -198,14 +192,18 @@ async def test_three_processes_share_the_rate_limit_on_rabbitmq(
     await probe.aclose()
 
     context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    start_at = time.time() + 6.0  # every process started and imported before
+    ready, start, queue = context.Queue(), context.Queue(), context.Queue()
     processes = [
-        context.Process(target=_take_tokens, args=(settings, start_at, queue))
+        context.Process(target=_take_tokens, args=(settings, ready, start, queue))
         for _ in range(PROCESSES)
     ]
     for process in processes:
         process.start()
+    for _ in processes:
+        await asyncio.to_thread(ready.get, True, 120)
+    start_at = time.time() + 0.5
+    for _ in processes:
+        start.put(start_at)
     results = [await asyncio.to_thread(queue.get, True, 60) for _ in processes]
     for process in processes:
         process.join(10)

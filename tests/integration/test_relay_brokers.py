@@ -21,18 +21,14 @@ from service.db import make_engine, make_sessionmaker
 from service.webhooks.relay import relay_once
 from tests.integration.test_webhook_inbox import insert_rows, states
 from tests.support.broker import enqueue_aged
-from tests.support.rabbitmq import rabbitmq_url
 from tests.support.webhook_checks import fetch
 
 pytestmark = pytest.mark.redis
 
-__all__ = ["rabbitmq_url"]  # the fixture, used by name
 
-
-@pytest.fixture(params=["redis", "rabbitmq"])
-def broker(request: pytest.FixtureRequest) -> Iterator[dramatiq.Broker]:
-    url: str = request.getfixturevalue("own_redis" if request.param == "redis" else "rabbitmq_url")
-    made = make_broker(load_settings(broker_url=url))
+@pytest.fixture
+def broker(broker_url: str) -> Iterator[dramatiq.Broker]:
+    made = make_broker(load_settings(broker_url=broker_url))
     made.declare_queue(RECONCILE_QUEUE)
     yield made
     made.close()

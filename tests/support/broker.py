@@ -1,4 +1,5 @@
-"""Reconcile messages as a backlog leaves them: enqueued some time ago."""
+"""The brokers the tests run on, and reconcile messages as a backlog leaves them: enqueued some
+time ago."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ from dataclasses import replace
 import dramatiq
 
 from service.broker import reconcile_message
+
+# The ids of the ``broker_url`` fixture's parameters (tests/conftest.py), for tests that take
+# a broker URL of their own.
+BROKERS = ["redis", "rabbitmq"]
 
 
 def enqueue_aged(broker: dramatiq.Broker, age_s: float, order_id: str = "backlog") -> None:

@@ -1,14 +1,19 @@
-"""A RabbitMQ of the test's own: a vhost made for it (``rabbitmqctl``), deleted after.
+"""A RabbitMQ of the test's own: a vhost of this test run's (``rabbitmqctl``), its reconcile
+queues deleted before and after each test.
 
 ``PANDASYNC_TEST_RABBITMQ_URL`` (default ``amqp://guest:guest@127.0.0.1:5672/``) names the
 server. dramatiq's queue names are fixed (``reconcile``), so test runs side by side keep apart by
-vhost; without ``rabbitmqctl`` (a server on another host) the default vhost is used and its
-reconcile queues are emptied before and after. Without a reachable server the test is skipped on
-a laptop and fails when ``CI`` is set, as for Redis.
+vhost: one per run, made at its first RabbitMQ test and deleted at the end (each ``rabbitmqctl``
+call starts an Erlang VM, seconds each: one vhost per test cost more than most tests). The tests
+of a run follow one another and leave no process behind, and the product declares no queue but
+the reconcile ones, so deleting those gives each test an empty broker. Without ``rabbitmqctl``
+(a server on another host) the default vhost is used the same way. Without a reachable server
+the test is skipped on a laptop and fails when ``CI`` is set, as for Redis.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -56,9 +61,10 @@ def _purge(url: str) -> None:
         connection.close()
 
 
-@pytest.fixture
-def rabbitmq_url() -> Iterator[str]:
-    """An ``amqp://`` URL of a vhost nobody else uses, empty."""
+@contextlib.contextmanager
+def vhost_of_its_own() -> Iterator[str]:
+    """An ``amqp://`` URL of a vhost made for the caller and deleted after (the server's
+    default vhost, its reconcile queues emptied, without ``rabbitmqctl``)."""
     base = server_url()
     require_server(base)
     parts = urlsplit(base)
@@ -76,3 +82,18 @@ def rabbitmq_url() -> Iterator[str]:
         yield urlunsplit(parts._replace(path="/" + quote(vhost, safe="")))
     finally:
         _ctl("delete_vhost", vhost)
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_run_url() -> Iterator[str]:
+    """An ``amqp://`` URL of a vhost this test run alone uses (made once, deleted at the end)."""
+    with vhost_of_its_own() as url:
+        yield url
+
+
+@pytest.fixture
+def rabbitmq_url(rabbitmq_run_url: str) -> Iterator[str]:
+    """An ``amqp://`` URL of a vhost nobody else uses, its reconcile queues empty."""
+    _purge(rabbitmq_run_url)
+    yield rabbitmq_run_url
+    _purge(rabbitmq_run_url)
