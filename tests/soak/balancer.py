@@ -20,6 +20,7 @@ import hashlib
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 MAX_HEAD = 64 * 1024
@@ -34,11 +35,16 @@ class Exchange:
     backend: int | None  # index of the backend that answered; None: none could
     status: int  # 502 when the backend failed after the request was sent, or none answered
     body_sha256: str
+    peer: str = ""  # the sender's address
+
+
+Backend = int | tuple[str, int]  # a port of 127.0.0.1, or (host, port)
 
 
 class Balancer:
-    def __init__(self, backends: list[int]) -> None:
-        self.backends = backends  # ports on 127.0.0.1
+    def __init__(self, backends: Sequence[Backend], host: str = "127.0.0.1") -> None:
+        self.backends = list(backends)
+        self.host = host  # where it listens
         self.port = 0
         self.exchanges: list[Exchange] = []
         self._captured: deque[dict[str, str]] = deque(maxlen=CAPTURED)
@@ -51,7 +57,7 @@ class Balancer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/webhooks/pandapon"
+        return f"http://{self.host}:{self.port}/webhooks/pandapon"
 
     def start(self) -> None:
         self._thread.start()
@@ -74,7 +80,7 @@ class Balancer:
     async def _serve(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
-        server = await asyncio.start_server(self._client, "127.0.0.1", 0, backlog=512)
+        server = await asyncio.start_server(self._client, self.host, 0, backlog=512)
         self.port = server.sockets[0].getsockname()[1]
         self._ready.set()
         try:
@@ -83,6 +89,7 @@ class Balancer:
             server.close()
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = str((writer.get_extra_info("peername") or ("",))[0])
         try:
             while True:
                 try:
@@ -110,6 +117,7 @@ class Balancer:
                         backend,
                         status,
                         hashlib.sha256(body).hexdigest(),
+                        peer,
                     )
                 )
                 if status == 200:
@@ -127,10 +135,10 @@ class Balancer:
         request = "\r\n".join([lines[0], *kept, "connection: close", "", ""]).encode("latin-1")
         for attempt in range(len(self.backends)):
             index = (self._next + attempt) % len(self.backends)
+            backend = self.backends[index]
+            host, port = ("127.0.0.1", backend) if isinstance(backend, int) else backend
             try:
-                up_reader, up_writer = await asyncio.open_connection(
-                    "127.0.0.1", self.backends[index]
-                )
+                up_reader, up_writer = await asyncio.open_connection(host, port)
             except OSError:
                 continue  # refused: try the next backend
             self._next = (index + 1) % len(self.backends)
