@@ -379,6 +379,7 @@ async def measure(stack: BenchStack, args: argparse.Namespace) -> dict[str, Any]
                 {name: role.process.pid for name, role in stack.roles.items() if role.process}
             )
             meter.start()
+            print(f"timed window: {count} messages at {args.rate}/s", flush=True)
             tasks = []
             began = time.perf_counter()
             for n, order in enumerate(orders[:count]):

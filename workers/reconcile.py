@@ -26,11 +26,22 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
 from prometheus_client import Counter
-from sqlalchemy import CompoundSelect, bindparam, func, select, text, union, update
+from sqlalchemy import (
+    CompoundSelect,
+    DateTime,
+    Integer,
+    Row,
+    bindparam,
+    func,
+    select,
+    text,
+    union,
+)
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
@@ -38,7 +49,7 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
 )
 
-from service.db import rowcount, session_scope
+from service.db import session_scope
 from service.domain import (
     WAITING_INBOX_STATES,
     Platform,
@@ -53,8 +64,6 @@ from service.ledger.unmapped import record_unmapped
 from service.ledger.write import (
     OrderTruth,
     WriteResult,
-    order_params,
-    rows_of_order,
     write_order,
 )
 from service.pandapon.models import OrderSnapshot, RefundSnapshot, ShipmentSnapshot
@@ -145,53 +154,7 @@ class LockedOrder:
     conn: AsyncConnection
     fetched_at: datetime  # the database clock once the lock was taken
     inbox_state: str | None  # the state of the request's inbox row, if it names one
-
-
-# Lock, clock and the coalescing check in ONE round trip (each costs a turn of the worker loop).
-# The inbox state is read from the statement's snapshot: at worst a row committed as processed
-# a moment ago reads as queued, which costs one redundant (idempotent) reconcile.
-_LOCK_AND_LOOK = text(
-    "SELECT pg_try_advisory_lock(:lock_class, :lock_key) AS acquired, "
-    "clock_timestamp() AS now, "
-    "(SELECT state FROM webhook_inbox WHERE id = :inbox_id) AS inbox_state"
-)
-_UNLOCK = text("SELECT pg_advisory_unlock(:lock_class, :lock_key)")
-
-
-@asynccontextmanager
-async def order_lock(
-    engine: AsyncEngine, request: ReconcileRequest
-) -> AsyncIterator[LockedOrder | None]:
-    """Hold the order's advisory lock for the block on one connection, which the block may use
-    for its own statements; yields None when another worker has the lock."""
-    params = {
-        "lock_class": ORDER_LOCK_CLASS,
-        "lock_key": order_lock_key(request.account_id, request.platform, request.order_id),
-    }
-    async with engine.connect() as conn:
-        # A connection fresh from the pool has no transaction to end: no rollback first.
-        await conn.execution_options(isolation_level="AUTOCOMMIT")
-        row = (await conn.execute(_LOCK_AND_LOOK, {**params, "inbox_id": request.inbox_id})).one()
-        if not row.acquired:
-            yield None
-            return
-        try:
-            yield LockedOrder(conn, row.now, row.inbox_state)
-        finally:
-            try:
-                await set_isolation(conn, "AUTOCOMMIT")
-                await conn.execute(_UNLOCK, params)
-            except BaseException:
-                # A connection that may still hold the lock must not go back to the pool.
-                await conn.invalidate()
-                raise
-
-
-async def set_isolation(conn: AsyncConnection, level: str) -> None:
-    """Switch ``conn`` between autocommit and transactions. SQLAlchemy keeps a transaction
-    object even in autocommit; ending it first costs nothing on the server."""
-    await conn.rollback()
-    await conn.execution_options(isolation_level=level)
+    open_refund_ids: tuple[str, ...] = ()  # refunds waiting for a fetch, as of the lock
 
 
 _OPEN_REFUND_IDS: CompoundSelect[str | None] = union(
@@ -213,25 +176,108 @@ _OPEN_REFUND_IDS: CompoundSelect[str | None] = union(
         Refund.status.in_([RefundStatus.REQUESTED, RefundStatus.UNKNOWN]),
     ),
 )
+_open_refunds = _OPEN_REFUND_IDS.subquery("open_refunds")
+
+# Lock, clock, the coalescing check and the open refunds in ONE round trip (each costs a turn
+# of the worker loop). The reads see the statement's snapshot, taken just before the lock:
+# - a row committed as processed a moment ago reads as queued, which costs one redundant
+#   (idempotent) reconcile;
+# - a refund message whose inbox row commits after the snapshot, though received before the
+#   lock, is not among the refunds fetched: the write leaves such a row waiting (``write_order``
+#   marks processed only the refund messages of the refunds it wrote), so its own message
+#   reconciles the order again and fetches that refund.
+_LOCK_AND_LOOK = select(
+    func.pg_try_advisory_lock(
+        bindparam("lock_class", type_=Integer), bindparam("lock_key", type_=Integer)
+    ).label("acquired"),
+    func.clock_timestamp(type_=DateTime(timezone=True)).label("now"),
+    select(WebhookInbox.state)
+    .where(WebhookInbox.id == bindparam("inbox_id"))
+    .scalar_subquery()
+    .label("inbox_state"),
+    select(func.array_agg(_open_refunds.c.refund_id)).scalar_subquery().label("open_refund_ids"),
+)
+_UNLOCK = text("SELECT pg_advisory_unlock(:lock_class, :lock_key)")
 
 
-async def _refund_ids_to_fetch(
-    conn: AsyncConnection, request: ReconcileRequest, snapshot: OrderSnapshot
+@asynccontextmanager
+async def order_lock(
+    engine: AsyncEngine, request: ReconcileRequest
+) -> AsyncIterator[LockedOrder | None]:
+    """Hold the order's advisory lock for the block on one connection, which the block may use
+    for its own statements; yields None when another worker has the lock."""
+    params = {
+        "lock_class": ORDER_LOCK_CLASS,
+        "lock_key": order_lock_key(request.account_id, request.platform, request.order_id),
+    }
+    look = {
+        **params,
+        "inbox_id": request.inbox_id,
+        "account_id": request.account_id,
+        "platform": request.platform,
+        "order_id": request.order_id,
+    }
+    conn, row = await _lock_and_look(engine, look)
+    try:
+        if not row.acquired:
+            yield None
+            return
+        open_refunds = tuple(found for found in row.open_refund_ids or () if found)
+        try:
+            yield LockedOrder(conn, row.now, row.inbox_state, open_refunds)
+        finally:
+            try:
+                await set_isolation(conn, "AUTOCOMMIT")
+                await conn.execute(_UNLOCK, params)
+            except BaseException:
+                # A connection that may still hold the lock must not go back to the pool.
+                await conn.invalidate()
+                raise
+    finally:
+        await conn.close()
+
+
+async def _lock_and_look(
+    engine: AsyncEngine, look: dict[str, Any]
+) -> tuple[AsyncConnection, Row[Any]]:
+    """A connection from the pool and ``_LOCK_AND_LOOK``'s answer on it. The worker's engine
+    does not ping a connection before lending it (a round trip per reconcile): when this first
+    statement meets a dead one (Postgres restarted), the pool has just marked every connection
+    as old as that one for replacement, and the statement runs once more on a fresh connection.
+    A lock taken on a dead connection died with it, so running it again is safe."""
+    for attempt in (1, 2):
+        conn = await engine.connect()
+        try:
+            # A connection fresh from the pool has no transaction to end: no rollback first.
+            await conn.execution_options(isolation_level="AUTOCOMMIT")
+            return conn, (await conn.execute(_LOCK_AND_LOOK, look)).one()
+        except BaseException as error:
+            # Dead, or cancelled mid-statement with the lock perhaps held: never back to the
+            # pool (closed, it frees its place in the pool).
+            await conn.invalidate()
+            await conn.close()
+            if attempt == 2 or not (isinstance(error, DBAPIError) and error.connection_invalidated):
+                raise
+            log.info("database connection lost: the order's lock is taken on a fresh one")
+    raise AssertionError("unreachable")  # the second attempt returns or raises
+
+
+async def set_isolation(conn: AsyncConnection, level: str) -> None:
+    """Switch ``conn`` between autocommit and transactions. SQLAlchemy keeps a transaction
+    object even in autocommit; ending it first costs nothing on the server."""
+    await conn.rollback()
+    await conn.execution_options(isolation_level=level)
+
+
+def _refund_ids_to_fetch(
+    request: ReconcileRequest, snapshot: OrderSnapshot, locked: LockedOrder
 ) -> list[str]:
     """Refund messages not yet covered, refunds the order names, and open ones in the ledger."""
     ids: dict[str, None] = {}
     if request.refund_id:
         ids[request.refund_id] = None
-    for refund_id in snapshot.refund_ids:
+    for refund_id in (*snapshot.refund_ids, *locked.open_refund_ids):
         ids[refund_id] = None
-    key = {
-        "account_id": request.account_id,
-        "platform": request.platform,
-        "order_id": request.order_id,
-    }
-    for found in (await conn.execute(_OPEN_REFUND_IDS, key)).scalars():
-        if found:
-            ids[found] = None
     return list(ids)
 
 
@@ -250,7 +296,7 @@ async def reconcile_order(
         platform = request.platform
         snapshot = await call_with_retries(lambda: client.order_detail(platform, request.order_id))
         shipments = await call_with_retries(lambda: client.logistics(platform, snapshot))
-        refund_ids = await _refund_ids_to_fetch(locked.conn, request, snapshot)
+        refund_ids = _refund_ids_to_fetch(request, snapshot, locked)
         refunds = [
             await call_with_retries(partial(client.refund_detail, platform, refund_id))
             for refund_id in refund_ids
@@ -269,11 +315,13 @@ async def reconcile_order(
                 inbox_id=request.inbox_id,
                 # `pandasync resync`: the operator asked for what PandaPon says now.
                 force=request.source is SyncSource.MANUAL,
+                asked_refunds=refund_ids,
+                resolve_failures=True,
             )
             # Seen, even in a stale snapshot: PandaPon sent it.
             unmapped = await record_unmapped(session, request.account_id, truth)
-            resolved = await resolve_failures(session, request)
         count_unmapped(platform, unmapped)
+        resolved = result.failures_resolved
     if result.anomaly is not None:
         UPSTREAM_ANOMALIES.labels(platform.value).inc()
         log.warning("upstream anomaly", order_id=request.order_id, anomaly=result.anomaly)
@@ -281,23 +329,6 @@ async def reconcile_order(
         return ReconcileResult(Outcome.STALE, result, resolved)
     changed = result.created or result.status_changed or result.price_changed or result.new_events
     return ReconcileResult(Outcome.WRITTEN if changed else Outcome.UNCHANGED, result, resolved)
-
-
-_RESOLVE_FAILURES = (
-    update(SyncFailure)
-    .where(
-        *rows_of_order(SyncFailure),
-        SyncFailure.resolved_at.is_(None),
-    )
-    .values(resolved_at=func.now())
-)
-
-
-async def resolve_failures(session: AsyncSession, request: ReconcileRequest) -> int:
-    """A successful sync closes the order's open failure, if it had one; returns how many."""
-    conn = await session.connection()
-    params = order_params(request.account_id, request.platform, request.order_id)
-    return rowcount(await conn.execute(_RESOLVE_FAILURES, params))
 
 
 async def count_open_failures(session: AsyncSession) -> int:

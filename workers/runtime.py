@@ -48,10 +48,17 @@ class WorkerRuntime:
     clients: dict[str, PandaPonClient]
 
     @classmethod
-    def build(cls, settings: Settings) -> WorkerRuntime:
+    def build(cls, settings: Settings, *, pre_ping: bool = True) -> WorkerRuntime:
+        """``pre_ping=False``: only for a process whose every use of the engine handles a
+        dead connection itself (the reconcile worker's: ``get_runtime``)."""
         if not settings.database_url:
             raise RuntimeError("PANDASYNC_DATABASE_URL is not set")
-        engine = make_engine(settings.database_url, settings, application_name="pandasync-worker")
+        engine = make_engine(
+            settings.database_url,
+            settings,
+            application_name="pandasync-worker",
+            pre_ping=pre_ping,
+        )
         http = make_http_client(settings)
         limiters: list[RateLimiter] = []
         clients: dict[str, PandaPonClient] = {}
@@ -110,7 +117,11 @@ async def get_runtime() -> WorkerRuntime:
         return _runtime
     async with _lock:
         if _runtime is None:
-            _runtime = WorkerRuntime.build(get_settings())
+            # No pre-ping (a round trip per checkout): a reconcile's first statement, the
+            # order's lock, is tried once more on a fresh connection when it meets a dead one
+            # (``workers.reconcile.order_lock``); a later statement that does fails the attempt,
+            # which the retry policy retries (``policy.database_away``).
+            _runtime = WorkerRuntime.build(get_settings(), pre_ping=False)
         return _runtime
 
 

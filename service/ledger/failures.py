@@ -1,8 +1,8 @@
 """Sync failures as a person meets them: the open ones, and closing one by hand.
 
-A failure closes by itself when a later reconcile of its order succeeds
-(``workers.reconcile.resolve_failures``). ``dismiss_failures`` closes one that never will (an order
-PandaPon no longer serves, a record it will always refuse): it records when, who and why
+A failure closes by itself when a later reconcile of its order succeeds (its write:
+``write_order(resolve_failures=True)``). ``dismiss_failures`` closes one that never will (an
+order PandaPon no longer serves, a record it will always refuse): it records when, who and why
 (``dismissed_at``, ``dismissed_by``, ``dismissed_reason``; ``resolved_at`` too, so every reader
 of "open" sees it closed), and sets the order's waiting inbox messages aside (``ignored``): they
 leave the backlog, and a message still in the broker for one of them finds it covered. Nothing

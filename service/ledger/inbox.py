@@ -16,7 +16,9 @@ received ──hand-off──▶ queued ──a reconcile covered it──▶ pr
   whose message the broker lost.
 - **processed**: the ledger write of the order (``service/ledger/write.py``) marks, in its own
   transaction, every waiting row of the order received before its fetch started
-  (``mark_processed``): that fetch covered them.
+  (``mark_processed``): that fetch covered them; a refund message only when the fetch asked
+  for its refund (one whose row committed after the reconcile read the open refunds waits for
+  its own reconcile).
 - **ignored**: nothing to reconcile, or set aside by ``pandasync dismiss`` (the order's failure
   was closed by a person: ``service/ledger/failures.py``); both through ``mark_ignored``.
 
@@ -30,10 +32,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import BindParameter, ColumnElement, bindparam, func, select, update
+from sqlalchemy import (
+    BindParameter,
+    Boolean,
+    ColumnElement,
+    String,
+    any_,
+    bindparam,
+    func,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from service.db import rowcount
 from service.domain import WAITING_INBOX_STATES, FailureKind, InboxState, Platform
 from service.ledger.models import SyncFailure, WebhookInbox
 
@@ -62,8 +75,35 @@ _MARK_PROCESSED = (
         WebhookInbox.order_id == bindparam("of_order"),
         WebhookInbox.state.in_(WAITING_INBOX_STATES),
         WebhookInbox.received_at <= bindparam("fetched_at"),
+        # A refund message is covered only by a fetch that asked for its refund.
+        or_(
+            bindparam("any_refund", type_=Boolean),
+            WebhookInbox.refund_id.is_(None),
+            WebhookInbox.refund_id == any_(bindparam("refund_ids", type_=ARRAY(String))),
+        ),
     )
     .values(state=InboxState.PROCESSED, processed_at=func.now())
+    .returning(WebhookInbox.id)
+    .cte("processed")
+)
+# A successful sync closes the order's open failure: in the statement that marks its rows, one
+# round trip for both (two data-modifying CTEs of one statement, on different tables).
+_RESOLVE_FAILURES = (
+    update(SyncFailure)
+    .where(
+        SyncFailure.account_id == bindparam("of_account"),
+        SyncFailure.platform == bindparam("of_platform"),
+        SyncFailure.order_id == bindparam("of_order"),
+        SyncFailure.resolved_at.is_(None),
+        bindparam("resolve", type_=Boolean),
+    )
+    .values(resolved_at=func.now())
+    .returning(SyncFailure.id)
+    .cte("resolved")
+)
+_MARK_PROCESSED_AND_RESOLVE = select(
+    select(func.count()).select_from(_MARK_PROCESSED).scalar_subquery().label("processed"),
+    select(func.count()).select_from(_RESOLVE_FAILURES).scalar_subquery().label("resolved"),
 )
 
 
@@ -95,13 +135,26 @@ async def mark_ignored(session: AsyncSession, ids: Sequence[int]) -> None:
 
 
 async def mark_processed(
-    conn: AsyncConnection, account_id: str, platform: Platform, order_id: str, fetched_at: datetime
-) -> int:
-    """The order's waiting rows received before ``fetched_at``; how many."""
+    conn: AsyncConnection,
+    account_id: str,
+    platform: Platform,
+    order_id: str,
+    fetched_at: datetime,
+    *,
+    refund_ids: Sequence[str] | None = None,
+    resolve_failures: bool = False,
+) -> tuple[int, int]:
+    """The order's waiting rows received before ``fetched_at``; with ``refund_ids`` (the
+    refunds the fetch asked for) only the refund messages of those. ``resolve_failures``: the
+    order's open sync failures are resolved too. Returns (rows processed, failures resolved)."""
     params = {
         "of_account": account_id,
         "of_platform": platform,
         "of_order": order_id,
         "fetched_at": fetched_at,
+        "any_refund": refund_ids is None,
+        "refund_ids": list(refund_ids or ()),
+        "resolve": resolve_failures,
     }
-    return rowcount(await conn.execute(_MARK_PROCESSED, params))
+    row = (await conn.execute(_MARK_PROCESSED_AND_RESOLVE, params)).one()
+    return int(row.processed), int(row.resolved)

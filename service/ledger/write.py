@@ -11,7 +11,8 @@
 - a ``ledger_changes`` row (``service.ledger.changes``) is added for each real change: a status
   or price history row, a new parcel, a parcel newly delivered, a new refund state;
 - the order's inbox rows received before the fetch started are marked processed: the fetch
-  covers them. Rows received later stay open and cause one more reconcile.
+  covers them (a refund message only when the fetch asked for its refund: ``asked_refunds``).
+  Rows received later stay open and cause one more reconcile.
 
 An upstream modification time too far in the future (``sanity.untrusted_time``) is not a
 version: the truth is written without it (``upstream_modified_at`` NULL, the reason in
@@ -36,6 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from decimal import Decimal
+from functools import partial
 from typing import Any
 
 from sqlalchemy import (
@@ -102,6 +104,7 @@ class WriteResult:
     new_events: int
     inbox_processed: int
     anomaly: str | None = None  # why a part of the truth was not trusted (and not written)
+    failures_resolved: int = 0  # the order's open sync failures closed (``resolve_failures``)
 
 
 _AMOUNT_FIELDS = ("total_amount", "product_amount", "shipping_fee")
@@ -339,10 +342,22 @@ async def write_order(
     inbox_id: int | None = None,
     rederived: bool = False,
     force: bool = False,
+    asked_refunds: Sequence[str] | None = None,
+    resolve_failures: bool = False,
 ) -> WriteResult:
     """Write ``truth`` (see the module docstring); ``rederived`` for ``pandasync remap``,
-    ``force`` to write it whatever the stored version says."""
+    ``force`` to write it whatever the stored version says. ``asked_refunds``: the refunds the
+    fetch asked for; a refund message of another refund is not covered by it and stays waiting.
+    ``resolve_failures``: close the order's open sync failures (a reconcile that succeeded), in
+    the statement that marks the inbox rows."""
     conn = await session.connection()
+    mark = partial(
+        _mark_inbox_processed,
+        conn,
+        account_id,
+        asked_refunds=asked_refunds,
+        resolve_failures=resolve_failures,
+    )
     truth, anomaly = trusted(truth)
     snap = truth.order
     key = {"account_id": account_id, "platform": snap.platform, "order_id": snap.order_id}
@@ -353,8 +368,10 @@ async def write_order(
         and not force
         and not _is_newer(existing.snapshot_at, existing.upstream_modified_at, truth)
     ):
-        processed = 0 if rederived else await _mark_inbox_processed(conn, account_id, truth)
-        return WriteResult(existing.id, False, True, False, False, 0, processed)
+        processed, resolved = (0, 0) if rederived else await mark(truth)
+        return WriteResult(
+            existing.id, False, True, False, False, 0, processed, failures_resolved=resolved
+        )
 
     values = order_values(account_id, truth)
     values["upstream_anomaly"] = anomaly
@@ -383,6 +400,8 @@ async def write_order(
                 inbox_id=inbox_id,
                 rederived=rederived,
                 force=force,
+                asked_refunds=asked_refunds,
+                resolve_failures=resolve_failures,
             )
     else:
         order_pk = existing.id
@@ -507,7 +526,7 @@ async def write_order(
             currency=snap.currency,
         )
     await changes.record(conn, feed)
-    processed = 0 if rederived else await _mark_inbox_processed(conn, account_id, truth)
+    processed, resolved = (0, 0) if rederived else await mark(truth)
     return WriteResult(
         order_pk,
         existing is None,
@@ -517,6 +536,7 @@ async def write_order(
         new_events,
         processed,
         anomaly,
+        resolved,
     )
 
 
@@ -702,6 +722,21 @@ def refund_state_of(statuses: Sequence[RefundStatus]) -> RefundState:
     return RefundState.NONE
 
 
-async def _mark_inbox_processed(conn: AsyncConnection, account_id: str, truth: OrderTruth) -> int:
+async def _mark_inbox_processed(
+    conn: AsyncConnection,
+    account_id: str,
+    truth: OrderTruth,
+    *,
+    asked_refunds: Sequence[str] | None,
+    resolve_failures: bool,
+) -> tuple[int, int]:
     order = truth.order
-    return await mark_processed(conn, account_id, order.platform, order.order_id, truth.fetched_at)
+    return await mark_processed(
+        conn,
+        account_id,
+        order.platform,
+        order.order_id,
+        truth.fetched_at,
+        refund_ids=asked_refunds,
+        resolve_failures=resolve_failures,
+    )

@@ -66,7 +66,6 @@ from service.pandapon.models import (
 )
 from tests.support.stack import PANDASYNC
 from workers.policy import record_failure
-from workers.reconcile import resolve_failures
 
 ACCOUNT = "acct-story"
 OTHER_ACCOUNT = "acct-other"
@@ -192,9 +191,14 @@ async def write(
     fetched_at = await clock(sessions)
     truth = OrderTruth(order, shipments=shipments, refunds=refunds, fetched_at=fetched_at)
     async with session_scope(sessions) as session:
-        await write_order(session, account_id, truth, source=SyncSource.WEBHOOK, inbox_id=inbox_id)
-        request = ReconcileRequest(account_id, PLATFORM, order.order_id, SyncSource.WEBHOOK)
-        await resolve_failures(session, request)
+        await write_order(
+            session,
+            account_id,
+            truth,
+            source=SyncSource.WEBHOOK,
+            inbox_id=inbox_id,
+            resolve_failures=True,
+        )
 
 
 async def fail(sessions: async_sessionmaker[AsyncSession], text: str) -> None:
