@@ -1,15 +1,17 @@
 """Chaos soak: the whole system under load and faults, and nothing lost (issue 9).
 
 Real processes: the sandbox, two ``pandasync serve`` behind a load balancer, two
-``pandasync worker`` on a Redis and a Postgres of the soak's own, and the scheduler. Orders
+``pandasync worker`` on a broker and a Postgres of the soak's own, and the scheduler. Orders
 live their lives through the sandbox while its callbacks are dropped, duplicated, reordered
 and delayed, its query APIs answer 5xx, 429 and time out, bad clients knock at a steady rate,
-and a worker, Redis, a web process and Postgres are taken down and brought back. Then the
-scheduler is allowed two more sweeps, and the ledger must equal the truth.
+and a worker, the broker, a web process and Postgres are taken down and brought back. Then the
+scheduler is allowed two more sweeps, and the ledger must equal the truth. It runs once per
+broker: Redis and RabbitMQ (one Postgres for both, a database cloned from one migrated template
+each).
 
 Size: ``PANDASYNC_SOAK_ORDERS`` (CI default below; ``make soak`` runs 20,000). Figures are
-written to ``PANDASYNC_SOAK_REPORT`` (default: the test's temporary directory) and printed;
-docs/reliability.md publishes them.
+printed, and written to ``PANDASYNC_SOAK_REPORT`` with the broker's name added
+(``soak.json``: ``soak-redis.json``, ``soak-rabbitmq.json``); docs/reliability.md publishes them.
 """
 
 from __future__ import annotations
@@ -21,24 +23,31 @@ import os
 import statistics
 import time
 from collections import Counter
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import asyncpg
 import httpx
 import pytest
 
-from service.broker import RECONCILE_QUEUE
+from service.broker import make_broker, queue_depth
+from service.config import load_settings
 from service.db import asyncpg_dsn
 from service.ledger.migrations import run_migrations
 from service.pandapon.signer import Credentials
 from service.sandbox.remote import SandboxRemote
 from service.sandbox.settings import DEV_ACCESS_KEY, DEV_ACCESS_SECRET, DEV_USER_ID
 from tests.soak.balancer import Balancer
-from tests.soak.servers import DedicatedPostgres, DedicatedRedis
+from tests.soak.servers import (
+    DedicatedPostgres,
+    DedicatedRabbitMQ,
+    DedicatedRedis,
+    rabbitmq_server,
+)
 from tests.soak.traffic import (
     BAD_MARKER,
     DECIDED_AT_STORE,
@@ -62,7 +71,7 @@ LANES = 8  # orders living at once
 BAD_RATE_PER_S = 12.0
 SWEEP_INTERVAL_S = 15
 PG_DOWN_S = 5.0
-REDIS_DOWN_S = 3.0
+BROKER_DOWN_S = 3.0  # then as long as the broker takes to start again
 PROCESS_DOWN_S = 2.0
 # A deadline to fail by, never a figure: the ledger either converges or shows what differs.
 SETTLE_AFTER_LAST_SWEEP_S = 300.0
@@ -78,6 +87,59 @@ DELIVERY = {"drop": 0.05, "duplicate": 0.20, "reorder": 0.20, "delay": 0.02, "de
 
 pytestmark = [pytest.mark.soak, pytest.mark.e2e]
 
+ON_CI = bool(os.environ.get("CI"))
+TEMPLATE_DB = "pandasync_template"
+
+
+class DedicatedBroker(Protocol):
+    name: str
+
+    @property
+    def url(self) -> str: ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...  # as a crash
+
+    def close(self) -> None: ...
+
+
+# How the processes reach the broker: a Redis that hangs must not hold a sender for long.
+CLIENT_URL = {"redis": "{}?socket_timeout=5&socket_connect_timeout=2", "rabbitmq": "{}"}
+
+
+@pytest.fixture(scope="module")
+async def soak_postgres() -> AsyncIterator[DedicatedPostgres]:
+    """One Postgres for every broker's run: initdb and the migrations once, into a template."""
+    pg = DedicatedPostgres()
+    try:
+        await asyncio.to_thread(pg.init)
+        await fetch(pg.url(), f"CREATE DATABASE {TEMPLATE_DB}")
+        await asyncio.to_thread(run_migrations, pg.url(TEMPLATE_DB))
+        yield pg
+    finally:
+        await asyncio.to_thread(pg.close)
+
+
+@pytest.fixture(params=["redis", "rabbitmq"])
+def soak_broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[DedicatedBroker]:
+    """A broker of the soak's own, not started yet; shut down cleanly at the end."""
+    broker: DedicatedBroker
+    if request.param == "redis":
+        broker = DedicatedRedis(tmp_path)
+    else:
+        server = rabbitmq_server()
+        if server is None:
+            message = "rabbitmq-server is not installed (apt-get install rabbitmq-server)"
+            if ON_CI:
+                pytest.fail(message)
+            pytest.skip(message)
+        broker = DedicatedRabbitMQ(tmp_path, server)
+    try:
+        yield broker
+    finally:
+        broker.close()
+
 
 @dataclass
 class Timeline:
@@ -90,7 +152,8 @@ class Timeline:
         return [(down, up) for name, down, up in self.faults if name == what]
 
 
-async def wait_healthy(port: int, within_s: float = 30.0) -> None:
+# A deadline to fail by: a web process boots in seconds, several times that on a busy machine.
+async def wait_healthy(port: int, within_s: float = 90.0) -> None:
     deadline = time.monotonic() + within_s
     async with httpx.AsyncClient(timeout=1.0, trust_env=False) as http:
         while True:
@@ -110,7 +173,11 @@ async def until(progress: Progress, fraction: float) -> None:
 
 
 async def chaos(
-    stack: Stack, redis: DedicatedRedis, pg: DedicatedPostgres, progress: Progress, tl: Timeline
+    stack: Stack,
+    broker: DedicatedBroker,
+    pg: DedicatedPostgres,
+    progress: Progress,
+    tl: Timeline,
 ) -> None:
     """The process faults, each at a point of the traffic (not of the clock)."""
     await until(progress, 0.15)
@@ -122,10 +189,11 @@ async def chaos(
 
     await until(progress, 0.30)
     down = time.monotonic()
-    redis.stop()  # SIGKILL: everything queued is lost
-    await asyncio.sleep(REDIS_DOWN_S)
-    await asyncio.to_thread(redis.start)
-    tl.faults.append(("redis restart", down, time.monotonic()))
+    # SIGKILL: Redis loses everything queued, RabbitMQ what it had not yet written.
+    await asyncio.to_thread(broker.stop)
+    await asyncio.sleep(BROKER_DOWN_S)
+    await asyncio.to_thread(broker.start)
+    tl.faults.append((f"{broker.name} restart", down, time.monotonic()))
 
     await until(progress, 0.45)
     down = time.monotonic()
@@ -237,19 +305,19 @@ class QueueDepth:
 
     samples: list[tuple[float, int]] = field(default_factory=list)
 
-    async def watch(self, redis_url: str, stop: asyncio.Event) -> None:
-        import redis.asyncio as aioredis
-
-        client = aioredis.Redis.from_url(redis_url, socket_timeout=1, socket_connect_timeout=1)
+    async def watch(self, broker_url: str, stop: asyncio.Event) -> None:
+        """As ``pandasync status`` reads it (delayed retries included); no sample while the
+        broker cannot be read."""
+        broker = make_broker(load_settings(broker_url=broker_url))
         try:
             while not stop.is_set():
-                with contextlib.suppress(aioredis.RedisError, OSError):
-                    waiting = await client.llen(f"pandasync:{RECONCILE_QUEUE}")
-                    self.samples.append((time.monotonic(), int(waiting)))
+                waiting = await asyncio.to_thread(queue_depth, broker)
+                if waiting is not None:
+                    self.samples.append((time.monotonic(), waiting))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), 1.0)
         finally:
-            await client.aclose()
+            broker.close()
 
     def each_minute(self, t0: float) -> dict[int, int]:
         first: dict[int, int] = {}
@@ -277,10 +345,14 @@ def percentile(values: list[float], q: float) -> float:
 
 
 @pytest.mark.timeout(int(os.environ.get("PANDASYNC_SOAK_TIMEOUT_S", "1200")))
-async def test_chaos_soak_loses_nothing(tmp_path: Path, request: pytest.FixtureRequest) -> None:
-    report: dict[str, Any] = {"orders": ORDERS, "seed": SEED}
-    pg = DedicatedPostgres()
-    redis = DedicatedRedis(tmp_path)
+async def test_chaos_soak_loses_nothing(
+    soak_postgres: DedicatedPostgres,
+    soak_broker: DedicatedBroker,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> None:
+    pg, broker = soak_postgres, soak_broker
+    report: dict[str, Any] = {"broker": broker.name, "orders": ORDERS, "seed": SEED}
     balancer = Balancer([])
     stack: Stack | None = None
     tl = Timeline()
@@ -288,15 +360,18 @@ async def test_chaos_soak_loses_nothing(tmp_path: Path, request: pytest.FixtureR
     stop_watching = asyncio.Event()
     watcher: asyncio.Task[None] | None = None
     try:
-        await asyncio.to_thread(pg.init)
-        await fetch(pg.url(), "CREATE DATABASE pandasync")
-        database_url = pg.url("pandasync")
-        await asyncio.to_thread(run_migrations, database_url)
-        redis.start()
+        # The broker boots (RabbitMQ: seconds) while its database is cloned.
+        began = time.monotonic()
+        starting = asyncio.create_task(asyncio.to_thread(broker.start))
+        database = f"pandasync_{broker.name}"
+        await fetch(pg.url(), f"CREATE DATABASE {database} TEMPLATE {TEMPLATE_DB}")
+        database_url = pg.url(database)
         balancer.start()
+        await starting
+        report["broker_start_s"] = round(time.monotonic() - began, 1)
         stack = Stack(
             database_url,
-            f"{redis.url}?socket_timeout=5&socket_connect_timeout=2",
+            CLIENT_URL[broker.name].format(broker.url),
             tmp_path,
             settings={
                 "PANDASYNC_SWEEP_INTERVAL_S": str(SWEEP_INTERVAL_S),
@@ -311,7 +386,7 @@ async def test_chaos_soak_loses_nothing(tmp_path: Path, request: pytest.FixtureR
         await stack.start(scheduler=True, workers=2, webs=2)
         balancer.backends = list(stack.web_ports)
         tl.t0 = time.monotonic()
-        watcher = asyncio.create_task(depth.watch(redis.url, stop_watching))
+        watcher = asyncio.create_task(depth.watch(broker.url, stop_watching))
 
         async with SandboxRemote(stack.sandbox_url) as sb:
             await sb.set_faults(UPSTREAM_FAULTS)
@@ -329,7 +404,7 @@ async def test_chaos_soak_loses_nothing(tmp_path: Path, request: pytest.FixtureR
                     rate_per_s=BAD_RATE_PER_S,
                 )
             )
-            chaos_task = asyncio.create_task(chaos(stack, redis, pg, progress, tl))
+            chaos_task = asyncio.create_task(chaos(stack, broker, pg, progress, tl))
             await drive(stack.sandbox_url, ORDERS, seed=SEED, concurrency=LANES, progress=progress)
             traffic_s = time.monotonic() - tl.t0
             await chaos_task
@@ -483,15 +558,14 @@ async def test_chaos_soak_loses_nothing(tmp_path: Path, request: pytest.FixtureR
             stack.stop()
             print(stack.logs())
         balancer.close()
-        redis.close()
-        await asyncio.to_thread(pg.close)
 
 
 def write_report(report: dict[str, Any], request: pytest.FixtureRequest) -> None:
     text = json.dumps(report, indent=2, ensure_ascii=False, default=str)
     target = os.environ.get("PANDASYNC_SOAK_REPORT")
     if target:
-        Path(target).write_text(text + "\n")
+        path = Path(target)  # one file per broker: soak.json -> soak-redis.json
+        path.with_name(f"{path.stem}-{report['broker']}{path.suffix}").write_text(text + "\n")
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
         reporter.write_line("")

@@ -123,7 +123,10 @@ async def drive(
     queue: asyncio.Queue[int] = asyncio.Queue()
     for n in range(orders):
         queue.put_nowait(n)
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    # A connection per request: a kept-alive one can be closed by the sandbox (its idle timeout,
+    # reached when a busy machine stalls a lane) just as a request is sent on it, and an action
+    # cannot be resent blindly (it may have been done).
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=60, limits=limits, trust_env=False) as http:
         sb = SandboxRemote(sandbox_url, http)
 
