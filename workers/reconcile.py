@@ -302,7 +302,7 @@ async def reconcile_order(
             for refund_id in refund_ids
         ]
 
-        check_order(snapshot, refunds)
+        check_order(snapshot, refunds, shipments)
         truth = OrderTruth(snapshot, shipments, refunds, fetched_at=locked.fetched_at)
         # The write is one transaction on the lock's connection (no second connection per job).
         await set_isolation(locked.conn, TRANSACTIONAL)

@@ -21,13 +21,18 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 
 from service.pandapon.errors import MalformedResponse
-from service.pandapon.models import OrderSnapshot, RefundSnapshot
+from service.pandapon.models import OrderSnapshot, RefundSnapshot, ShipmentSnapshot
 
 MAX_LINES = 500  # lines of one purchase order
 MAX_QUANTITY = 1_000_000  # pieces of one line
 MAX_AMOUNT = Decimal("100000000")  # one hundred million, in the order's currency
 # Clocks drift and a time zone can be misread by hours; a day ahead is neither.
 FUTURE_TOLERANCE = timedelta(days=1)
+# The widest id or status code the ledger stores (its columns: service/ledger/models.py), and
+# a currency code's width. Longer is no id PandaPon issues: refused by name, not by a
+# database error mid-write.
+MAX_CODE_CHARS = 64
+CURRENCY_CHARS = 3
 
 
 class ImplausibleAnswer(MalformedResponse):
@@ -54,8 +59,33 @@ def _amounts(
         yield f"refund {refund.refund_id} amount", refund.amount
 
 
-def check_order(order: OrderSnapshot, refunds: Iterable[RefundSnapshot] = ()) -> None:
-    """Raise ``ImplausibleAnswer`` when the order (and its refunds) cannot be true."""
+def _codes(
+    order: OrderSnapshot, refunds: Iterable[RefundSnapshot], shipments: Iterable[ShipmentSnapshot]
+) -> Iterable[tuple[str, str | None, int]]:
+    """Every id and status code of the answer, named, with the most characters it may have."""
+    yield "raw_status", order.raw_status, MAX_CODE_CHARS
+    yield "currency", order.currency, CURRENCY_CHARS
+    for n, line in enumerate(order.lines, 1):
+        for name in ("line_id", "product_id", "sku_id", "raw_status"):
+            yield f"line {n} {name}", getattr(line, name), MAX_CODE_CHARS
+    for n, refund in enumerate(refunds, 1):
+        for name in ("refund_id", "line_id", "raw_status"):
+            yield f"refund {n} {name}", getattr(refund, name), MAX_CODE_CHARS
+        yield f"refund {n} currency", refund.currency, CURRENCY_CHARS
+    for n, parcel in enumerate(shipments, 1):
+        for name in ("tracking_number", "carrier_code", "raw_status", "line_id"):
+            yield f"parcel {n} {name}", getattr(parcel, name), MAX_CODE_CHARS
+        for event in parcel.events:
+            yield f"parcel {n} event status", event.status, MAX_CODE_CHARS
+
+
+def check_order(
+    order: OrderSnapshot,
+    refunds: Iterable[RefundSnapshot] = (),
+    shipments: Iterable[ShipmentSnapshot] = (),
+) -> None:
+    """Raise ``ImplausibleAnswer`` when the order (with its refunds and parcels) cannot be
+    true."""
 
     def refuse(field: str, why: str) -> ImplausibleAnswer:
         return ImplausibleAnswer(f"order {order.order_id}: {field} {why}", field=field)
@@ -75,3 +105,6 @@ def check_order(order: OrderSnapshot, refunds: Iterable[RefundSnapshot] = ()) ->
     for line in order.lines:
         if line.quantity is not None and not 0 <= line.quantity <= MAX_QUANTITY:
             raise refuse(f"line {line.line_id} quantity", f"is {line.quantity}")
+    for field, code, most in _codes(order, refunds, shipments):
+        if code is not None and len(code) > most:
+            raise refuse(field, f"has {len(code)} characters, over the limit of {most}")

@@ -202,6 +202,8 @@ class Upstream:
         (lambda o: replace(o, lines=tuple(LineSnapshot(f"L{i}") for i in range(10_000))), "lines"),
         (lambda o: replace(o, total_amount=Decimal("1e12")), "total_amount"),
         (lambda o: replace(o, lines=(LineSnapshot("L1", quantity=-3),)), "line L1 quantity"),
+        # Longer than its column: refused by name, not by a database error mid-write.
+        (lambda o: replace(o, raw_status="WAIT_" * 13), "raw_status"),
     ],
 )
 async def test_an_answer_that_cannot_be_true_is_refused_before_any_write(
