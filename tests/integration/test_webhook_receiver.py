@@ -182,12 +182,12 @@ async def test_probe_is_answered_200_and_stores_nothing(
 
 
 async def test_unknown_type_is_stored_and_counted(server: Running) -> None:
-    before = sample("pandasync_webhook_unknown_type_total")
+    before = sample("pandasync_webhook_unknown_type_total", account="default")
     envelope = {"messageType": "TAOBAO_ORDER_SOMETHING_NEW", "messageBody": {"salesOrderId": "5"}}
     assert (await server.post(encode(envelope))).status_code == 200
     [row] = await server.rows()
     assert (row["kind"], row["platform"], row["order_id"]) == ("status", "taobao", "5")
-    assert sample("pandasync_webhook_unknown_type_total") == before + 1
+    assert sample("pandasync_webhook_unknown_type_total", account="default") == before + 1
 
 
 async def test_message_without_order_id_is_stored_as_ignored(server: Running) -> None:
