@@ -30,6 +30,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import dramatiq
 import pytest
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -243,3 +244,15 @@ def broker_url(request: pytest.FixtureRequest) -> str:
     name = "own_redis" if request.param == "redis" else "rabbitmq_url"
     url: str = request.getfixturevalue(name)
     return url
+
+
+@pytest.fixture
+def broker(broker_url: str) -> Iterator[dramatiq.Broker]:
+    """A broker client on ``broker_url``, its reconcile queue declared."""
+    from service.broker import RECONCILE_QUEUE, make_broker
+    from service.config import load_settings
+
+    made = make_broker(load_settings(broker_url=broker_url))
+    made.declare_queue(RECONCILE_QUEUE)
+    yield made
+    made.close()

@@ -3,7 +3,6 @@ relay's test of loss)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import dramatiq
@@ -11,24 +10,14 @@ import pytest
 
 from service.broker import (
     RECONCILE_QUEUE,
-    make_broker,
     oldest_waiting,
     queue_depth,
     reconcile_message,
 )
-from service.config import load_settings
 from tests.support.broker import enqueue_aged
 from workers.scheduler import backlog_of
 
 pytestmark = pytest.mark.redis
-
-
-@pytest.fixture
-def broker(broker_url: str) -> Iterator[dramatiq.Broker]:
-    broker = make_broker(load_settings(broker_url=broker_url))
-    broker.declare_queue(RECONCILE_QUEUE)
-    yield broker
-    broker.close()
 
 
 def test_an_empty_queue_has_nothing_waiting(broker: dramatiq.Broker) -> None:

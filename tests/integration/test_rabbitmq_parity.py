@@ -14,7 +14,7 @@ import asyncio
 import multiprocessing
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -49,14 +49,6 @@ pytestmark = pytest.mark.redis
 __all__ = ["rabbitmq_url"]  # the fixture, used by name
 
 LINES = [{"title": "保温杯", "quantity": 2, "unit_price": "25.00", "product_id": "p-cup"}]
-
-
-@pytest.fixture
-def broker(broker_url: str) -> Iterator[dramatiq.Broker]:
-    made = make_broker(load_settings(broker_url=broker_url))
-    made.declare_queue(RECONCILE_QUEUE)
-    yield made
-    made.close()
 
 
 # --- readiness and status ---------------------------------------------------------------

@@ -8,14 +8,14 @@ must leave the waiting messages where they were.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 
 import dramatiq
 import pytest
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from service.broker import RECONCILE_QUEUE, make_broker, oldest_waiting, queue_depth
+from service.broker import oldest_waiting, queue_depth
 from service.config import load_settings
 from service.db import make_engine, make_sessionmaker
 from service.webhooks.relay import relay_once
@@ -24,14 +24,6 @@ from tests.support.broker import enqueue_aged
 from tests.support.webhook_checks import fetch
 
 pytestmark = pytest.mark.redis
-
-
-@pytest.fixture
-def broker(broker_url: str) -> Iterator[dramatiq.Broker]:
-    made = make_broker(load_settings(broker_url=broker_url))
-    made.declare_queue(RECONCILE_QUEUE)
-    yield made
-    made.close()
 
 
 @pytest.fixture
